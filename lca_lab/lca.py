@@ -1,0 +1,281 @@
+"""The LCA engine: full-training-set loss and gradient, and the path integral along one step.
+
+Definitions (see README "What the numbers mean"):
+
+* ``L(θ)`` is the mean loss over the *whole* training split, evaluated in fixed, unshuffled chunks
+  of ``chunk_size`` examples. Dropout is off; BatchNorm runs in train mode (batch statistics of
+  each chunk) and its running statistics are never touched. ``L`` is therefore a pure function of
+  θ, and the chunk size is part of its definition when the net has BatchNorm.
+* For one training step θ_t → θ_{t+1} (Δ = θ_{t+1} − θ_t), ``A[i] = ḡ_i · Δ_i`` where ḡ is the
+  composite-Simpson average of ∇L along the straight segment (weights 1,4,1 for 2 splits;
+  1,4,2,4,1 for 4; …). First order uses ḡ = ∇L(θ_t). Σ_i A[i] approximates L(θ_{t+1}) − L(θ_t);
+  the difference is the residual error of that step.
+* Adaptive refinement doubles the number of Simpson sub-intervals (reusing every gradient
+  already computed) while |Σ A − ΔL| > ``tolerance``, up to ``max_splits``.
+
+This module imports torch only; it works on any ``nn.Module`` with any loss of the form
+``loss_fn(logits, y, reduction="sum")``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+METHODS = ("first_order", "rk4")
+
+_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+_DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+
+
+@contextlib.contextmanager
+def lca_eval_mode(model: nn.Module):
+    """Put ``model`` in the mode that defines ``L(θ)``; restore every flag on exit.
+
+    BatchNorm: train mode (batch statistics) with ``track_running_stats`` off, so the forward pass
+    neither reads nor updates running statistics. Dropout: eval (identity).
+    """
+    saved = [(m, m.training, getattr(m, "track_running_stats", None)) for m in model.modules()]
+    try:
+        for m in model.modules():
+            if isinstance(m, _BN_TYPES):
+                m.train()
+                m.track_running_stats = False
+            elif isinstance(m, _DROPOUT_TYPES):
+                m.eval()
+        yield model
+    finally:
+        for m, training, trs in saved:
+            m.training = training
+            if trs is not None:
+                m.track_running_stats = trs
+
+
+class FullBatchLoss:
+    """``L(θ)`` and ``∇L(θ)`` over a fixed data set, for θ given as one flat vector.
+
+    Args:
+        model: the network; its own parameters are not modified (θ is passed functionally).
+        x: inputs [N, ...] on the model's device.
+        y: targets [N] (class indices).
+        chunk_size: examples per forward pass; part of the definition of L for BatchNorm nets.
+        loss_fn: ``loss_fn(logits, y, reduction="sum")`` → scalar; default cross-entropy (nats).
+        param_names: which named parameters θ covers (default: all with ``requires_grad``), in
+            ``named_parameters()`` order. Parameters not covered are held at their current value.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        chunk_size: int,
+        loss_fn: Callable[..., torch.Tensor] = F.cross_entropy,
+        param_names: list[str] | None = None,
+    ):
+        if chunk_size <= 0:
+            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
+        if len(x) == 0:
+            raise ValueError("FullBatchLoss needs at least one example")
+        self.model = model
+        self.x, self.y = x, y
+        self.chunk_size = int(chunk_size)
+        self.loss_fn = loss_fn
+        named = dict(model.named_parameters())
+        if param_names is None:
+            param_names = [n for n, p in named.items() if p.requires_grad]
+        unknown = [n for n in param_names if n not in named]
+        if unknown:
+            raise ValueError(f"unknown parameter names {unknown}; valid: {list(named)}")
+        self.param_names = list(param_names)
+        self.shapes = [tuple(named[n].shape) for n in self.param_names]
+        self.numels = [named[n].numel() for n in self.param_names]
+        self.n_params = sum(self.numels)
+        self.dtype = named[self.param_names[0]].dtype
+        self.device = named[self.param_names[0]].device
+        self.n_evals = 0  # full passes made (for efficiency accounting)
+
+    def flat_params(self) -> torch.Tensor:
+        """Current parameters of the model as one detached flat vector [K]."""
+        named = dict(self.model.named_parameters())
+        return torch.cat([named[n].detach().reshape(-1) for n in self.param_names])
+
+    def unflatten(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Flat [K] → {name: view of shape}."""
+        return {n: t.view(s) for n, t, s in zip(self.param_names, theta.split(self.numels), self.shapes)}
+
+    def _chunks(self):
+        for start in range(0, len(self.x), self.chunk_size):
+            yield self.x[start : start + self.chunk_size], self.y[start : start + self.chunk_size]
+
+    def loss(self, theta: torch.Tensor) -> torch.Tensor:
+        """``L(θ)`` as a float64 0-d tensor (mean loss per example)."""
+        with torch.no_grad(), lca_eval_mode(self.model):
+            params = self.unflatten(theta)
+            total = torch.zeros((), dtype=torch.float64, device=self.device)
+            for xb, yb in self._chunks():
+                out = functional_call(self.model, params, (xb,), strict=False)
+                total += self.loss_fn(out, yb, reduction="sum").double()
+        return total / len(self.x)
+
+    def loss_and_grad(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(L(θ), ∇L(θ))``: float64 0-d tensor and float64 flat gradient [K]."""
+        self.n_evals += 1
+        grad = torch.zeros(self.n_params, dtype=torch.float64, device=self.device)
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        with torch.enable_grad(), lca_eval_mode(self.model):
+            leaf = theta.detach().clone().requires_grad_(True)
+            params = self.unflatten(leaf)
+            for xb, yb in self._chunks():
+                out = functional_call(self.model, params, (xb,), strict=False)
+                loss_sum = self.loss_fn(out, yb, reduction="sum")
+                (g,) = torch.autograd.grad(loss_sum, leaf)
+                grad += g.double()
+                total += loss_sum.detach().double()
+        n = len(self.x)
+        return total / n, grad / n
+
+
+@dataclass
+class StepLCA:
+    """LCA of one training step θ_t → θ_{t+1}.
+
+    Attributes:
+        param: per-parameter LCA [K], float64, nats (negative = helping).
+        total: Σ param, float64 0-d tensor.
+        loss0, loss1: L(θ_t), L(θ_{t+1}), float64 0-d tensors.
+        error: total − (loss1 − loss0), float64 0-d tensor.
+        splits: Simpson sub-intervals used (1 for first order).
+        converged: |error| ≤ tolerance (always True for first order, which does not refine).
+        passes: full-data gradient passes made for this step (the reused endpoint not counted).
+    """
+
+    param: torch.Tensor
+    total: torch.Tensor
+    loss0: torch.Tensor
+    loss1: torch.Tensor
+    error: torch.Tensor
+    splits: int
+    converged: bool
+    passes: int
+
+
+class LCAEngine:
+    """Path-integral LCA along a training trajectory, one step at a time.
+
+    Usage::
+
+        engine = LCAEngine(FullBatchLoss(model, x, y, chunk_size=5000))
+        theta0 = engine.loss.flat_params()
+        ... optimizer step ...
+        step = engine.step(theta0, engine.loss.flat_params())
+
+    ``g(θ_{t+1})`` computed for one step is reused as ``g(θ_t)`` of the next when the next call's
+    θ_t is the same tensor values (checked by identity of the cached endpoint).
+
+    Args:
+        loss: the ``FullBatchLoss`` defining L.
+        method: ``"rk4"`` (Simpson, adaptive) or ``"first_order"``.
+        tolerance: refine while |Σ A − ΔL| exceeds this (nats). Must be > 0.
+        max_splits: most Simpson sub-intervals (a power of two ≥ 2).
+        adaptive: if False, RK4 always uses 2 splits.
+    """
+
+    def __init__(
+        self,
+        loss: FullBatchLoss,
+        method: str = "rk4",
+        tolerance: float = 1e-3,
+        max_splits: int = 32,
+        adaptive: bool = True,
+    ):
+        check_engine_options(method, tolerance, max_splits)
+        self.loss = loss
+        self.method = method
+        self.tolerance = float(tolerance)
+        self.max_splits = int(max_splits)
+        self.adaptive = adaptive
+        self._cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # theta, L, g
+
+    def reset(self) -> None:
+        """Forget the cached endpoint gradient (e.g. after parameters were changed by hand)."""
+        self._cache = None
+
+    def prime(self, theta: torch.Tensor) -> torch.Tensor:
+        """Compute and cache L and ∇L at the first point of a trajectory; return L (float64 0-d)."""
+        loss, grad, _ = self._endpoint(theta)
+        self._cache = (theta.clone(), loss, grad)
+        return loss
+
+    def _endpoint(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        if self._cache is not None and torch.equal(self._cache[0], theta):
+            return self._cache[1], self._cache[2], 0
+        loss, grad = self.loss.loss_and_grad(theta)
+        return loss, grad, 1
+
+    def step(self, theta0: torch.Tensor, theta1: torch.Tensor) -> StepLCA:
+        """LCA of the straight segment θ0 → θ1 (flat [K] tensors in the parameters' dtype)."""
+        loss0, g0, passes = self._endpoint(theta0)
+        delta = theta1.double() - theta0.double()
+        if self.method == "first_order":
+            loss1, g1 = self.loss.loss_and_grad(theta1)
+            passes += 1
+            param = g0 * delta
+            splits = 1
+        else:
+            loss1, g1 = self.loss.loss_and_grad(theta1)
+            passes += 1
+            # Composite Simpson kept as three running sums so doubling reuses every gradient:
+            # ends = g(0)+g(1), odd = Σ g at odd grid points, even = Σ g at interior even points.
+            ends = g0 + g1
+            even = torch.zeros_like(g0)
+            odd = torch.zeros_like(g0)
+            splits = 1
+            dloss = loss1 - loss0
+            while True:
+                even = even + odd
+                odd = torch.zeros_like(g0)
+                splits *= 2
+                for k in range(1, splits, 2):
+                    _, g = self.loss.loss_and_grad(_lerp(theta0, theta1, k / splits))
+                    odd += g
+                    passes += 1
+                gbar = (ends + 4.0 * odd + 2.0 * even) / (3.0 * splits)
+                param = gbar * delta
+                err = float(param.sum() - dloss)  # the one host sync the adaptive decision needs
+                if not self.adaptive or abs(err) <= self.tolerance or splits >= self.max_splits:
+                    break
+        self._cache = (theta1.clone(), loss1, g1)
+        total = param.sum()
+        error = total - (loss1 - loss0)
+        converged = self.method == "first_order" or bool(abs(float(error)) <= self.tolerance)
+        return StepLCA(param, total, loss0, loss1, error, splits, converged, passes)
+
+
+def _lerp(theta0: torch.Tensor, theta1: torch.Tensor, frac: float) -> torch.Tensor:
+    """Point at fraction ``frac`` of the segment, computed in float64 then cast back."""
+    point = theta0.double() + frac * (theta1.double() - theta0.double())
+    return point.to(theta0.dtype)
+
+
+def check_engine_options(method: str, tolerance: float, max_splits: int) -> None:
+    """Raise ``ValueError`` naming the fix for an invalid engine setting."""
+    if method not in METHODS:
+        raise ValueError(f"lca.method={method!r} is not one of {list(METHODS)}")
+    if not tolerance > 0:
+        raise ValueError(f"lca.tolerance must be > 0 (nats per iteration), got {tolerance}")
+    ms = int(max_splits)
+    if ms < 2 or ms & (ms - 1):
+        raise ValueError(f"lca.max_splits must be a power of two ≥ 2 (e.g. 32), got {max_splits}")
+
+
+def layer_sums(param_lca: torch.Tensor, index: torch.Tensor, n_layers: int) -> torch.Tensor:
+    """Sum a per-parameter LCA vector [K] into layers [n_layers] (float64), ``index`` [K] int64."""
+    out = torch.zeros(n_layers, dtype=torch.float64, device=param_lca.device)
+    return out.index_add_(0, index, param_lca.double())

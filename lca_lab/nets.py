@@ -1,0 +1,448 @@
+"""Networks of the LCA paper and the grouping of their parameters into "layers".
+
+Every builder takes the input shape ``(C, H, W)`` and the class count from the data, so each net
+runs on MNIST-shaped ``[B, 1, 28, 28]`` and CIFAR-shaped ``[B, 3, 32, 32]`` batches and returns
+logits ``[B, n_classes]``.
+
+Conventions that other modules rely on:
+
+* Submodules are registered in forward order (input -> output). :func:`layer_groups` walks
+  ``named_modules()`` and attaches a BatchNorm to the most recent Conv/Linear, so the registration
+  order *is* the layer structure.
+* Initialisation (He-normal, fan-in, ReLU gain for every conv/linear weight; zero biases; BN weight 1,
+  bias 0) draws only from the global torch RNG, so ``torch.manual_seed(s)`` before
+  :func:`build_net` fixes the initial weights.
+* Module paths are fixed by the code below, so layer names (``"conv1"``, ``"layer2.0.shortcut.conv"``,
+  ``"fc"`` ...) are the same for every instance of a net type.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+__all__ = [
+    "NET_NAMES",
+    "build_net",
+    "layer_groups",
+    "param_layer_index",
+    "resolve_layers",
+    "init_weights",
+]
+
+InputShape = tuple[int, int, int]
+
+
+# --------------------------------------------------------------------------------------------------
+# initialisation and helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def init_weights(model: nn.Module) -> nn.Module:
+    """He-normal init of every conv/linear weight, zero biases, BN weight 1 / bias 0 (in place).
+
+    Walks ``model.modules()`` in registration order and draws only from the global torch RNG, so the
+    result depends only on the seed and the architecture.
+    """
+    for m in model.modules():
+        if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
+            nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            if m.affine:
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            if m.track_running_stats:
+                m.reset_running_stats()
+    return model
+
+
+def _ch(base: int, width: float) -> int:
+    """Channel count ``base * width`` rounded, at least 1 (so tiny test widths stay valid)."""
+    return max(1, int(round(base * width)))
+
+
+@torch.no_grad()
+def _flat_size(features: nn.Module, input_shape: InputShape) -> int:
+    """Number of features after ``features`` for one input of shape ``(C, H, W)``.
+
+    A dummy forward on zeros (no RNG use) is more robust than conv/pool arithmetic, e.g. with
+    ``ceil_mode`` pooling.
+    """
+    was_training = features.training
+    features.eval()  # keep BN running stats untouched by the dummy pass
+    out = features(torch.zeros(1, *input_shape))
+    features.train(was_training)
+    return int(out[0].numel())
+
+
+# --------------------------------------------------------------------------------------------------
+# architectures
+# --------------------------------------------------------------------------------------------------
+
+
+def _build_fc(input_shape: InputShape, n_classes: int, hidden: Sequence[int] = (100, 50)) -> nn.Module:
+    """MNIST-FC: flatten, ``C*H*W`` -> 100 -> 50 -> n_classes with ReLU.
+
+    Layers: ``fc1``, ``fc2``, ``fc3`` (one per linear, ``fc{k}`` numbered from the input).
+    """
+    c, h, w = input_shape
+    sizes = [c * h * w, *hidden, n_classes]
+    mods: list[tuple[str, nn.Module]] = [("flatten", nn.Flatten())]
+    for k in range(len(sizes) - 1):
+        mods.append((f"fc{k + 1}", nn.Linear(sizes[k], sizes[k + 1])))
+        if k < len(sizes) - 2:
+            mods.append((f"relu{k + 1}", nn.ReLU()))
+    return nn.Sequential(OrderedDict(mods))
+
+
+class LeNet(nn.Module):
+    """The LCA paper's modified LeNet.
+
+    conv5x5(20) ReLU maxpool2 -> conv5x5(40) ReLU maxpool2 -> flatten -> linear 400 ReLU ->
+    dropout(p) -> linear n_classes.  With ``padding=0`` a [B,1,28,28] input gives [B,40,4,4]
+    features (640 after flattening), [B,3,32,32] gives [B,40,5,5] (1000).
+
+    Layers: ``conv1``, ``conv2``, ``fc1``, ``fc2``.
+    """
+
+    def __init__(self, input_shape: InputShape, n_classes: int, dropout: float = 0.5, padding: int = 0):
+        super().__init__()
+        c = input_shape[0]
+        self.conv1 = nn.Conv2d(c, 20, 5, padding=padding)
+        self.relu1 = nn.ReLU()
+        self.pool1 = nn.MaxPool2d(2)
+        self.conv2 = nn.Conv2d(20, 40, 5, padding=padding)
+        self.relu2 = nn.ReLU()
+        self.pool2 = nn.MaxPool2d(2)
+        self.flatten = nn.Flatten()
+        n_flat = _flat_size(
+            nn.Sequential(self.conv1, self.relu1, self.pool1, self.conv2, self.relu2, self.pool2),
+            input_shape,
+        )
+        self.fc1 = nn.Linear(n_flat, 400)
+        self.relu3 = nn.ReLU()
+        self.dropout = nn.Dropout(dropout)
+        self.fc2 = nn.Linear(400, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] -> logits [B, n_classes]."""
+        x = self.pool1(self.relu1(self.conv1(x)))
+        x = self.pool2(self.relu2(self.conv2(x)))
+        x = self.dropout(self.relu3(self.fc1(self.flatten(x))))
+        return self.fc2(x)
+
+
+def _build_allcnn(input_shape: InputShape, n_classes: int, width: float = 1.0) -> nn.Module:
+    """All-CNN-C (Springenberg et al. 2014) with BatchNorm, as used for CIFAR-AllCNN.
+
+    3x3 convs 96, 96, 96/stride 2, 192, 192, 192/stride 2, 3x3 192, 1x1 192, each followed by BN and
+    ReLU; then a 1x1 conv to ``n_classes`` (bias, no BN, no ReLU: its output averaged over space *is*
+    the logits) and global average pooling. All 3x3 convs use padding 1, as in the LCA authors' code
+    (the original paper's 3x3 192 conv is "valid"); spatial size 32 -> 16 -> 8 (28 -> 14 -> 7).
+    Convs followed by BN have ``bias=False`` because BN's shift makes a conv bias redundant (a
+    parameter with exactly zero gradient would only add zero-LCA entries).  No dropout (the
+    original's dropout after the strided convs is replaced by BN).  ``width`` scales all hidden
+    channel counts.
+
+    Layers: ``features.conv1`` ... ``features.conv8`` (each with its ``features.bn{k}``), then
+    ``features.conv9`` (the classifier conv).
+    """
+    spec = [  # (channels, kernel, stride)
+        (96, 3, 1), (96, 3, 1), (96, 3, 2),
+        (192, 3, 1), (192, 3, 1), (192, 3, 2),
+        (192, 3, 1), (192, 1, 1),
+    ]  # fmt: skip
+    mods: list[tuple[str, nn.Module]] = []
+    c_in = input_shape[0]
+    for k, (c, ksz, stride) in enumerate(spec, start=1):
+        c_out = _ch(c, width)
+        mods += [
+            (f"conv{k}", nn.Conv2d(c_in, c_out, ksz, stride=stride, padding=ksz // 2, bias=False)),
+            (f"bn{k}", nn.BatchNorm2d(c_out)),
+            (f"relu{k}", nn.ReLU()),
+        ]
+        c_in = c_out
+    mods.append((f"conv{len(spec) + 1}", nn.Conv2d(c_in, n_classes, 1)))
+    return nn.Sequential(
+        OrderedDict(
+            features=nn.Sequential(OrderedDict(mods)),
+            pool=nn.AdaptiveAvgPool2d(1),
+            flatten=nn.Flatten(),
+        )
+    )
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block: conv3x3-BN-ReLU-conv3x3-BN, plus shortcut, then ReLU.
+
+    The shortcut is the identity when shape is unchanged, otherwise a 1x1 conv (stride ``stride``,
+    no bias) + BN ("option B"), registered after ``bn2`` as ``shortcut.conv`` / ``shortcut.bn`` so it
+    becomes its own layer.
+    [B, c_in, H, W] -> [B, c_out, H/stride, W/stride].
+    """
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        if stride != 1 or c_in != c_out:
+            self.shortcut: nn.Module = nn.Sequential(
+                OrderedDict(
+                    conv=nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False),
+                    bn=nn.BatchNorm2d(c_out),
+                )
+            )
+        else:
+            self.shortcut = nn.Identity()
+        self.relu2 = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, c_in, H, W] -> [B, c_out, H', W']."""
+        out = self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x)))))
+        return self.relu2(out + self.shortcut(x))
+
+
+class ResNet20(nn.Module):
+    """CIFAR ResNet-20 (He et al. 2015, section 4.2) with 1x1-conv projection shortcuts.
+
+    conv3x3(w)-BN-ReLU, three stages of three :class:`BasicBlock` with w, 2w, 4w channels (stride 2
+    at the start of stages 2 and 3), global average pool, linear -> n_classes.  ``width`` = w
+    (default 16).
+
+    22 layers: ``conv1`` (+``bn1``), ``layer{s}.{b}.conv1``/``conv2`` (+BN) for s in 1..3, b in 0..2,
+    ``layer2.0.shortcut.conv`` and ``layer3.0.shortcut.conv`` (+BN), and ``fc``.
+    """
+
+    def __init__(self, input_shape: InputShape, n_classes: int, width: int = 16):
+        super().__init__()
+        w = int(width)
+        self.conv1 = nn.Conv2d(input_shape[0], w, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(w)
+        self.relu = nn.ReLU()
+        self.layer1 = self._stage(w, w, 1)
+        self.layer2 = self._stage(w, 2 * w, 2)
+        self.layer3 = self._stage(2 * w, 4 * w, 2)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(4 * w, n_classes)
+
+    @staticmethod
+    def _stage(c_in: int, c_out: int, stride: int, n_blocks: int = 3) -> nn.Sequential:
+        blocks = [BasicBlock(c_in, c_out, stride)]
+        blocks += [BasicBlock(c_out, c_out, 1) for _ in range(n_blocks - 1)]
+        return nn.Sequential(*blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] -> logits [B, n_classes]."""
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(self.flatten(self.pool(x)))
+
+
+_VGG_HALF_11 = (32, "M", 64, "M", 128, 128, "M", 256, 256, "M", 256, 256, "M")
+
+
+def _build_vgg(
+    input_shape: InputShape, n_classes: int, width: float = 1.0, batchnorm: bool = False, hidden: int = 256
+) -> nn.Module:
+    """Half-width VGG-11: convs 32,M,64,M,128,128,M,256,256,M,256,256,M, then 256-ReLU-n_classes.
+
+    3x3 convs with padding 1 and ReLU (BN after each conv if ``batchnorm``; the conv then has no
+    bias); ``MaxPool2d(2, ceil_mode=True)`` so 28x28 inputs work (28->14->7->4->2->1; 32 -> 1 too).
+    ``width`` scales every conv channel count and the hidden linear size.
+
+    Layers: ``features.conv1`` ... ``features.conv8``, ``classifier.fc1``, ``classifier.fc2``.
+    """
+    mods: list[tuple[str, nn.Module]] = []
+    c_in, n_conv, n_pool = input_shape[0], 0, 0
+    for v in _VGG_HALF_11:
+        if v == "M":
+            n_pool += 1
+            mods.append((f"pool{n_pool}", nn.MaxPool2d(2, ceil_mode=True)))
+            continue
+        n_conv += 1
+        c_out = _ch(int(v), width)
+        mods.append((f"conv{n_conv}", nn.Conv2d(c_in, c_out, 3, padding=1, bias=not batchnorm)))
+        if batchnorm:
+            mods.append((f"bn{n_conv}", nn.BatchNorm2d(c_out)))
+        mods.append((f"relu{n_conv}", nn.ReLU()))
+        c_in = c_out
+    features = nn.Sequential(OrderedDict(mods))
+    n_flat = _flat_size(features, input_shape)
+    h = _ch(hidden, width)
+    classifier = nn.Sequential(
+        OrderedDict(fc1=nn.Linear(n_flat, h), relu=nn.ReLU(), fc2=nn.Linear(h, n_classes))
+    )
+    return nn.Sequential(OrderedDict(features=features, flatten=nn.Flatten(), classifier=classifier))
+
+
+_BUILDERS: dict[str, Callable[..., nn.Module]] = {
+    "fc": _build_fc,
+    "lenet": LeNet,
+    "allcnn": _build_allcnn,
+    "resnet20": ResNet20,
+    "vgg": _build_vgg,
+}
+NET_NAMES: tuple[str, ...] = tuple(_BUILDERS)
+
+
+def build_net(name: str, input_shape: tuple[int, int, int], n_classes: int, **kwargs) -> nn.Module:
+    """Build and He-initialise a network; seed with ``torch.manual_seed`` beforehand.
+
+    Args:
+        name: one of ``fc``, ``lenet``, ``allcnn``, ``resnet20``, ``vgg``.
+        input_shape: ``(C, H, W)`` of one example, from the data.
+        n_classes: number of output logits.
+        **kwargs: per-net options: fc ``hidden=(100, 50)``; lenet ``dropout=0.5, padding=0``;
+            allcnn ``width=1.0``; resnet20 ``width=16`` (base channels); vgg ``width=1.0,
+            batchnorm=False, hidden=256``.
+
+    Returns:
+        A module mapping ``[B, C, H, W]`` float inputs to ``[B, n_classes]`` logits (in train mode).
+    """
+    if name not in _BUILDERS:
+        raise ValueError(f"unknown net {name!r}; valid names: {', '.join(NET_NAMES)}")
+    shape = tuple(int(s) for s in input_shape)
+    if len(shape) != 3:
+        raise ValueError(f"input_shape must be (C, H, W), got {tuple(input_shape)!r}")
+    model = _BUILDERS[name](shape, int(n_classes), **kwargs)
+    return init_weights(model)
+
+
+# --------------------------------------------------------------------------------------------------
+# layer grouping
+# --------------------------------------------------------------------------------------------------
+
+_WEIGHT_MODULES = (nn.modules.conv._ConvNd, nn.Linear)
+_NORM_MODULES = (nn.modules.batchnorm._BatchNorm,)
+
+
+def layer_groups(model: nn.Module) -> list[tuple[str, list[str]]]:
+    """Group the trainable parameters of ``model`` into the paper's "layers".
+
+    Rules, applied while walking ``model.named_modules()`` (registration order):
+
+    * each Conv*/Linear starts a layer named by its module path (e.g. ``"layer1.0.conv1"``), holding
+      its weight and bias;
+    * a BatchNorm's affine parameters join the layer of the most recent preceding Conv/Linear (the
+      paper's Figure 4 convention); a BatchNorm with no preceding Conv/Linear gets its own layer;
+    * any other trainable parameter gets one layer per owning module, named by the module path, or by
+      the parameter name for parameters registered directly on ``model``.
+
+    Parameter names are those of ``model.named_parameters()``; only parameters with
+    ``requires_grad`` are included (a frozen tensor drops out of its layer, and a layer whose
+    tensors are all frozen disappears, shifting later indices).  Shared parameters appear once, under
+    their first name.  Layers are ordered by the first appearance of their parameters in
+    ``named_parameters()`` order (input -> output for the nets of :func:`build_net`).
+
+    Returns:
+        ``[(layer_name, [param_name, ...]), ...]``; every trainable parameter in exactly one layer.
+    """
+    # Map each parameter object to its canonical (deduplicated) name, so shared parameters and the
+    # exact naming of named_parameters() are respected.
+    canonical: dict[int, str] = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+    seen: set[int] = set()
+    layer_of: dict[str, str] = {}  # param name -> layer name
+    members: dict[str, list[str]] = {}  # layer name -> param names (insertion order)
+    last_weight_layer: str | None = None
+
+    def add(layer: str, pname: str) -> None:
+        layer_of[pname] = layer
+        members.setdefault(layer, []).append(pname)
+
+    for mpath, module in model.named_modules():
+        own = [
+            (pn, p)
+            for pn, p in module.named_parameters(recurse=False)
+            if id(p) in canonical and id(p) not in seen
+        ]
+        if isinstance(module, _WEIGHT_MODULES):
+            last_weight_layer = mpath
+        for local, p in own:
+            seen.add(id(p))
+            pname = canonical[id(p)]
+            if isinstance(module, _WEIGHT_MODULES):
+                add(mpath, pname)
+            elif isinstance(module, _NORM_MODULES) and last_weight_layer is not None:
+                add(last_weight_layer, pname)
+            elif mpath == "":
+                add(local, pname)
+            else:
+                add(mpath, pname)
+
+    # Order layers by first appearance in named_parameters() order, and parameters within a layer too.
+    order = [n for n, p in model.named_parameters() if p.requires_grad]
+    rank = {n: i for i, n in enumerate(order)}
+    groups: list[tuple[str, list[str]]] = []
+    emitted: set[str] = set()
+    for pname in order:
+        layer = layer_of[pname]
+        if layer not in emitted:
+            emitted.add(layer)
+            groups.append((layer, sorted(members[layer], key=rank.__getitem__)))
+    return groups
+
+
+def param_layer_index(model: nn.Module) -> list[int]:
+    """Layer index (into :func:`layer_groups`) of each trainable parameter tensor.
+
+    Returns:
+        list of length K_tensors, in ``model.named_parameters()`` order (trainable only).
+    """
+    groups = layer_groups(model)
+    index = {pname: li for li, (_, pnames) in enumerate(groups) for pname in pnames}
+    return [index[n] for n, p in model.named_parameters() if p.requires_grad]
+
+
+def resolve_layers(groups: Sequence[tuple[str, Sequence[str]]], selectors: Sequence[str | int]) -> list[int]:
+    """Turn layer selectors into layer indices.
+
+    Args:
+        groups: output of :func:`layer_groups`.
+        selectors: layer names, or ints / int-like strings (``"-1"``); negative ints count from the
+            output (``-1`` = last layer). A single selector may be passed bare (``"fc"``, ``-1``).
+
+    Returns:
+        Layer indices in ``[0, n_layers)``, in selector order (duplicates kept).
+
+    Raises:
+        ValueError: unknown name or out-of-range index; the message lists every layer with its index.
+    """
+    names = [name for name, _ in groups]
+    n = len(names)
+    if isinstance(selectors, (str, int)):
+        selectors = [selectors]
+
+    def fail(sel: object, why: str) -> ValueError:
+        listing = "\n".join(f"  {i:3d} ({i - n:4d})  {nm}" for i, nm in enumerate(names))
+        return ValueError(f"{why}: {sel!r}. Valid layers (index (negative index) name):\n{listing}")
+
+    out: list[int] = []
+    for sel in selectors:
+        if isinstance(sel, bool):  # bool is an int subclass; True as a layer index is surely a mistake
+            raise fail(sel, "layer selector must be a name or an int")
+        idx: int | None = None
+        if isinstance(sel, int):
+            idx = sel
+        elif isinstance(sel, str):
+            if sel in names:  # names win over int parsing (a layer could be named "0" in a Sequential)
+                out.append(names.index(sel))
+                continue
+            try:
+                idx = int(sel.strip())
+            except ValueError:
+                raise fail(sel, "unknown layer name") from None
+        else:
+            raise fail(sel, "layer selector must be a name or an int")
+        if not -n <= idx < n:
+            raise fail(sel, f"layer index out of range for {n} layers")
+        out.append(idx % n)
+    return out

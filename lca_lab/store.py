@@ -1,0 +1,985 @@
+"""The HDF5 run file: a buffered, crash-tolerant writer and a read-only reader.
+
+One file per run, ``<run dir>/lca.h5``. The layout is a contract other tools read (see
+``shared/design.md``); every name below is fixed once written.
+
+Root attributes
+    ``config`` (resolved YAML text), ``lca_lab_version``, ``git_sha`` (if any), ``torch_version``,
+    ``device``, ``data_source``, ``created``, ``status`` (``running`` / ``complete`` /
+    ``failed: <ExceptionType>: <message>``), plus ``per_param`` and ``trajectory`` (bool) and
+    ``layout_version`` (int) written by the store itself.
+
+Datasets (T = number of LCA rows, K = number of trainable scalars, L = number of layers)
+    ``params/names`` [n_tensors] str, ``params/shapes`` [n_tensors] str like ``(100, 784)``,
+    ``params/layer`` [n_tensors] int64, ``layers/names`` [L] str;
+    ``train/loss`` [T+1] float64: ``train/loss[0]`` is L(θ) before the first row, ``train/loss[r+1]``
+    is L(θ) after the step of row r (so for a contiguous window it is L(θ_t), t = t0..t0+T);
+    ``lca/param`` [T, K] float32 (only with ``per_param``; tensors flattened in C order, concatenated
+    in ``params/names`` order); ``lca/layer`` [T, L] float64; ``lca/total`` [T] float64 (Σ_i A[t, i]);
+    ``lca/error`` [T] float64 (Σ A − ΔL); ``lca/splits`` [T] int32; ``lca/converged`` [T] bool
+    (False where refinement stopped at max splits with |error| > tolerance); ``lca/iteration`` [T]
+    int64 (training iteration t of each row: LCA may be computed only inside a window);
+    ``lca/class_layer`` [T, n_classes, L] float64 (only with ``n_classes``);
+    ``trajectory/theta`` [T+1, K] float32 (only with ``trajectory``);
+    ``eval/iteration`` [E] int64 and ``eval/<name>`` [E] float64 (NaN where a row lacks the value;
+    ``test_loss``, ``test_acc``, ``train_loss``, ``train_acc`` always exist, other names appear on first
+    use); any other name passed to :meth:`RunWriter.append_dataset` (e.g. ``test/loss`` [T+1]), one
+    row per call;
+    arrays written once with :meth:`RunWriter.write_array` (e.g. ``data/train_index``).
+
+Crash safety
+    The writer keeps rows in memory and touches the file only in :meth:`RunWriter.flush`, every
+    ``flush_every`` rows. The file is *closed* between flushes, so a process killed between flushes
+    (SIGKILL, OOM killer) leaves an ordinary, cleanly closed file that ``h5py.File(path, "r")`` opens
+    with every flushed row and ``status == "running"``. Appends happen with the file opened directly
+    in SWMR-write mode (superblock v3, ``libver=("v110", "latest")``): HDF5 then orders its metadata
+    writes so that the file is consistent at every instant, so even a kill in the middle of a flush
+    leaves a file that SWMR readers (and :func:`open_run`, which falls back to SWMR) can read. Only the
+    rare non-SWMR opens (creating a dataset for a new eval or series name, ``set_attr``/``set_status``,
+    ``write_array``) can leave the file flagged "already open for write" if killed mid-way;
+    ``h5clear -s lca.h5`` (Debian package ``hdf5-tools``) clears that. A run's committed row count is
+    the shortest length among its per-row datasets; ``lca/iteration`` is written last in every flush.
+
+Concurrency
+    Readers in other processes may hold the file open while a run writes (file locking is off on both
+    sides; call :meth:`RunFile.refresh` to see new rows). In the *same* process HDF5 cannot open a file
+    for writing that is open read-only, so close a :class:`RunFile` before the writer's next flush.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+
+__all__ = [
+    "EVAL_NAMES",
+    "FILE_NAME",
+    "NotStoredError",
+    "RunFile",
+    "RunWriter",
+    "estimate_bytes",
+    "open_run",
+    "resolve_path",
+]
+
+FILE_NAME = "lca.h5"
+# Evaluation series created with the file (NaN where never given); other names are created on first use.
+EVAL_NAMES = ("test_loss", "test_acc", "train_loss", "train_acc")
+LAYOUT_VERSION = 1
+
+# Chunks of about 1 MiB: large enough that HDF5's per-chunk overhead is negligible, small enough that
+# reading one layer's columns of lca/param does not pull whole rows of a big network.
+_CHUNK_BYTES = 1 << 20
+# Without an expected row count, 1-D series get chunks of at most this many rows so a short run does
+# not allocate ~1 MiB per scalar series (file size stays predictable by estimate_bytes).
+_DEFAULT_ROW_CAP = 4096
+# Cost of a run file beyond its chunk data: superblock, object headers, name tables (measured ~30 KiB
+# for 60 tensors), chunk indices, and ~2 KiB of metadata space per flush that a reopened file does not
+# reuse. Rounded up so that estimates err on the safe side.
+_FIXED_OVERHEAD = 64 * 1024
+_PER_CHUNK_OVERHEAD = 64
+_PER_FLUSH_OVERHEAD = 4096
+
+_STR = h5py.string_dtype("utf-8")
+_SWMR_FLAG_ERRORS = ("already open for write", "not already open for SWMR", "unable to lock")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# layout helpers
+
+
+def resolve_path(path: str | os.PathLike) -> Path:
+    """Return the run file for ``path``: ``<path>/lca.h5`` for a directory, else ``path`` itself."""
+    p = Path(path)
+    return p / FILE_NAME if p.is_dir() else p
+
+
+def _chunks(row_shape: tuple[int, ...], itemsize: int, expected_rows: int | None) -> tuple[int, ...]:
+    """Chunk shape of a dataset of rows with shape ``row_shape`` (elements of ``itemsize`` bytes).
+
+    A 1-D row ``[K]`` wider than one chunk is split along K; otherwise a chunk holds whole rows,
+    as many as fit in ``_CHUNK_BYTES`` but no more than the expected number of rows.
+    """
+    cap = max(1, expected_rows) if expected_rows else _DEFAULT_ROW_CAP
+    if len(row_shape) == 1:
+        # Equal column blocks: K = 270_000 floats must not become one full block plus one block that is
+        # 97 % padding (edge chunks are allocated whole).
+        n_col_chunks = max(1, math.ceil(row_shape[0] * itemsize / _CHUNK_BYTES))
+        cols = max(1, math.ceil(row_shape[0] / n_col_chunks))
+        rows = max(1, min(cap, _CHUNK_BYTES // (cols * itemsize)))
+        return (rows, cols)
+    row_bytes = max(1, math.prod(row_shape)) * itemsize
+    rows = max(1, min(cap, _CHUNK_BYTES // row_bytes))
+    return (rows, *row_shape)
+
+
+def _allocated_bytes(rows: int, row_shape: tuple[int, ...], itemsize: int, expected_rows: int | None) -> int:
+    """Bytes HDF5 allocates for ``rows`` rows: uncompressed edge chunks are allocated whole."""
+    if rows <= 0:
+        return 0
+    chunk = _chunks(row_shape, itemsize, expected_rows)
+    full = (rows, *row_shape)
+    n_chunks = math.prod(math.ceil(n / c) for n, c in zip(full, chunk, strict=True))
+    return n_chunks * (math.prod(chunk) * itemsize + _PER_CHUNK_OVERHEAD)
+
+
+def estimate_bytes(
+    K: int,
+    T: int,
+    per_param: bool = True,
+    trajectory: bool = False,
+    n_layers: int = 1,
+    n_classes: int | None = None,
+    expected_rows: int | None = None,
+    flush_every: int = 50,
+) -> int:
+    """Estimated size in bytes of the run file of a run with ``T`` LCA rows and ``K`` parameters.
+
+    Dominated by ``T*K*4`` for ``lca/param`` and ``(T+1)*K*4`` for ``trajectory/theta``; chunk padding
+    and metadata are included, so the estimate is within a few percent of the real size (the writer is
+    assumed to get ``expected_rows=T``, or the given ``expected_rows``). Arrays written with
+    :meth:`RunWriter.write_array` (``data/train_index``: 8 bytes per example) and eval rows are not
+    included. Use it to refuse runs over a disk budget before starting.
+    """
+    er = T if expected_rows is None else expected_rows
+    total = _FIXED_OVERHEAD + _PER_FLUSH_OVERHEAD * math.ceil(T / max(1, flush_every))
+    total += _allocated_bytes(T + 1, (), 8, er)  # train/loss
+    for itemsize in (8, 8, 4, 1, 8):  # lca/total, lca/error, lca/splits, lca/converged, lca/iteration
+        total += _allocated_bytes(T, (), itemsize, er)
+    total += _allocated_bytes(T, (n_layers,), 8, er)
+    if n_classes:
+        total += _allocated_bytes(T, (n_classes, n_layers), 8, er)
+    if per_param:
+        total += _allocated_bytes(T, (K,), 4, er)
+    if trajectory:
+        total += _allocated_bytes(T + 1, (K,), 4, er)
+    return int(total)
+
+
+def _parse_shape(text: str) -> tuple[int, ...]:
+    """``"(100, 784)"`` -> ``(100, 784)``; ``"()"`` -> ``()``; ``"(10,)"`` -> ``(10,)``."""
+    inner = text.strip().strip("()").strip()
+    return tuple(int(x) for x in inner.split(",") if x.strip())
+
+
+def _as_attr(value: Any) -> Any:
+    """Attribute values as HDF5 can store them: strings stay strings, unknown objects become text."""
+    if isinstance(value, (bool, np.generic, np.ndarray)):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    return str(value)  # also turns str subclasses (torch.__version__) into plain str, which h5py stores
+
+
+def _from_attr(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _open_swmr_write(path: Path) -> h5py.File:
+    """Open an existing run file for appending, directly in SWMR-write mode.
+
+    Opening with ``ACC_SWMR_WRITE`` (rather than ``r+`` then ``swmr_mode = True``) marks the file as
+    SWMR-written from the first byte written, so there is no instant at which a kill leaves the file
+    flagged as a plain, possibly inconsistent write. File locking is off because a reader that holds
+    the file open (a notebook) must never make the training run fail at its next flush.
+    """
+    fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
+    fapl.set_libver_bounds(h5py.h5f.LIBVER_V110, h5py.h5f.LIBVER_LATEST)
+    fapl.set_file_locking(False, True)
+    # No chunk cache: every flush writes whole new rows, so caching chunks only adds a memcpy (and a
+    # read-modify-write of partly filled chunks); uncached uncompressed chunks are written in place.
+    fapl.set_cache(0, 0, 0, 0.75)
+    fid = h5py.h5f.open(os.fsencode(path), h5py.h5f.ACC_RDWR | h5py.h5f.ACC_SWMR_WRITE, fapl=fapl)
+    return h5py.File(fid)
+
+
+def _open_plain_write(path: Path) -> h5py.File:
+    """Open for structural changes (new datasets, attributes), which SWMR mode does not allow."""
+    return h5py.File(path, "r+", libver=("v110", "latest"), locking=False)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# conversion of buffered rows
+
+
+def _keep(x: Any, dtype: torch.dtype | None = None) -> Any:
+    """Snapshot one value for the buffer without a device sync.
+
+    Tensors are copied on their own device (``copy=True``): callers often reuse an accumulator
+    in place, and a buffered reference would otherwise change under us. Casting to the stored dtype
+    here (float32 for per-parameter rows) halves the device memory the buffer holds.
+    """
+    if isinstance(x, torch.Tensor):
+        x = x.detach()
+        if dtype is not None and x.dtype != dtype:
+            return x.to(dtype=dtype, copy=True)
+        return x.clone()
+    if isinstance(x, np.ndarray):
+        return x.copy()
+    return x
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.cpu()
+        return (x.float() if x.dtype in (torch.bfloat16, torch.float16) else x).numpy()
+    return np.asarray(x)
+
+
+def _stack(items: Sequence[Any], dtype: Any = None) -> np.ndarray:
+    """Stack buffered rows into one array ``[n, *row_shape]`` of ``dtype`` (None: the rows' own dtype).
+
+    Device tensors are stacked on the device and moved with one ``.cpu()`` so a flush costs one
+    synchronisation, not one per row and field.
+    """
+    if items and all(isinstance(x, torch.Tensor) for x in items):
+        try:
+            stacked = _to_numpy(torch.stack(list(items)))
+        except RuntimeError:  # rows on different devices: move them one by one
+            stacked = np.stack([_to_numpy(x) for x in items])
+    else:
+        stacked = np.stack([_to_numpy(x) for x in items])
+    return np.ascontiguousarray(stacked, dtype=dtype)
+
+
+def _check_len(name: str, x: Any, n: int) -> None:
+    """Shape check that reads only metadata (no device sync)."""
+    size = x.numel() if isinstance(x, torch.Tensor) else np.size(x)
+    if size != n:
+        raise ValueError(f"{name} has {size} elements, expected {n}")
+
+
+def _flat(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.reshape(-1)
+    return np.asarray(x).reshape(-1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# writer
+
+# The per-row ``lca/<field>`` datasets in the order a flush writes them: lca/iteration comes last so that
+# a row is visible in it only once every other dataset holds it.
+_LCA_FIELDS = ("total", "error", "splits", "converged", "layer", "class_layer", "param", "iteration")
+
+
+class RunWriter:
+    """Writes one run file. Rows are buffered and flushed every ``flush_every`` rows.
+
+    Args:
+        path: run file to create (``<dir>/lca.h5`` if ``path`` is an existing directory).
+        param_names: one name per trainable tensor, in the order of the flattened parameter vector.
+        param_shapes: shape of each tensor (K = sum of their numels).
+        param_layer: layer index of each tensor (into ``layer_names``).
+        layer_names: aggregation layers, input to output.
+        attrs: root attributes (config YAML, versions, device, data source, created, ...).
+        per_param: store ``lca/param`` [T, K] float32.
+        trajectory: store ``trajectory/theta`` [T+1, K] float32.
+        n_classes: if set, store ``lca/class_layer`` [T, n_classes, n_layers] float64.
+        flush_every: rows kept in memory (on the device, for tensors) between writes.
+        expected_rows: expected T; sizes chunks so short runs stay small. Optional.
+        overwrite: replace an existing file instead of refusing (a run file is never lost silently).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        param_names: Sequence[str],
+        param_shapes: Sequence[Sequence[int]],
+        param_layer: Sequence[int],
+        layer_names: Sequence[str],
+        attrs: Mapping[str, Any],
+        per_param: bool = True,
+        trajectory: bool = False,
+        n_classes: int | None = None,
+        flush_every: int = 50,
+        expected_rows: int | None = None,
+        overwrite: bool = False,
+    ) -> None:
+        if not (len(param_names) == len(param_shapes) == len(param_layer)):
+            raise ValueError("param_names, param_shapes and param_layer must have the same length")
+        n_layers = len(layer_names)
+        if any(not 0 <= int(i) < n_layers for i in param_layer):
+            raise ValueError(f"param_layer entries must index layer_names (0..{n_layers - 1})")
+        if flush_every < 1:
+            raise ValueError("flush_every must be >= 1")
+        self.path = resolve_path(path)
+        self.param_names = [str(n) for n in param_names]
+        self.param_shapes = [tuple(int(s) for s in shape) for shape in param_shapes]
+        self.param_layer = [int(i) for i in param_layer]
+        self.layer_names = [str(n) for n in layer_names]
+        self.n_params = int(sum(math.prod(s) for s in self.param_shapes))
+        self.n_layers = n_layers
+        self.per_param = bool(per_param)
+        self.trajectory = bool(trajectory)
+        self.n_classes = int(n_classes) if n_classes else None
+        self.flush_every = int(flush_every)
+        self.expected_rows = expected_rows
+        self._closed = False
+        self._initial_written = False
+        # Rows on disk per dataset group; train/loss and trajectory/theta share _n_loss (T+1 rows each).
+        self._n_flushed = 0
+        self._n_loss = 0
+        self._n_eval = 0
+        self._n_series: dict[str, int] = {}
+        self._rows: dict[str, list[Any]] = {f: [] for f in _LCA_FIELDS}
+        self._loss: list[Any] = []  # train/loss rows (row 0 from write_initial)
+        self._theta: list[Any] = []  # trajectory/theta rows
+        self._eval: list[tuple[int, dict[str, Any]]] = []
+        self._series: dict[str, tuple[np.dtype | None, list[Any]]] = {}
+        self._eval_names: set[str] = set(EVAL_NAMES)
+        self._reserved = frozenset(self._row_specs())
+        # datasets that exist in the file
+        self._known: set[str] = {*self._reserved, "eval/iteration", *(f"eval/{n}" for n in EVAL_NAMES)}
+        self._create(attrs, overwrite)
+
+    # -- layout -------------------------------------------------------------------------------------------
+
+    def _row_specs(self) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+        """Dataset name -> (dtype, row shape) of every per-row dataset of this run."""
+        specs: dict[str, tuple[np.dtype, tuple[int, ...]]] = {
+            "train/loss": (np.dtype("f8"), ()),
+            "lca/total": (np.dtype("f8"), ()),
+            "lca/error": (np.dtype("f8"), ()),
+            "lca/splits": (np.dtype("i4"), ()),
+            "lca/converged": (np.dtype("bool"), ()),
+            "lca/layer": (np.dtype("f8"), (self.n_layers,)),
+            "lca/iteration": (np.dtype("i8"), ()),
+        }
+        if self.n_classes:
+            specs["lca/class_layer"] = (np.dtype("f8"), (self.n_classes, self.n_layers))
+        if self.per_param:
+            specs["lca/param"] = (np.dtype("f4"), (self.n_params,))
+        if self.trajectory:
+            specs["trajectory/theta"] = (np.dtype("f4"), (self.n_params,))
+        return specs
+
+    def _new_rows_dataset(
+        self, f: h5py.File, name: str, dtype: np.dtype, row_shape: tuple[int, ...], fillvalue: Any = None
+    ) -> None:
+        f.create_dataset(
+            name,
+            shape=(0, *row_shape),
+            maxshape=(None, *row_shape),
+            dtype=dtype,
+            chunks=_chunks(row_shape, dtype.itemsize, self.expected_rows),
+            fillvalue=fillvalue,
+        )
+
+    def _create(self, attrs: Mapping[str, Any], overwrite: bool) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # The low bound v110 keeps the file readable by HDF5 >= 1.10 while allowing SWMR (superblock v3).
+        with h5py.File(self.path, "w" if overwrite else "w-", libver=("v110", "latest"), locking=False) as f:
+            for k, v in attrs.items():
+                if v is not None:
+                    f.attrs[k] = _as_attr(v)
+            f.attrs["status"] = "running"
+            f.attrs["per_param"] = self.per_param
+            f.attrs["trajectory"] = self.trajectory
+            f.attrs["layout_version"] = LAYOUT_VERSION
+            f.create_dataset("params/names", data=np.array(self.param_names, dtype=object), dtype=_STR)
+            shapes = np.array([str(s) for s in self.param_shapes], dtype=object)
+            f.create_dataset("params/shapes", data=shapes, dtype=_STR)
+            f.create_dataset("params/layer", data=np.array(self.param_layer, dtype=np.int64))
+            f.create_dataset("layers/names", data=np.array(self.layer_names, dtype=object), dtype=_STR)
+            # Every per-row dataset exists from the start: SWMR appends cannot create datasets, and the
+            # plain open that creating one later needs is the one moment a kill leaves the file flagged.
+            for name, (dtype, row_shape) in self._row_specs().items():
+                self._new_rows_dataset(f, name, dtype, row_shape)
+            self._new_rows_dataset(f, "eval/iteration", np.dtype("i8"), ())
+            for name in EVAL_NAMES:
+                self._new_rows_dataset(f, f"eval/{name}", np.dtype("f8"), (), fillvalue=np.nan)
+
+    # -- rows ---------------------------------------------------------------------------------------------
+
+    @property
+    def n_rows(self) -> int:
+        """LCA rows appended so far (flushed or still buffered)."""
+        return self._n_flushed + len(self._rows["iteration"])
+
+    def write_initial(self, loss0: Any, theta0: Any = None) -> None:
+        """Row 0 of ``train/loss`` (L(θ) before the first LCA row, scalar) and of ``trajectory/theta``
+        (θ as a flat vector [K]; required when the writer stores the trajectory). Written at once."""
+        self._check_open()
+        if self._initial_written:
+            raise RuntimeError("write_initial was already called")
+        if self.trajectory:
+            if theta0 is None:
+                raise ValueError("theta0 is required when trajectory=True")
+            _check_len("theta0", theta0, self.n_params)
+            self._theta.append(_keep(_flat(theta0), torch.float32))
+        self._loss.append(_keep(loss0))
+        self._initial_written = True
+        self.flush()
+
+    def append(
+        self,
+        iteration: int,
+        loss_next: Any,
+        total: Any,
+        error: Any,
+        splits: Any,
+        converged: Any,
+        layer: Any,
+        param: Any = None,
+        theta_next: Any = None,
+        class_layer: Any = None,
+    ) -> None:
+        """Buffer one LCA row: the step from θ_t to θ_{t+1} of training iteration ``iteration`` = t.
+
+        Scalars (``loss_next`` = L(θ_{t+1}), ``total`` = Σ_i A[t, i], ``error`` = total − ΔL, ``splits``,
+        ``converged``) and arrays (``layer`` [n_layers], ``param`` [K], ``theta_next`` [K],
+        ``class_layer`` [n_classes, n_layers]) may be Python numbers, numpy arrays or tensors on any
+        device; tensors are not synchronised until the flush. ``param`` is required with
+        ``per_param``, ``theta_next`` with ``trajectory``, ``class_layer`` with ``n_classes``.
+        """
+        self._check_open()
+        if not self._initial_written:
+            raise RuntimeError("call write_initial(loss0, theta0) before the first append ")
+        _check_len("layer", layer, self.n_layers)
+        if self.per_param:
+            if param is None:
+                raise ValueError("param is required: the writer stores per-parameter LCA (per_param=True)")
+            _check_len("param", param, self.n_params)
+        if self.trajectory:
+            if theta_next is None:
+                raise ValueError("theta_next is required when trajectory=True")
+            _check_len("theta_next", theta_next, self.n_params)
+        if self.n_classes:
+            if class_layer is None:
+                raise ValueError("class_layer is required when n_classes is set")
+            _check_len("class_layer", class_layer, self.n_classes * self.n_layers)
+        r = self._rows
+        r["total"].append(_keep(total))
+        r["error"].append(_keep(error))
+        r["splits"].append(_keep(splits))
+        r["converged"].append(_keep(converged))
+        r["layer"].append(_keep(_flat(layer)))
+        if self.n_classes:
+            r["class_layer"].append(_keep(_flat(class_layer)))
+        if self.per_param:
+            r["param"].append(_keep(_flat(param), torch.float32))
+        r["iteration"].append(int(iteration))
+        self._loss.append(_keep(loss_next))
+        if self.trajectory:
+            self._theta.append(_keep(_flat(theta_next), torch.float32))
+        if len(r["iteration"]) >= self.flush_every:
+            self.flush()
+
+    def append_eval(self, iteration: int, **scalars: Any) -> None:
+        """Buffer one evaluation row: ``eval/iteration`` and one ``eval/<name>`` float64 per keyword
+        (e.g. ``test_loss=…, test_acc=…``). Datasets appear on first use; rows missing a name hold NaN."""
+        self._check_open()
+        self._eval.append((int(iteration), {k: _keep(v) for k, v in scalars.items()}))
+        if len(self._eval) >= self.flush_every:
+            self.flush()
+
+    def append_dataset(self, name: str, value: Any, dtype: Any = None) -> None:
+        """Buffer one row of a free-form per-row series ``name`` (e.g. ``test/loss``); the row shape is
+        taken from the first value, ``dtype`` defaults to the value's (float64 for Python floats)."""
+        self._check_open()
+        if name in self._reserved or name.startswith(("eval/", "params/", "layers/")):
+            raise ValueError(f"{name!r} is managed by the store; use append/append_eval")
+        dt, rows = self._series.setdefault(name, (None if dtype is None else np.dtype(dtype), []))
+        rows.append(_keep(value))
+        if len(rows) >= self.flush_every:
+            self.flush()
+
+    # -- flushing -----------------------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Write every buffered row to the file and close it again (see the module doc on crash safety).
+
+        Rows go to absolute offsets kept by the writer, so a flush that failed half-way (disk full) can
+        simply be retried: it rewrites the same rows instead of appending them twice.
+        """
+        if self._closed:
+            return
+        lca = self._convert_lca()
+        loss = _stack(self._loss, np.float64) if self._loss else None
+        theta = _stack(self._theta, np.float32) if self._theta else None
+        evals = self._convert_eval()
+        series = {k: _stack(rows, dt) for k, (dt, rows) in self._series.items() if rows}
+        if loss is None and not lca and not evals and not series:
+            return
+        self._create_missing(evals, series)
+        n_lca = self._n_flushed
+        try:
+            f = _open_swmr_write(self.path)
+        except OSError as err:
+            if "already open for read-only" not in str(err):
+                raise
+            raise RuntimeError(
+                f"cannot flush {self.path}: this process holds it open read-only (a RunFile or h5py.File); "
+                "HDF5 cannot also open it for writing in the same process. Close the reader first; "
+                "the buffered rows are kept and the next flush writes them."
+            ) from err
+        with f:
+            if loss is not None:
+                _write_rows(f["train/loss"], self._n_loss, loss)
+            if theta is not None:
+                _write_rows(f["trajectory/theta"], self._n_loss, theta)
+            for k, arr in series.items():
+                _write_rows(f[k], self._n_series.get(k, 0), arr)
+            for k, arr in evals.items():
+                if k != "eval/iteration":  # value series first: eval/iteration's length commits the rows
+                    _write_rows(f[k], self._n_eval, arr)
+            if evals:
+                _write_rows(f["eval/iteration"], self._n_eval, evals["eval/iteration"])
+            # lca/iteration last: its length is the committed row count readers trust.
+            for field in _LCA_FIELDS:
+                if field in lca:
+                    _write_rows(f[f"lca/{field}"], n_lca, lca[field])
+        # Buffers are cleared only after the file is closed: a failed write keeps the rows for a retry.
+        self._n_flushed += len(self._rows["iteration"])
+        self._n_loss += len(self._loss)
+        self._n_eval += len(self._eval)
+        for k, arr in series.items():
+            self._n_series[k] = self._n_series.get(k, 0) + len(arr)
+        for rows in self._rows.values():
+            rows.clear()
+        self._loss.clear()
+        self._theta.clear()
+        self._eval.clear()
+        for _, rows in self._series.values():
+            rows.clear()
+
+    def _convert_lca(self) -> dict[str, np.ndarray]:
+        r = self._rows
+        n = len(r["iteration"])
+        if n == 0:
+            return {}
+        out = {
+            "total": _stack(r["total"], np.float64),
+            "error": _stack(r["error"], np.float64),
+            "splits": _stack(r["splits"], np.int32),
+            "converged": _stack(r["converged"], np.bool_),
+            "layer": _stack(r["layer"], np.float64),
+            "iteration": np.asarray(r["iteration"], dtype=np.int64),
+        }
+        if self.n_classes:
+            out["class_layer"] = _stack(r["class_layer"], np.float64).reshape(n, self.n_classes, -1)
+        if self.per_param:
+            out["param"] = _stack(r["param"], np.float32)
+        return out
+
+    def _convert_eval(self) -> dict[str, np.ndarray]:
+        if not self._eval:
+            return {}
+        # Every eval series seen so far gets a value (NaN if absent) so all stay aligned with eval/iteration.
+        self._eval_names.update(k for _, row in self._eval for k in row)
+        names = sorted(self._eval_names)
+        out = {"eval/iteration": np.asarray([it for it, _ in self._eval], dtype=np.int64)}
+        for k in names:
+            vals = [row.get(k, math.nan) for _, row in self._eval]
+            out[f"eval/{k}"] = np.asarray([float(v) for v in vals], dtype=np.float64)
+        return out
+
+    def _create_missing(self, evals: Mapping[str, np.ndarray], series: Mapping[str, np.ndarray]) -> None:
+        """Create datasets seen for the first time. SWMR cannot create objects, so this takes a brief
+        plain open; it happens once per new name, not per flush."""
+        new = {**evals, **series}
+        missing = {k: (arr.dtype, arr.shape[1:]) for k, arr in new.items() if k not in self._known}
+        if not missing:
+            return
+        with _open_plain_write(self.path) as f:
+            # eval/iteration first, so that value series created later can be NaN-padded to its length.
+            for k in sorted(missing, key=lambda k: k != "eval/iteration"):
+                if k in f:  # created by an earlier flush that then failed
+                    self._known.add(k)
+                    continue
+                dtype, row_shape = missing[k]
+                is_value = k.startswith("eval/") and k != "eval/iteration"
+                self._new_rows_dataset(f, k, dtype, tuple(row_shape), fillvalue=np.nan if is_value else None)
+                if is_value:
+                    f[k].resize(f["eval/iteration"].shape[0], axis=0)  # earlier eval rows lack k: NaN
+                self._known.add(k)
+
+    # -- attributes, arrays, closing ------------------------------------------------------------------------
+
+    def set_attr(self, name: str, value: Any) -> None:
+        """Set a root attribute now (e.g. a W&B run id)."""
+        with _open_plain_write(self.path) as f:
+            f.attrs[name] = _as_attr(value)
+
+    def set_status(self, status: str) -> None:
+        """Set the ``status`` attribute (``running``, ``complete`` or ``failed: …``)."""
+        self.set_attr("status", str(status))
+
+    def write_array(self, name: str, array: Any) -> None:
+        """Write a whole array once (e.g. ``data/train_index``), replacing an earlier one of that name."""
+        if isinstance(array, torch.Tensor):
+            array = array.detach().cpu().numpy()
+        arr = np.asarray(array)
+        with _open_plain_write(self.path) as f:
+            if name in f:
+                del f[name]
+            if arr.dtype.kind in "US" or arr.dtype == object:
+                f.create_dataset(name, data=arr.astype(object), dtype=_STR)
+            else:
+                f.create_dataset(name, data=arr)
+
+    def close(self, status: str = "complete") -> None:
+        """Flush buffered rows, set ``status`` and stop accepting rows. Idempotent.
+
+        If the final flush fails the status becomes ``failed: …`` instead, and the error propagates.
+        """
+        if self._closed:
+            return
+        try:
+            self.flush()
+        except BaseException as err:
+            self._finish(f"failed: {type(err).__name__} while flushing: {err}")
+            raise
+        self._finish(status)
+
+    def _finish(self, status: str) -> None:
+        self._closed = True
+        self.set_status(status)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"RunWriter for {self.path} is closed")
+
+    def __enter__(self) -> RunWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        if exc_type is None:
+            self.close("complete")
+            return
+        if self._closed:
+            return
+        status = f"failed: {exc_type.__name__}: {exc}"
+        try:
+            self.flush()  # nothing computed is lost, even on failure
+        except Exception as err:  # keep the original exception; record that rows were lost too
+            status += f" (flushing buffered rows failed too: {type(err).__name__}: {err})"
+        self._finish(status)
+
+
+def _write_rows(ds: h5py.Dataset, offset: int, arr: np.ndarray) -> None:
+    """Write ``arr`` as rows ``offset:offset+len(arr)`` of ``ds``, growing it as needed."""
+    end = offset + arr.shape[0]
+    if ds.shape[0] < end:
+        ds.resize(end, axis=0)
+    ds[offset:end] = arr
+
+
+# ----------------------------------------------------------------------------------------------------------
+# reader
+
+
+class NotStoredError(KeyError):
+    """The run was stored without the requested data (e.g. ``store.per_param=false``)."""
+
+    def __str__(self) -> str:  # KeyError would print the message quoted
+        return str(self.args[0]) if self.args else ""
+
+
+def _open_read(path: Path, retries: float = 5.0) -> tuple[h5py.File, bool]:
+    """Open read-only; fall back to SWMR read when a writer is mid-flush (or was killed mid-flush).
+
+    Returns the file and whether it was opened in SWMR mode. The writer keeps the file closed between
+    flushes, so a plain open almost always succeeds; while it is inside a flush the file is flagged
+    SWMR-written and only an SWMR reader may open it. ``retries`` seconds cover the short non-SWMR
+    opens (dataset creation, attributes).
+    """
+    deadline = time.monotonic() + retries
+    while True:
+        try:
+            return h5py.File(path, "r", locking=False), False
+        except OSError as plain_err:
+            if not any(s in str(plain_err) for s in _SWMR_FLAG_ERRORS):
+                raise
+            try:
+                return h5py.File(path, "r", libver=("v110", "latest"), swmr=True, locking=False), True
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise OSError(
+                        f"{path} is flagged as open for writing by another process (or one killed while "
+                        f"writing attributes); if no writer is running, clear it with `h5clear -s {path}`"
+                    ) from plain_err
+                time.sleep(0.05)
+
+
+def open_run(path: str | os.PathLike) -> RunFile:
+    """Open a run file (or run directory holding ``lca.h5``) for reading."""
+    return RunFile(path)
+
+
+RowIndex = slice | int | Iterable[int] | None
+
+
+class RunFile:
+    """Read-only view of a run file. Arrays are clipped to the committed rows (``n_rows``).
+
+    Opening works on finished, failed, interrupted (killed) and still-running runs; for a running
+    run call :meth:`refresh` to see rows flushed after opening.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = resolve_path(path)
+        if not self.path.exists():
+            raise FileNotFoundError(f"no run file at {self.path}")
+        self._f, self.swmr = _open_read(self.path)
+
+    # -- file handling ------------------------------------------------------------------------------------
+
+    def refresh(self) -> None:
+        """Reopen the file to see rows written since it was opened."""
+        self._f.close()
+        self._f, self.swmr = _open_read(self.path)
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> RunFile:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    @property
+    def h5(self) -> h5py.File:
+        """The open ``h5py.File`` (read-only) for anything this class does not wrap."""
+        return self._f
+
+    # -- attributes ---------------------------------------------------------------------------------------
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        """All root attributes, strings decoded."""
+        return {k: _from_attr(v) for k, v in self._f.attrs.items()}
+
+    @property
+    def status(self) -> str:
+        return str(_from_attr(self._f.attrs.get("status", "unknown")))
+
+    @property
+    def is_complete(self) -> bool:
+        return self.status == "complete"
+
+    @property
+    def config(self) -> str:
+        """Resolved config as YAML text ("" if the writer stored none)."""
+        return str(_from_attr(self._f.attrs.get("config", "")))
+
+    @property
+    def per_param(self) -> bool:
+        return "lca/param" in self._f
+
+    @property
+    def has_trajectory(self) -> bool:
+        return "trajectory/theta" in self._f
+
+    # -- names --------------------------------------------------------------------------------------------
+
+    def _strings(self, name: str) -> list[str]:
+        return [str(s) for s in self._f[name].asstr()[()]]
+
+    @property
+    def param_names(self) -> list[str]:
+        return self._strings("params/names")
+
+    @property
+    def param_shapes(self) -> list[tuple[int, ...]]:
+        return [_parse_shape(s) for s in self._strings("params/shapes")]
+
+    @property
+    def param_layer(self) -> np.ndarray:
+        """[n_tensors] int64 layer index of each tensor."""
+        return self._f["params/layer"][()]
+
+    @property
+    def layer_names(self) -> list[str]:
+        return self._strings("layers/names")
+
+    @property
+    def param_offsets(self) -> np.ndarray:
+        """[n_tensors + 1] int64: tensor j occupies columns ``offsets[j]:offsets[j+1]`` of K."""
+        sizes = [math.prod(s) for s in self.param_shapes]
+        return np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).astype(np.int64)
+
+    @property
+    def n_params(self) -> int:
+        """K, the number of trainable scalars."""
+        return int(self.param_offsets[-1])
+
+    # -- per-row arrays -----------------------------------------------------------------------------------
+
+    @property
+    def n_rows(self) -> int:
+        """Committed LCA rows: rows present in every per-row dataset (``lca/iteration`` is written last)."""
+        n = self._f["lca/iteration"].shape[0]
+        for name in (
+            "lca/total",
+            "lca/error",
+            "lca/splits",
+            "lca/converged",
+            "lca/layer",
+            "lca/class_layer",
+            "lca/param",
+        ):
+            if name in self._f:
+                n = min(n, self._f[name].shape[0])
+        for name in ("train/loss", "trajectory/theta"):
+            if name in self._f:
+                n = min(n, self._f[name].shape[0] - 1)
+        return max(n, 0)
+
+    def _rows(
+        self, name: str, rows: RowIndex = None, extra: int = 0, cols: slice | None = None
+    ) -> np.ndarray:
+        """Read ``rows`` (slice, int or index list, negatives from the end) of the first
+        ``n_rows + extra`` rows of ``name``, restricted to columns ``cols`` for 2-D datasets."""
+        ds = self._f[name]
+        n = self.n_rows + extra
+        tail = (cols,) if cols is not None else ()
+        if rows is None:
+            rows = slice(None)
+        if isinstance(rows, slice) and (rows.step or 1) > 0:
+            start, stop, step = rows.indices(n)
+            return ds[(slice(start, stop, step), *tail)]
+        if isinstance(rows, (int, np.integer)):
+            i = int(rows) + n if rows < 0 else int(rows)
+            if not 0 <= i < n:
+                raise IndexError(f"row {rows} out of range for {n} rows")
+            return ds[(i, *tail)]
+        idx = np.arange(n)[rows] if isinstance(rows, slice) else np.asarray(list(rows), dtype=np.int64)
+        idx = np.where(idx < 0, idx + n, idx)
+        if idx.size and (idx.min() < 0 or idx.max() >= n):
+            raise IndexError(f"rows out of range for {n} rows")
+        if not idx.size:
+            return np.empty((0, *ds[(slice(0, 0), *tail)].shape[1:]), ds.dtype)
+        # h5py wants strictly increasing indices: read the sorted unique set, then put the order back.
+        uniq, inverse = np.unique(idx, return_inverse=True)
+        return ds[(uniq, *tail)][inverse]
+
+    @property
+    def train_loss(self) -> np.ndarray:
+        """[n_rows + 1] float64: L(θ) before the first row and after each row's step."""
+        return self._rows("train/loss", extra=1)
+
+    @property
+    def lca_total(self) -> np.ndarray:
+        """[n_rows] float64: Σ_i A[t, i] of each row."""
+        return self._rows("lca/total")
+
+    @property
+    def lca_layer(self) -> np.ndarray:
+        """[n_rows, n_layers] float64 LCA per layer."""
+        return self._rows("lca/layer")
+
+    @property
+    def lca_error(self) -> np.ndarray:
+        """[n_rows] float64: Σ A − ΔL of each row."""
+        return self._rows("lca/error")
+
+    @property
+    def lca_splits(self) -> np.ndarray:
+        """[n_rows] int32: path-integral splits used."""
+        return self._rows("lca/splits")
+
+    @property
+    def lca_converged(self) -> np.ndarray:
+        """[n_rows] bool: False where refinement hit max splits above tolerance."""
+        return self._rows("lca/converged")
+
+    @property
+    def lca_iteration(self) -> np.ndarray:
+        """[n_rows] int64: the training iteration t of each row."""
+        return self._rows("lca/iteration")
+
+    @property
+    def lca_class_layer(self) -> np.ndarray:
+        """[n_rows, n_classes, n_layers] float64 per-class LCA per layer."""
+        if "lca/class_layer" not in self._f:
+            raise NotStoredError(f"{self.path} has no lca/class_layer: per-class LCA was off for this run")
+        return self._rows("lca/class_layer")
+
+    def param_lca(self, rows: RowIndex = None) -> np.ndarray:
+        """Per-parameter LCA, [len(rows), K] float32 (or [K] for an int row). Reads only ``rows``."""
+        if "lca/param" not in self._f:
+            raise NotStoredError(
+                f"{self.path} was stored without per-parameter LCA (no lca/param); "
+                "rerun with store.per_param=true to keep it"
+            )
+        return self._rows("lca/param", rows)
+
+    def _layer_index(self, layer: str | int) -> int:
+        names = self.layer_names
+        if isinstance(layer, str):
+            if layer not in names:
+                raise KeyError(f"no layer {layer!r}; layers are {names}")
+            return names.index(layer)
+        i = int(layer) + len(names) if int(layer) < 0 else int(layer)
+        if not 0 <= i < len(names):
+            raise IndexError(f"layer index {layer} out of range for {len(names)} layers")
+        return i
+
+    def layer_param_lca(self, layer: str | int, rows: RowIndex = None) -> dict[str, np.ndarray]:
+        """Per-parameter LCA of one layer's tensors: tensor name -> [len(rows), *shape] float32.
+
+        Reads only the columns of that layer (chunks are split along K for wide rows).
+        """
+        self.param_lca(slice(0, 0))  # raises the clear error when per_param was off
+        li = self._layer_index(layer)
+        offsets = self.param_offsets
+        out: dict[str, np.ndarray] = {}
+        for j, (name, shape, lay) in enumerate(
+            zip(self.param_names, self.param_shapes, self.param_layer, strict=True)
+        ):
+            if lay != li:
+                continue
+            block = self._rows("lca/param", rows, cols=slice(int(offsets[j]), int(offsets[j + 1])))
+            out[name] = block.reshape(*block.shape[:-1], *shape)
+        return out
+
+    def theta(self, rows: RowIndex = None) -> np.ndarray:
+        """Trajectory θ, [len(rows), K] float32, rows 0..n_rows (row r+1 = θ after row r's step)."""
+        if "trajectory/theta" not in self._f:
+            raise NotStoredError(f"{self.path} has no trajectory/theta; rerun with store.trajectory=true")
+        return self._rows("trajectory/theta", rows, extra=1)
+
+    # -- eval and other datasets ----------------------------------------------------------------------------
+
+    @property
+    def eval_names(self) -> list[str]:
+        """Names of the ``eval/<name>`` series (``iteration`` included)."""
+        return sorted(self._f["eval"].keys()) if "eval" in self._f else []
+
+    def eval(self, name: str) -> np.ndarray:
+        """``eval/<name>`` clipped to the committed eval rows (``eval/iteration`` is written last)."""
+        if "eval" not in self._f or name not in self._f["eval"]:
+            raise KeyError(f"{self.path} has no eval/{name}; available: {self.eval_names}")
+        n = self._f["eval/iteration"].shape[0]
+        return self._f[f"eval/{name}"][:n]
+
+    @property
+    def train_index(self) -> np.ndarray | None:
+        """``data/train_index`` if the writer stored it, else None."""
+        return self._f["data/train_index"][()] if "data/train_index" in self._f else None
+
+    def read(self, name: str) -> np.ndarray:
+        """Any dataset by name, whole (e.g. ``test/loss`` or ``data/train_index``)."""
+        ds = self._f[name]
+        return ds.asstr()[()] if h5py.check_string_dtype(ds.dtype) else ds[()]
+
+    def __repr__(self) -> str:
+        return f"RunFile({str(self.path)!r}, status={self.status!r}, n_rows={self.n_rows})"

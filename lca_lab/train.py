@@ -1,0 +1,333 @@
+"""One run: config → data / net / optimizer → training loop → LCA engine → run file → summary.
+
+``run(cfg, run_dir)`` takes the resolved config as a plain dict (no Hydra objects), so it can be
+called from tests and notebooks as well as from ``python -m lca_lab``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import os
+import shutil
+import subprocess
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from tqdm.auto import tqdm
+
+from . import __version__
+from .config import ConfigError, validate
+from .data import load_data
+from .lca import FullBatchLoss, LCAEngine, layer_sums
+from .nets import build_net, layer_groups
+from .optim import apply_freezes, build_optimizer, plan_layers
+from .store import RunWriter, estimate_bytes
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → cuda if available else cpu; ``cuda`` without a GPU is an error naming the fix."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"device={name} but no CUDA device is available here; use device=cpu or device=auto"
+        )
+    return torch.device(name)
+
+
+def git_sha() -> str:
+    """The commit of the lca_lab checkout, or '' outside a git work tree."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
+        return out.stdout.strip() if out.returncode == 0 else ""
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def set_determinism(seed: int, deterministic: bool) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int) -> tuple[float, float]:
+    """Mean cross-entropy (nats) and accuracy in eval mode (BN running stats, no dropout)."""
+    if len(x) == 0:
+        return float("nan"), float("nan")
+    was = model.training
+    model.eval()
+    loss = torch.zeros((), dtype=torch.float64, device=x.device)
+    correct = torch.zeros((), dtype=torch.int64, device=x.device)
+    for s in range(0, len(x), chunk):
+        out = model(x[s : s + chunk])
+        loss += F.cross_entropy(out, y[s : s + chunk], reduction="sum").double()
+        correct += (out.argmax(1) == y[s : s + chunk]).sum()
+    model.train(was)
+    return float(loss) / len(x), float(correct) / len(x)
+
+
+def run(cfg: dict[str, Any], run_dir: str | os.PathLike) -> dict[str, Any]:
+    """Train one network with online LCA; write ``<run_dir>/lca.h5``; return the summary dict."""
+    validate(cfg)
+    device = resolve_device(cfg["device"])
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    set_determinism(int(cfg["seed"]), bool(cfg["deterministic"]))
+    dcfg, ncfg, ocfg, lcfg, scfg = cfg["data"], cfg["net"], cfg["opt"], cfg["lca"], cfg["store"]
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        data = load_data(
+            dcfg["name"],
+            root=os.path.expanduser(str(dcfg["root"])),
+            split_seed=int(dcfg["split_seed"]),
+            fallback=dcfg.get("fallback"),
+            device=str(device),
+            synthetic_shape=dcfg.get("shape", "mnist"),
+            synthetic_size=int(dcfg.get("size", 1000)),
+            download=bool(dcfg.get("download", True)),
+        )
+    for w in caught:
+        tqdm.write(f"WARNING: {w.message}")
+
+    torch.manual_seed(int(cfg["seed"]))  # init does not depend on how much RNG data loading used
+    net_kwargs = {k: v for k, v in ncfg.items() if k != "name"}
+    model = build_net(ncfg["name"], data.input_shape, data.n_classes, **net_kwargs).to(device)
+    groups = layer_groups(model)
+    try:
+        plans = plan_layers(groups, cfg.get("layers") or {})
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    optimizer = build_optimizer(
+        model,
+        groups,
+        ocfg["name"],
+        float(ocfg["lr"]),
+        plans,
+        momentum=float(ocfg.get("momentum") or 0.0),
+        betas=tuple(ocfg.get("betas", (0.9, 0.999))),
+    )
+    named = dict(model.named_parameters())
+    pnames = [n for n, p in named.items() if p.requires_grad]
+    layer_of = {p: i for i, (_, ps) in enumerate(groups) for p in ps}
+    param_layer = [layer_of[n] for n in pnames]
+    index = torch.cat([torch.full((named[n].numel(),), layer_of[n], dtype=torch.int64) for n in pnames]).to(
+        device
+    )
+    K = int(index.numel())
+
+    n_train = len(data.train_x)
+    per_epoch = math.ceil(n_train / int(cfg["batch_size"]))
+    total_iters = per_epoch * int(cfg["epochs"])
+    lca_on = bool(lcfg.get("enabled", True))
+    window = lcfg.get("window")
+    lo, hi = (0, total_iters) if window is None else (int(window[0]), min(int(window[1]), total_iters))
+    n_rows = max(hi - lo, 0) if lca_on else 0
+
+    size = estimate_bytes(K, n_rows, bool(scfg["per_param"]), bool(scfg["trajectory"]), len(groups))
+    budget = float(scfg["max_gb"]) * 1e9
+    if size > budget:
+        raise ConfigError(
+            f"the run file would be {size / 1e9:.2f} GB ({n_rows} LCA rows × {K:,} parameters), over "
+            f"store.max_gb={scfg['max_gb']}. Shrink it with store.per_param=false (keeps per-layer LCA), "
+            f"store.trajectory=false, a shorter lca.window=[start,stop], fewer epochs, or raise store.max_gb."
+        )
+    free = shutil.disk_usage(run_dir).free
+    if size > free:
+        raise ConfigError(
+            f"the run file needs about {size / 1e9:.2f} GB but only {free / 1e9:.2f} GB is free in "
+            f"{run_dir}; free space or use store.per_param=false."
+        )
+
+    attrs = {
+        "config": yaml.safe_dump(cfg, sort_keys=False),
+        "lca_lab_version": __version__,
+        "git_sha": git_sha(),
+        "torch_version": torch.__version__,
+        "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+        "data_source": data.source,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    engine = None
+    if lca_on:
+        fbl = FullBatchLoss(model, data.train_x, data.train_y, int(lcfg["chunk_size"]), param_names=pnames)
+        engine = LCAEngine(
+            fbl,
+            lcfg["method"],
+            float(lcfg["tolerance"]),
+            int(lcfg["max_splits"]),
+            bool(lcfg.get("adaptive", True)),
+        )
+
+    def flat() -> torch.Tensor:
+        return torch.cat([named[n].detach().reshape(-1) for n in pnames])
+
+    milestones = [int(e) * per_epoch for e in (ocfg.get("lr_decay_epochs") or [])]
+    decay = float(ocfg.get("lr_decay_factor", 0.1))
+    batch_gen = torch.Generator(device="cpu").manual_seed(int(cfg["seed"]))
+    eval_every = int(cfg["eval_every"])
+    chunk_eval = int(lcfg.get("chunk_size", 5000))
+
+    # Running statistics kept on the device; read once at the end (no per-iteration sync for them).
+    counts = torch.zeros(3, dtype=torch.float64, device=device)  # helping, hurting, zero fractions summed
+    layer_total = torch.zeros(len(groups), dtype=torch.float64, device=device)
+    max_abs_err, not_converged, total_splits, passes = 0.0, 0, 0, 0
+    loss_start = loss_end = cum_err = 0.0
+
+    path = run_dir / "lca.h5"
+    writer = RunWriter(
+        path,
+        param_names=pnames,
+        param_shapes=[tuple(named[n].shape) for n in pnames],
+        param_layer=param_layer,
+        layer_names=[g[0] for g in groups],
+        attrs=attrs,
+        per_param=bool(scfg["per_param"]),
+        trajectory=bool(scfg["trajectory"]),
+        flush_every=int(scfg["flush_every"]),
+        expected_rows=n_rows,
+    )
+    summary: dict[str, Any] = {}
+    with writer:
+        writer.write_array("data/train_index", np.asarray(data.train_index, dtype=np.int64))
+        model.train()
+        it = 0
+        bar = tqdm(total=total_iters, desc=f"{ncfg['name']}/{data.source}", unit="it", dynamic_ncols=True)
+        for _epoch in range(int(cfg["epochs"])):
+            perm = torch.randperm(n_train, generator=batch_gen).to(device)
+            for b in range(per_epoch):
+                if it in milestones:
+                    for g in optimizer.param_groups:
+                        g["lr"] *= decay
+                apply_freezes(optimizer, it)
+                do_lca = engine is not None and lo <= it < hi
+                theta0 = flat() if do_lca else None
+                if do_lca and it == lo:
+                    loss_start = float(engine.prime(theta0))
+                    loss_end = loss_start
+                    writer.write_initial(loss_start, theta0 if scfg["trajectory"] else None)
+                idx = perm[b * int(cfg["batch_size"]) : (b + 1) * int(cfg["batch_size"])]
+                optimizer.zero_grad(set_to_none=True)
+                batch_loss = F.cross_entropy(model(data.train_x[idx]), data.train_y[idx])
+                batch_loss.backward()
+                optimizer.step()
+                if do_lca:
+                    theta1 = flat()
+                    st = engine.step(theta0, theta1)
+                    if not torch.isfinite(st.loss1):
+                        raise FloatingPointError(
+                            f"training loss became {float(st.loss1)} at iteration {it}; lower opt.lr"
+                        )
+                    per_layer = layer_sums(st.param, index, len(groups))
+                    layer_total += per_layer
+                    nz = float(K)
+                    counts += (
+                        torch.stack([(st.param < 0).sum(), (st.param > 0).sum(), (st.param == 0).sum()]) / nz
+                    )
+                    err = float(st.error)
+                    loss_end = float(st.loss1)
+                    cum_err += err
+                    max_abs_err = max(max_abs_err, abs(err))
+                    not_converged += int(not st.converged)
+                    total_splits += st.splits
+                    passes += st.passes
+                    writer.append(
+                        it,
+                        loss_end,
+                        float(st.total),
+                        err,
+                        st.splits,
+                        st.converged,
+                        per_layer,
+                        st.param if scfg["per_param"] else None,
+                        theta1 if scfg["trajectory"] else None,
+                    )
+                    bar.set_postfix(L=f"{loss_end:.4f}", err=f"{err:+.1e}", splits=st.splits, refresh=False)
+                it += 1
+                if it % eval_every == 0 and it != total_iters:
+                    tl, ta = evaluate(model, data.test_x, data.test_y, chunk_eval)
+                    writer.append_eval(it, test_loss=tl, test_acc=ta)
+                bar.update(1)
+        bar.close()
+
+        train_loss, train_acc = evaluate(model, data.train_x, data.train_y, chunk_eval)
+        test_loss, test_acc = evaluate(model, data.test_x, data.test_y, chunk_eval)
+        writer.append_eval(
+            total_iters, test_loss=test_loss, test_acc=test_acc, train_loss=train_loss, train_acc=train_acc
+        )
+        summary = {
+            "run_file": str(path),
+            "data_source": data.source,
+            "device": attrs["device"],
+            "iterations": total_iters,
+            "lca_rows": n_rows,
+            "final_train_loss_eval": train_loss,
+            "final_train_acc": train_acc,
+            "final_test_loss": test_loss,
+            "final_test_acc": test_acc,
+        }
+        if n_rows:
+            c = (counts / n_rows).tolist()
+            dl = loss_end - loss_start
+            summary.update(
+                {
+                    "L_start": loss_start,
+                    "L_end": loss_end,
+                    "frac_helping": c[0],
+                    "frac_hurting": c[1],
+                    "frac_zero": c[2],
+                    "layer_lca": dict(zip([g[0] for g in groups], layer_total.tolist())),
+                    "max_abs_error": max_abs_err,
+                    "cumulative_error": cum_err,
+                    "cumulative_rel_error": abs(cum_err) / abs(dl) if dl != 0 else float("inf"),
+                    "not_converged": not_converged,
+                    "mean_splits": total_splits / n_rows,
+                    "grad_passes_per_iter": passes / n_rows,
+                }
+            )
+        for k, v in summary.items():
+            if isinstance(v, (int, float, str)):
+                writer.set_attr(f"summary/{k}", v)
+    return summary
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    """Human-readable end-of-run report."""
+    lines = [
+        "",
+        f"data source       : {s['data_source']}   device: {s['device']}   iterations: {s['iterations']}",
+        f"final train loss  : {s['final_train_loss_eval']:.4f}   acc {100 * s['final_train_acc']:.2f}%"
+        "  (eval mode)",
+        f"final test loss   : {s['final_test_loss']:.4f}   acc {100 * s['final_test_acc']:.2f}%",
+    ]
+    if s.get("lca_rows"):
+        lines += [
+            f"LCA rows          : {s['lca_rows']}   L: {s['L_start']:.4f} → {s['L_end']:.4f}",
+            f"entries helping   : {100 * s['frac_helping']:.2f}%   hurting {100 * s['frac_hurting']:.2f}%"
+            f"   zero {100 * s['frac_zero']:.2f}%  (mean over iterations)",
+            "LCA per layer (nats, negative = helped):",
+        ]
+        width = max(len(n) for n in s["layer_lca"])
+        lines += [f"  {n:<{width}} {v:+.5f}" for n, v in s["layer_lca"].items()]
+        lines += [
+            f"max |Σ LCA − ΔL| per iteration : {s['max_abs_error']:.2e} nats"
+            f"   (not converged at max splits: {s['not_converged']})",
+            f"cumulative error              : {s['cumulative_error']:+.2e} nats = "
+            f"{100 * s['cumulative_rel_error']:.3f}% of |L_T − L_0|",
+            f"mean splits {s['mean_splits']:.2f}, "
+            f"gradient passes per iteration {s['grad_passes_per_iter']:.2f}",
+        ]
+    lines.append(f"run file          : {s['run_file']}")
+    return "\n".join(lines)

@@ -1,0 +1,195 @@
+"""The LCA engine against closed forms and slow float64 references on tiny problems."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lca_lab.lca import FullBatchLoss, LCAEngine, check_engine_options, layer_sums, lca_eval_mode
+
+
+def mse_sum(out, y, reduction="sum"):
+    return ((out.squeeze(-1) - y) ** 2).sum()
+
+
+def _linear_problem(n=64, d=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    y = torch.randn(n, generator=g, dtype=torch.float64)
+    model = nn.Linear(d, 1).double()
+    return model, x, y
+
+
+def _closed_form_grad(x, y, w, b):
+    """∇ of mean((x w + b − y)²) w.r.t. (w [1,d], b [1]), flattened in named_parameters order."""
+    r = x @ w.reshape(-1) + b - y
+    gw = 2.0 * (x * r[:, None]).mean(0)
+    gb = 2.0 * r.mean()
+    return torch.cat([gw, gb.reshape(1)])
+
+
+def test_simpson_is_exact_on_quadratic_loss():
+    model, x, y = _linear_problem()
+    fbl = FullBatchLoss(model, x, y, chunk_size=16, loss_fn=mse_sum)
+    engine = LCAEngine(fbl, "rk4", tolerance=1e-12, max_splits=32)
+    theta0 = fbl.flat_params()
+    g = torch.Generator().manual_seed(1)
+    theta1 = theta0 + 0.7 * torch.randn(theta0.shape, generator=g, dtype=torch.float64)
+    st = engine.step(theta0, theta1)
+    dl = fbl.loss(theta1) - fbl.loss(theta0)
+    assert abs(float(st.total - dl)) < 1e-9
+    assert st.splits == 2  # exact already: no refinement
+    # Each A[i] = ∂_i L(midpoint) · Δ_i, because ∇L is linear in θ for a quadratic loss.
+    mid = 0.5 * (theta0 + theta1)
+    expected = _closed_form_grad(x, y, mid[:5], mid[5]) * (theta1 - theta0)
+    torch.testing.assert_close(st.param, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_first_order_is_worse_on_curved_problem():
+    torch.manual_seed(0)
+    x = torch.randn(200, 4, dtype=torch.float64)
+    y = (x[:, 0] > 0).long()
+    model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 2)).double()
+    fbl = FullBatchLoss(model, x, y, chunk_size=200)
+    theta0 = fbl.flat_params()
+    theta1 = theta0 + 0.3 * torch.randn_like(theta0)
+    first = LCAEngine(fbl, "first_order").step(theta0, theta1)
+    rk4 = LCAEngine(fbl, "rk4", tolerance=1e-8).step(theta0, theta1)
+    assert abs(float(first.error)) > 100 * abs(float(rk4.error))
+    assert abs(float(first.error)) > 1e-3
+
+
+def test_refinement_on_large_steps_ends_within_tolerance():
+    torch.manual_seed(0)
+    x = torch.randn(300, 6)
+    y = torch.randint(0, 3, (300,))
+    # Smooth activation: Simpson's error then falls as h⁴ (ReLU kinks on 300 points would not).
+    model = nn.Sequential(nn.Linear(6, 32), nn.Tanh(), nn.Linear(32, 3))
+    fbl = FullBatchLoss(model, x, y, chunk_size=100)
+    engine = LCAEngine(fbl, "rk4", tolerance=1e-4, max_splits=32)
+    theta0 = fbl.flat_params()
+    theta1 = theta0 + 0.3 * torch.randn_like(theta0)
+    st = engine.step(theta0, theta1)
+    assert st.splits > 2
+    assert st.converged and abs(float(st.error)) <= 1e-4
+    # Non-adaptive RK4 on the same step misses the tolerance: the refinement did the work.
+    fixed = LCAEngine(fbl, "rk4", tolerance=1e-4, adaptive=False).step(theta0, theta1)
+    assert fixed.splits == 2 and abs(float(fixed.error)) > 1e-4
+
+
+def test_not_converged_is_flagged_at_max_splits():
+    torch.manual_seed(0)
+    x = torch.randn(100, 6)
+    y = torch.randint(0, 3, (100,))
+    model = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 3))
+    fbl = FullBatchLoss(model, x, y, chunk_size=100)
+    engine = LCAEngine(fbl, "rk4", tolerance=1e-12, max_splits=4)
+    theta0 = fbl.flat_params()
+    st = engine.step(theta0, theta0 + 2.0 * torch.randn_like(theta0))
+    assert st.splits == 4 and not st.converged
+
+
+def test_endpoint_gradient_is_reused():
+    model, x, y = _linear_problem()
+    fbl = FullBatchLoss(model, x, y, chunk_size=64, loss_fn=mse_sum)
+    engine = LCAEngine(fbl, "rk4", tolerance=1.0)
+    t0 = fbl.flat_params()
+    t1, t2 = t0 + 0.01, t0 + 0.02
+    assert engine.step(t0, t1).passes == 3  # θ0, midpoint, θ1
+    assert engine.step(t1, t2).passes == 2  # θ1 reused: midpoint and θ2 only
+
+
+def test_float32_fast_path_matches_float64_reference():
+    torch.manual_seed(0)
+    x = torch.randn(256, 8)
+    y = torch.randint(0, 4, (256,))
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    ref_model = copy.deepcopy(model).double()
+    fast = FullBatchLoss(model, x, y, chunk_size=64)
+    ref = FullBatchLoss(ref_model, x.double(), y, chunk_size=256)
+    t0 = fast.flat_params()
+    t1 = t0 + 0.05 * torch.randn_like(t0)
+    a = LCAEngine(fast, tolerance=1e-6).step(t0, t1)
+    b = LCAEngine(ref, tolerance=1e-10).step(t0.double(), t1.double())
+    torch.testing.assert_close(a.param, b.param, rtol=1e-3, atol=1e-7)
+    assert abs(float(a.total - b.total)) < 1e-5
+
+
+class _BNDropNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.drop = nn.Dropout(0.5)
+        self.fc = nn.Linear(4 * 6 * 6, 3)
+
+    def forward(self, x):
+        return self.fc(self.drop(torch.relu(self.bn(self.conv(x)))).flatten(1))
+
+
+def test_bn_dropout_loss_is_pure_function_of_theta():
+    torch.manual_seed(0)
+    model = _BNDropNet()
+    model.train()
+    x = torch.randn(50, 1, 8, 8)
+    y = torch.randint(0, 3, (50,))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fbl = FullBatchLoss(model, x, y, chunk_size=20)
+    theta = fbl.flat_params()
+    l1, g1 = fbl.loss_and_grad(theta)
+    l2, g2 = fbl.loss_and_grad(theta)
+    assert torch.equal(l1, l2) and torch.equal(g1, g2)
+    assert torch.equal(fbl.loss(theta), l1)
+    LCAEngine(fbl).step(theta, theta + 0.01)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} changed by LCA evaluation"
+    assert model.training and model.drop.training and model.bn.track_running_stats
+    # BN uses per-chunk batch statistics: a different chunk size defines a different L.
+    assert not torch.equal(FullBatchLoss(model, x, y, chunk_size=50).loss(theta), l1)
+
+
+def test_lca_eval_mode_restores_flags_after_error():
+    model = _BNDropNet().eval()
+    with pytest.raises(RuntimeError):
+        with lca_eval_mode(model):
+            assert model.bn.training and not model.drop.training
+            raise RuntimeError("boom")
+    assert not model.bn.training and model.bn.track_running_stats
+
+
+def test_layer_sums():
+    p = torch.tensor([1.0, 2.0, 3.0, -4.0], dtype=torch.float64)
+    idx = torch.tensor([0, 0, 2, 1])
+    assert layer_sums(p, idx, 3).tolist() == [3.0, -4.0, 3.0]
+
+
+@pytest.mark.parametrize(
+    "method,tol,splits,match",
+    [
+        ("simpson3", 1e-3, 32, "lca.method"),
+        ("rk4", 0.0, 32, "lca.tolerance"),
+        ("rk4", -1, 32, "tolerance"),
+        ("rk4", 1e-3, 12, "max_splits"),
+        ("rk4", 1e-3, 1, "max_splits"),
+    ],
+)
+def test_invalid_engine_options(method, tol, splits, match):
+    with pytest.raises(ValueError, match=match):
+        check_engine_options(method, tol, splits)
+
+
+def test_invalid_chunk_size():
+    model, x, y = _linear_problem()
+    with pytest.raises(ValueError, match="chunk_size"):
+        FullBatchLoss(model, x, y, chunk_size=0, loss_fn=mse_sum)
+
+
+def test_default_loss_is_cross_entropy_mean():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 4)
+    x, y = torch.randn(10, 3), torch.randint(0, 4, (10,))
+    fbl = FullBatchLoss(model, x, y, chunk_size=3)
+    expected = F.cross_entropy(model(x).double(), y).detach()
+    assert abs(float(fbl.loss(fbl.flat_params())) - float(expected)) < 1e-6

@@ -1,0 +1,136 @@
+"""Whole runs through ``train.run`` on real (mnist5k) and small data: conservation, overrides, invariance."""
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from lca_lab.config import ConfigError
+from lca_lab.train import run
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def _cfg(*overrides):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["device=cpu", *overrides])
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def test_conservation_on_real_digits(tmp_path):
+    # mnist5k: 4,500 real digits, batch 40 → 113 iterations per epoch.
+    s = run(_cfg("data=mnist5k", "batch_size=40", "epochs=1", "opt.lr=0.05", "eval_every=1000"), tmp_path)
+    assert s["lca_rows"] >= 100
+    with h5py.File(tmp_path / "lca.h5", "r") as f:
+        err = f["lca/error"][:]
+        converged = f["lca/converged"][:]
+        loss = f["train/loss"][:]
+        total = f["lca/total"][:]
+        layer = f["lca/layer"][:]
+        param = f["lca/param"][:]
+        assert f.attrs["status"] == "complete"
+        assert f.attrs["data_source"] == "mnist5k"
+    # Every iteration within tolerance, or flagged as not converged at max splits.
+    assert np.all((np.abs(err) <= 1e-3) | ~converged)
+    assert converged.mean() > 0.95
+    np.testing.assert_allclose(total - np.diff(loss), err, atol=1e-12)
+    cum = abs(err.sum()) / abs(loss[-1] - loss[0])
+    assert cum < 0.01, cum
+    assert s["cumulative_rel_error"] == pytest.approx(cum, rel=1e-6)
+    np.testing.assert_allclose(layer.sum(1), total, atol=1e-9)
+    np.testing.assert_allclose(param.astype(np.float64).sum(1), total, rtol=1e-4, atol=1e-5)
+    assert loss[-1] < loss[0] - 1.0  # it learned
+    assert 0.4 < s["frac_helping"] < 0.8
+
+
+def test_lca_does_not_change_the_trajectory(tmp_path):
+    # Dropout (lenet) draws from the global RNG during training: LCA must neither draw from it nor
+    # touch BN statistics, so the final θ — and everything evaluated from it — is bit-identical.
+    common = [
+        "data=synthetic",
+        "data.size=128",
+        "net=lenet",
+        "batch_size=32",
+        "epochs=1",
+        "opt.lr=0.01",
+        "lca.max_splits=4",
+        "eval_every=2",
+    ]
+    run(_cfg(*common, "store.trajectory=true"), tmp_path / "on")
+    run(_cfg(*common, "lca=off"), tmp_path / "off")
+    with h5py.File(tmp_path / "on" / "lca.h5") as a, h5py.File(tmp_path / "off" / "lca.h5") as b:
+        assert a["lca/total"].shape[0] == 4 and "lca/total" not in b or b["lca/total"].shape[0] == 0
+        for name in ["test_loss", "test_acc", "train_loss", "train_acc"]:
+            ea, eb = a[f"eval/{name}"][:], b[f"eval/{name}"][:]
+            ea, eb = ea[~np.isnan(ea)], eb[~np.isnan(eb)]
+            assert len(ea) > 0 and np.array_equal(ea, eb), name
+
+
+@pytest.mark.parametrize("net", ["resnet20", "lenet"])
+def test_bn_and_dropout_nets_conserve(tmp_path, net):
+    extra = ["net.width=4"] if net == "resnet20" else []
+    shape = "cifar10" if net == "resnet20" else "mnist"
+    s = run(
+        _cfg(
+            "data=synthetic",
+            f"data.shape={shape}",
+            "data.size=200",
+            f"net={net}",
+            *extra,
+            "batch_size=50",
+            "epochs=2",
+            "lca.chunk_size=100",
+            "opt.lr=0.01",
+        ),
+        tmp_path,
+    )
+    assert s["lca_rows"] == 8
+    with h5py.File(tmp_path / "lca.h5") as f:
+        err, conv, loss = f["lca/error"][:], f["lca/converged"][:], f["train/loss"][:]
+    # On 200 examples ReLU/max-pool kinks make the first, large steps hard; an iteration either meets
+    # the tolerance or is flagged, and the run as a whole conserves to < 1 %.
+    assert np.all((np.abs(err) <= 1e-3) | ~conv)
+    assert conv.mean() >= 0.5
+    assert abs(err.sum()) / abs(loss[-1] - loss[0]) < 0.01
+    assert s["not_converged"] == int((~conv).sum())
+
+
+def test_frozen_layer_has_exactly_zero_lca_in_run_file(tmp_path):
+    run(_cfg("data=synthetic", "data.size=200", "batch_size=50", "epochs=1", "layers=freeze_last"), tmp_path)
+    with h5py.File(tmp_path / "lca.h5") as f:
+        layer = f["lca/layer"][:]
+        names = [n.decode() if isinstance(n, bytes) else n for n in f["layers/names"][:]]
+        plays = f["params/layer"][:]
+        shapes = [eval(s.decode() if isinstance(s, bytes) else s) for s in f["params/shapes"][:]]
+        param = f["lca/param"][:]
+    assert np.all(layer[:, -1] == 0.0) and np.all(layer[:, 0] != 0.0)
+    n_last = sum(int(np.prod(s)) for s, l in zip(shapes, plays) if l == len(names) - 1)
+    assert np.all(param[:, -n_last:] == 0.0)
+
+
+def test_window_limits_rows(tmp_path):
+    s = run(
+        _cfg("data=synthetic", "data.size=200", "batch_size=20", "epochs=1", "lca.window=[3,7]"), tmp_path
+    )
+    assert s["lca_rows"] == 4
+    with h5py.File(tmp_path / "lca.h5") as f:
+        assert f["lca/iteration"][:].tolist() == [3, 4, 5, 6]
+        assert f["train/loss"].shape == (5,)
+
+
+def test_size_budget_refuses_before_training(tmp_path):
+    with pytest.raises(ConfigError, match="store.per_param=false"):
+        run(_cfg("data=synthetic", "data.size=200", "store.max_gb=0.0001"), tmp_path)
+    assert not (tmp_path / "lca.h5").exists()
+
+
+def test_unknown_layer_fails_before_training(tmp_path):
+    with pytest.raises(ValueError, match="fc"):
+        run(
+            _cfg("data=synthetic", "data.size=200", "+layers.x.select=conv7", "+layers.x.freeze=true"),
+            tmp_path,
+        )
+    assert not (tmp_path / "lca.h5").exists()
