@@ -22,6 +22,9 @@ def main(cfg: DictConfig) -> dict:
     except (ConfigError, DatasetUnavailableError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except FloatingPointError as e:  # diverged: the run file keeps every earlier row, status "failed: …"
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     print(format_summary(summary))
     return summary
 

@@ -20,6 +20,7 @@ This module imports torch only; it works on any ``nn.Module`` with any loss of t
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -249,6 +250,8 @@ class LCAEngine:
                 gbar = (ends + 4.0 * odd + 2.0 * even) / (3.0 * splits)
                 param = gbar * delta
                 err = float(param.sum() - dloss)  # the one host sync the adaptive decision needs
+                if not math.isfinite(err):  # a diverged step: refining cannot help, let the caller stop
+                    break
                 if not self.adaptive or abs(err) <= self.tolerance or splits >= self.max_splits:
                     break
         self._cache = (theta1.clone(), loss1, g1)

@@ -103,7 +103,7 @@ def run(cfg: dict[str, Any], run_dir: str | os.PathLike) -> dict[str, Any]:
         tqdm.write(f"WARNING: {w.message}")
 
     torch.manual_seed(int(cfg["seed"]))  # init does not depend on how much RNG data loading used
-    net_kwargs = {k: v for k, v in ncfg.items() if k != "name"}
+    net_kwargs = {k: v for k, v in ncfg.items() if k not in ("name", "lr")}
     model = build_net(ncfg["name"], data.input_shape, data.n_classes, **net_kwargs).to(device)
     groups = layer_groups(model)
     try:

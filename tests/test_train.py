@@ -134,3 +134,16 @@ def test_unknown_layer_fails_before_training(tmp_path):
             tmp_path,
         )
     assert not (tmp_path / "lca.h5").exists()
+
+
+def test_divergence_stops_with_failed_status_and_keeps_rows(tmp_path):
+    # Regression: a non-finite loss used to be refined up to max_splits before anyone noticed.
+    with pytest.raises(FloatingPointError, match="iteration"):
+        run(_cfg("data=synthetic", "data.size=200", "batch_size=20", "epochs=3", "opt.lr=1e12",
+                 "store.flush_every=1"), tmp_path)
+    with h5py.File(tmp_path / "lca.h5") as f:
+        assert f.attrs["status"].startswith("failed: FloatingPointError")
+        n = f["lca/total"].shape[0]
+        assert n >= 1  # rows before the divergence are kept
+        assert f["train/loss"].shape[0] == n + 1
+        assert np.all(np.isfinite(f["lca/total"][:]))
