@@ -98,6 +98,7 @@ def run(cfg: dict[str, Any], run_dir: str | os.PathLike) -> dict[str, Any]:
             synthetic_shape=dcfg.get("shape", "mnist"),
             synthetic_size=int(dcfg.get("size", 1000)),
             download=bool(dcfg.get("download", True)),
+            normalize=bool(dcfg.get("normalize", True)),
         )
     for w in caught:
         tqdm.write(f"WARNING: {w.message}")
@@ -181,7 +182,7 @@ def run(cfg: dict[str, Any], run_dir: str | os.PathLike) -> dict[str, Any]:
     chunk_eval = int(lcfg.get("chunk_size", 5000))
 
     # Running statistics kept on the device; read once at the end (no per-iteration sync for them).
-    counts = torch.zeros(3, dtype=torch.float64, device=device)  # helping, hurting, zero fractions summed
+    counts = torch.zeros(4, dtype=torch.float64, device=device)  # summed over iterations
     layer_total = torch.zeros(len(groups), dtype=torch.float64, device=device)
     max_abs_err, not_converged, total_splits, passes = 0.0, 0, 0, 0
     loss_start = loss_end = cum_err = 0.0
@@ -233,8 +234,14 @@ def run(cfg: dict[str, Any], run_dir: str | os.PathLike) -> dict[str, Any]:
                     per_layer = layer_sums(st.param, index, len(groups))
                     layer_total += per_layer
                     nz = float(K)
-                    counts += (
-                        torch.stack([(st.param < 0).sum(), (st.param > 0).sum(), (st.param == 0).sum()]) / nz
+                    help_hurt = torch.stack([(st.param < 0).sum(), (st.param > 0).sum()]).double()
+                    # helping, hurting, zero as fractions of K; then helping among non-zero (paper Table 1)
+                    counts += torch.cat(
+                        [
+                            help_hurt / nz,
+                            (1 - help_hurt.sum() / nz).reshape(1),
+                            (help_hurt[0] / help_hurt.sum().clamp_min(1)).reshape(1),
+                        ]
                     )
                     err = float(st.error)
                     loss_end = float(st.loss1)
@@ -288,6 +295,7 @@ def run(cfg: dict[str, Any], run_dir: str | os.PathLike) -> dict[str, Any]:
                     "frac_helping": c[0],
                     "frac_hurting": c[1],
                     "frac_zero": c[2],
+                    "pct_helping_nonzero": 100 * c[3],
                     "layer_lca": dict(zip([g[0] for g in groups], layer_total.tolist())),
                     "max_abs_error": max_abs_err,
                     "cumulative_error": cum_err,
@@ -317,6 +325,7 @@ def format_summary(s: dict[str, Any]) -> str:
             f"LCA rows          : {s['lca_rows']}   L: {s['L_start']:.4f} → {s['L_end']:.4f}",
             f"entries helping   : {100 * s['frac_helping']:.2f}%   hurting {100 * s['frac_hurting']:.2f}%"
             f"   zero {100 * s['frac_zero']:.2f}%  (mean over iterations)",
+            f"helping, zeros ignored (paper's Table 1): {s['pct_helping_nonzero']:.2f}%",
             "LCA per layer (nats, negative = helped):",
         ]
         width = max(len(n) for n in s["layer_lca"])

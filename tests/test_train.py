@@ -44,6 +44,10 @@ def test_conservation_on_real_digits(tmp_path):
     np.testing.assert_allclose(param.astype(np.float64).sum(1), total, rtol=1e-4, atol=1e-5)
     assert loss[-1] < loss[0] - 1.0  # it learned
     assert 0.4 < s["frac_helping"] < 0.8
+    assert s["frac_helping"] + s["frac_hurting"] + s["frac_zero"] == pytest.approx(1.0)
+    nonzero = (param != 0).sum(1)
+    assert s["pct_helping_nonzero"] == pytest.approx(100 * np.mean((param < 0).sum(1) / nonzero), rel=1e-3)
+    assert s["frac_zero"] == pytest.approx(np.mean(param == 0), abs=1e-3)
 
 
 def test_lca_does_not_change_the_trajectory(tmp_path):
