@@ -79,6 +79,7 @@ class FullBatchLoss:
         chunk_size: int,
         loss_fn: Callable[..., torch.Tensor] = F.cross_entropy,
         param_names: list[str] | None = None,
+        n_classes: int | None = None,
     ):
         if chunk_size <= 0:
             raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
@@ -101,6 +102,25 @@ class FullBatchLoss:
         self.dtype = named[self.param_names[0]].dtype
         self.device = named[self.param_names[0]].device
         self.n_evals = 0  # full passes made (for efficiency accounting)
+        self.n_classes = n_classes
+        self.has_bn = any(isinstance(m, _BN_TYPES) for m in model.modules())
+        self._segments: list[tuple[int, int, int]] | None = None
+        if n_classes is not None:
+            if self.has_bn:
+                # BN couples the examples of a chunk: keep the chunks that define L, and take one backward
+                # pass per class present in the chunk (≈ n_classes backward passes per full pass).
+                self._segments = None
+            else:
+                # Without BN, L does not depend on how the data is chunked: sort by class once so every
+                # chunk holds one class and the per-class gradients cost one ordinary full pass.
+                order = torch.sort(y, stable=True).indices
+                self.x, self.y = x[order], y[order]
+                counts = torch.bincount(self.y, minlength=n_classes).tolist()
+                self._segments, start = [], 0
+                for c, n in enumerate(counts):
+                    for s0 in range(start, start + n, self.chunk_size):
+                        self._segments.append((s0, min(s0 + self.chunk_size, start + n), c))
+                    start += n
 
     def flat_params(self) -> torch.Tensor:
         """Current parameters of the model as one detached flat vector [K]."""
@@ -142,6 +162,41 @@ class FullBatchLoss:
         n = len(self.x)
         return total / n, grad / n
 
+    def class_loss_and_grad(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-class parts of L and ∇L: ``L_c = (1/N) Σ_{i in class c} ℓ_i`` so that Σ_c L_c = L.
+
+        Returns float64 ``loss [C]`` and ``grad [C, K]``. Needs ``n_classes`` at construction and a loss
+        that accepts ``reduction="none"`` for BatchNorm nets.
+        """
+        if self.n_classes is None:
+            raise ValueError("FullBatchLoss was built without n_classes; pass n_classes=C for per-class LCA")
+        self.n_evals += 1
+        C = self.n_classes
+        grad = torch.zeros(C, self.n_params, dtype=torch.float64, device=self.device)
+        loss = torch.zeros(C, dtype=torch.float64, device=self.device)
+        with torch.enable_grad(), lca_eval_mode(self.model):
+            leaf = theta.detach().clone().requires_grad_(True)
+            params = self.unflatten(leaf)
+            if self._segments is not None:
+                for s0, s1, c in self._segments:
+                    out = functional_call(self.model, params, (self.x[s0:s1],), strict=False)
+                    loss_sum = self.loss_fn(out, self.y[s0:s1], reduction="sum")
+                    (g,) = torch.autograd.grad(loss_sum, leaf)
+                    grad[c] += g.double()
+                    loss[c] += loss_sum.detach().double()
+            else:
+                for xb, yb in self._chunks():
+                    out = functional_call(self.model, params, (xb,), strict=False)
+                    per_example = self.loss_fn(out, yb, reduction="none")
+                    present = torch.unique(yb).tolist()  # one host sync per chunk, BN path only
+                    for j, c in enumerate(present):
+                        part = per_example[yb == c].sum()
+                        (g,) = torch.autograd.grad(part, leaf, retain_graph=j < len(present) - 1)
+                        grad[c] += g.double()
+                        loss[c] += part.detach().double()
+        n = len(self.x)
+        return loss / n, grad / n
+
 
 @dataclass
 class StepLCA:
@@ -155,6 +210,10 @@ class StepLCA:
         splits: Simpson sub-intervals used (1 for first order).
         converged: |error| ≤ tolerance (always True for first order, which does not refine).
         passes: full-data gradient passes made for this step (the reused endpoint not counted).
+        class_param: [C, K] float64 per-class LCA (Σ_c = param) when the engine is per-class, else None.
+        class_loss0, class_loss1: [C] per-class parts of L at both ends, else None.
+        test_param: [K] float64 LCA of the same motion scored on the held-out loss, else None.
+        test_loss0, test_loss1, test_error: held-out loss at both ends and Σ test_param − ΔL_test.
     """
 
     param: torch.Tensor
@@ -165,6 +224,14 @@ class StepLCA:
     splits: int
     converged: bool
     passes: int
+    class_param: torch.Tensor | None = None
+    class_loss0: torch.Tensor | None = None
+    class_loss1: torch.Tensor | None = None
+    test_param: torch.Tensor | None = None
+    test_loss0: torch.Tensor | None = None
+    test_loss1: torch.Tensor | None = None
+    test_error: torch.Tensor | None = None
+    grad0: torch.Tensor | None = None  # [K] float64 ∇L(θ_t), for gradient-sign statistics
 
 
 class LCAEngine:
@@ -178,7 +245,7 @@ class LCAEngine:
         step = engine.step(theta0, engine.loss.flat_params())
 
     ``g(θ_{t+1})`` computed for one step is reused as ``g(θ_t)`` of the next when the next call's
-    θ_t is the same tensor values (checked by identity of the cached endpoint).
+    θ_t has the same values as the cached endpoint.
 
     Args:
         loss: the ``FullBatchLoss`` defining L.
@@ -186,6 +253,10 @@ class LCAEngine:
         tolerance: refine while |Σ A − ΔL| exceeds this (nats). Must be > 0.
         max_splits: most Simpson sub-intervals (a power of two ≥ 2).
         adaptive: if False, RK4 always uses 2 splits.
+        per_class: also split the LCA by class (``loss`` needs ``n_classes``); refinement is decided on
+            the total, so the per-class parts use the same quadrature points.
+        test_loss: a ``FullBatchLoss`` on held-out data: the same motion, scored against it, at the same
+            quadrature points (its residual is recorded, not refined on).
     """
 
     def __init__(
@@ -195,70 +266,104 @@ class LCAEngine:
         tolerance: float = 1e-3,
         max_splits: int = 32,
         adaptive: bool = True,
+        per_class: bool = False,
+        test_loss: FullBatchLoss | None = None,
     ):
         check_engine_options(method, tolerance, max_splits)
+        if per_class and loss.n_classes is None:
+            raise ValueError("per_class=True needs FullBatchLoss(..., n_classes=C)")
         self.loss = loss
         self.method = method
         self.tolerance = float(tolerance)
         self.max_splits = int(max_splits)
         self.adaptive = adaptive
-        self._cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # theta, L, g
+        self.per_class = per_class
+        self.test_loss = test_loss
+        self._cache: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None
 
     def reset(self) -> None:
         """Forget the cached endpoint gradient (e.g. after parameters were changed by hand)."""
         self._cache = None
 
+    def _eval(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
+        """All losses and gradients the engine needs at one point of the path."""
+        out: dict[str, torch.Tensor] = {}
+        if self.per_class:
+            out["Lc"], out["gc"] = self.loss.class_loss_and_grad(theta)
+            out["L"], out["g"] = out["Lc"].sum(), out["gc"].sum(0)
+        else:
+            out["L"], out["g"] = self.loss.loss_and_grad(theta)
+        if self.test_loss is not None:
+            out["Lt"], out["gt"] = self.test_loss.loss_and_grad(theta)
+        return out
+
+    @property
+    def cached_point(self) -> dict[str, torch.Tensor]:
+        """Losses and gradients at the last endpoint (keys L, g; Lc, gc when per-class; Lt, gt with test)."""
+        if self._cache is None:
+            raise RuntimeError("no endpoint computed yet: call prime() or step() first")
+        return self._cache[1]
+
     def prime(self, theta: torch.Tensor) -> torch.Tensor:
         """Compute and cache L and ∇L at the first point of a trajectory; return L (float64 0-d)."""
-        loss, grad, _ = self._endpoint(theta)
-        self._cache = (theta.clone(), loss, grad)
-        return loss
+        point, _ = self._endpoint(theta)
+        self._cache = (theta.clone(), point)
+        return point["L"]
 
-    def _endpoint(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def _endpoint(self, theta: torch.Tensor) -> tuple[dict[str, torch.Tensor], int]:
         if self._cache is not None and torch.equal(self._cache[0], theta):
-            return self._cache[1], self._cache[2], 0
-        loss, grad = self.loss.loss_and_grad(theta)
-        return loss, grad, 1
+            return self._cache[1], 0
+        return self._eval(theta), 1
 
     def step(self, theta0: torch.Tensor, theta1: torch.Tensor) -> StepLCA:
         """LCA of the straight segment θ0 → θ1 (flat [K] tensors in the parameters' dtype)."""
-        loss0, g0, passes = self._endpoint(theta0)
+        p0, passes = self._endpoint(theta0)
+        p1 = self._eval(theta1)
+        passes += 1
         delta = theta1.double() - theta0.double()
+        # Gradients to integrate; with per-class, "g" is the sum of "gc" and need not be integrated twice.
+        grads = ["gc" if self.per_class else "g"] + (["gt"] if self.test_loss is not None else [])
         if self.method == "first_order":
-            loss1, g1 = self.loss.loss_and_grad(theta1)
-            passes += 1
-            param = g0 * delta
+            gbar = {k: p0[k] for k in grads}
             splits = 1
         else:
-            loss1, g1 = self.loss.loss_and_grad(theta1)
-            passes += 1
             # Composite Simpson kept as three running sums so doubling reuses every gradient:
             # ends = g(0)+g(1), odd = Σ g at odd grid points, even = Σ g at interior even points.
-            ends = g0 + g1
-            even = torch.zeros_like(g0)
-            odd = torch.zeros_like(g0)
+            ends = {k: p0[k] + p1[k] for k in grads}
+            even = {k: torch.zeros_like(p0[k]) for k in grads}
+            odd = {k: torch.zeros_like(p0[k]) for k in grads}
             splits = 1
-            dloss = loss1 - loss0
+            dloss = p1["L"] - p0["L"]
             while True:
-                even = even + odd
-                odd = torch.zeros_like(g0)
+                even = {k: even[k] + odd[k] for k in grads}
+                odd = {k: torch.zeros_like(p0[k]) for k in grads}
                 splits *= 2
-                for k in range(1, splits, 2):
-                    _, g = self.loss.loss_and_grad(_lerp(theta0, theta1, k / splits))
-                    odd += g
+                for k_pt in range(1, splits, 2):
+                    pt = self._eval(_lerp(theta0, theta1, k_pt / splits))
+                    for k in grads:
+                        odd[k] += pt[k]
                     passes += 1
-                gbar = (ends + 4.0 * odd + 2.0 * even) / (3.0 * splits)
-                param = gbar * delta
-                err = float(param.sum() - dloss)  # the one host sync the adaptive decision needs
+                gbar = {k: (ends[k] + 4.0 * odd[k] + 2.0 * even[k]) / (3.0 * splits) for k in grads}
+                total_g = gbar["gc"].sum(0) if "gc" in gbar else gbar["g"]
+                err = float(total_g @ delta - dloss)  # the one host sync the adaptive decision needs
                 if not math.isfinite(err):  # a diverged step: refining cannot help, let the caller stop
                     break
                 if not self.adaptive or abs(err) <= self.tolerance or splits >= self.max_splits:
                     break
-        self._cache = (theta1.clone(), loss1, g1)
+        class_param = gbar["gc"] * delta if "gc" in gbar else None
+        param = class_param.sum(0) if class_param is not None else gbar["g"] * delta
+        self._cache = (theta1.clone(), p1)
         total = param.sum()
-        error = total - (loss1 - loss0)
+        error = total - (p1["L"] - p0["L"])
         converged = self.method == "first_order" or bool(abs(float(error)) <= self.tolerance)
-        return StepLCA(param, total, loss0, loss1, error, splits, converged, passes)
+        st = StepLCA(param, total, p0["L"], p1["L"], error, splits, converged, passes, grad0=p0["g"])
+        if class_param is not None:
+            st.class_param, st.class_loss0, st.class_loss1 = class_param, p0["Lc"], p1["Lc"]
+        if "gt" in gbar:
+            st.test_param = gbar["gt"] * delta
+            st.test_loss0, st.test_loss1 = p0["Lt"], p1["Lt"]
+            st.test_error = st.test_param.sum() - (p1["Lt"] - p0["Lt"])
+        return st
 
 
 def _lerp(theta0: torch.Tensor, theta1: torch.Tensor, frac: float) -> torch.Tensor:

@@ -27,6 +27,7 @@ from .data import load_data
 from .lca import FullBatchLoss, LCAEngine, layer_sums
 from .nets import build_net, layer_groups
 from .optim import apply_freezes, build_optimizer, plan_layers
+from .reducers import LCAReducer
 from .store import RunWriter, estimate_bytes
 
 
@@ -162,15 +163,21 @@ def run(cfg: dict[str, Any], run_dir: str | os.PathLike) -> dict[str, Any]:
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     engine = None
+    per_class = bool(lcfg.get("per_class", False))
+    test_lca = bool(lcfg.get("test", False)) and len(data.test_x) > 0
     if lca_on:
-        fbl = FullBatchLoss(model, data.train_x, data.train_y, int(lcfg["chunk_size"]), param_names=pnames)
-        engine = LCAEngine(
-            fbl,
-            lcfg["method"],
-            float(lcfg["tolerance"]),
-            int(lcfg["max_splits"]),
-            bool(lcfg.get("adaptive", True)),
+        chunk = int(lcfg["chunk_size"])
+        fbl = FullBatchLoss(
+            model, data.train_x, data.train_y, chunk, param_names=pnames,
+            n_classes=data.n_classes if per_class else None,
+        )  # fmt: skip
+        test_fbl = (
+            FullBatchLoss(model, data.test_x, data.test_y, chunk, param_names=pnames) if test_lca else None
         )
+        engine = LCAEngine(
+            fbl, lcfg["method"], float(lcfg["tolerance"]), int(lcfg["max_splits"]),
+            bool(lcfg.get("adaptive", True)), per_class=per_class, test_loss=test_fbl,
+        )  # fmt: skip
 
     def flat() -> torch.Tensor:
         return torch.cat([named[n].detach().reshape(-1) for n in pnames])
@@ -183,6 +190,7 @@ def run(cfg: dict[str, Any], run_dir: str | os.PathLike) -> dict[str, Any]:
 
     # Running statistics kept on the device; read once at the end (no per-iteration sync for them).
     counts = torch.zeros(4, dtype=torch.float64, device=device)  # summed over iterations
+    reducer = LCAReducer(index, len(groups))
     layer_total = torch.zeros(len(groups), dtype=torch.float64, device=device)
     max_abs_err, not_converged, total_splits, passes = 0.0, 0, 0, 0
     loss_start = loss_end = cum_err = 0.0
@@ -199,6 +207,7 @@ def run(cfg: dict[str, Any], run_dir: str | os.PathLike) -> dict[str, Any]:
         trajectory=bool(scfg["trajectory"]),
         flush_every=int(scfg["flush_every"]),
         expected_rows=n_rows,
+        n_classes=data.n_classes if per_class and lca_on else None,
     )
     summary: dict[str, Any] = {}
     with writer:
@@ -219,6 +228,11 @@ def run(cfg: dict[str, Any], run_dir: str | os.PathLike) -> dict[str, Any]:
                     loss_start = float(engine.prime(theta0))
                     loss_end = loss_start
                     writer.write_initial(loss_start, theta0 if scfg["trajectory"] else None)
+                    start_point = engine.cached_point
+                    if per_class:
+                        writer.append_dataset("class/loss", start_point["Lc"])
+                    if test_lca:
+                        writer.append_dataset("test/loss", start_point["Lt"])
                 idx = perm[b * int(cfg["batch_size"]) : (b + 1) * int(cfg["batch_size"])]
                 optimizer.zero_grad(set_to_none=True)
                 batch_loss = F.cross_entropy(model(data.train_x[idx]), data.train_y[idx])
@@ -233,16 +247,22 @@ def run(cfg: dict[str, Any], run_dir: str | os.PathLike) -> dict[str, Any]:
                         )
                     per_layer = layer_sums(st.param, index, len(groups))
                     layer_total += per_layer
-                    nz = float(K)
-                    help_hurt = torch.stack([(st.param < 0).sum(), (st.param > 0).sum()]).double()
-                    # helping, hurting, zero as fractions of K; then helping among non-zero (paper Table 1)
-                    counts += torch.cat(
-                        [
-                            help_hurt / nz,
-                            (1 - help_hurt.sum() / nz).reshape(1),
-                            (help_hurt[0] / help_hurt.sum().clamp_min(1)).reshape(1),
-                        ]
-                    )
+                    views = reducer.update(st.param, theta1.double() - theta0.double(), st.grad0)
+                    fh, fu = views["frac_helping"], views["frac_hurting"]
+                    # helping, hurting, zero; then helping among non-zero entries (the paper's Table 1)
+                    counts += torch.stack([fh, fu, views["frac_zero"], fh / (fh + fu).clamp_min(1e-300)])
+                    for name, v in views.items():
+                        writer.append_dataset(f"reduce/{name}", v)
+                    if st.class_param is not None:
+                        class_layer = torch.zeros(
+                            data.n_classes, len(groups), dtype=torch.float64, device=device
+                        ).index_add_(1, index, st.class_param)
+                        writer.append_dataset("class/loss", st.class_loss1)
+                    if st.test_param is not None:
+                        writer.append_dataset("test/loss", st.test_loss1)
+                        writer.append_dataset("lca_test/layer", layer_sums(st.test_param, index, len(groups)))
+                        writer.append_dataset("lca_test/total", st.test_param.sum())
+                        writer.append_dataset("lca_test/error", st.test_error)
                     err = float(st.error)
                     loss_end = float(st.loss1)
                     cum_err += err
@@ -260,6 +280,7 @@ def run(cfg: dict[str, Any], run_dir: str | os.PathLike) -> dict[str, Any]:
                         per_layer,
                         st.param if scfg["per_param"] else None,
                         theta1 if scfg["trajectory"] else None,
+                        class_layer=class_layer if st.class_param is not None else None,
                     )
                     bar.set_postfix(L=f"{loss_end:.4f}", err=f"{err:+.1e}", splits=st.splits, refresh=False)
                 it += 1
@@ -286,6 +307,8 @@ def run(cfg: dict[str, Any], run_dir: str | os.PathLike) -> dict[str, Any]:
             "final_test_acc": test_acc,
         }
         if n_rows:
+            for name, arr in reducer.result().items():
+                writer.write_array(f"reduce/{name}", arr.cpu().numpy())
             c = (counts / n_rows).tolist()
             dl = loss_end - loss_start
             summary.update(

@@ -193,3 +193,61 @@ def test_default_loss_is_cross_entropy_mean():
     fbl = FullBatchLoss(model, x, y, chunk_size=3)
     expected = F.cross_entropy(model(x).double(), y).detach()
     assert abs(float(fbl.loss(fbl.flat_params())) - float(expected)) < 1e-6
+
+
+class _SmoothBNNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.bn, self.fc2 = nn.Linear(64, 16), nn.BatchNorm1d(16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.bn(self.fc1(x.flatten(1)))))
+
+
+@pytest.mark.parametrize("with_bn", [False, True])
+def test_per_class_lca_sums_to_total_and_conserves_per_class(with_bn):
+    torch.manual_seed(0)
+    x = torch.randn(120, 1, 8, 8, dtype=torch.float64)
+    y = torch.randint(0, 3, (120,))
+    model = (
+        _SmoothBNNet()
+        if with_bn
+        else nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 3))
+    ).double()
+    plain = FullBatchLoss(model, x, y, chunk_size=40)
+    fbl = FullBatchLoss(model, x, y, chunk_size=40, n_classes=3)
+    t0 = plain.flat_params()
+    t1 = t0 + 0.02 * torch.randn_like(t0)
+    # Per-class parts add up to L and ∇L (for BN: with the same chunks, so the same L).
+    lc, gc = fbl.class_loss_and_grad(t0)
+    l, g = plain.loss_and_grad(t0)
+    assert abs(float(lc.sum() - l)) < 1e-10
+    torch.testing.assert_close(gc.sum(0), g, rtol=1e-8, atol=1e-12)
+    if not with_bn:  # class c's part is the loss of its own examples, scaled by 1/N
+        with torch.no_grad():
+            for c in range(3):
+                own = F.cross_entropy(model(x[y == c]), y[y == c], reduction="sum") / 120
+                assert abs(float(lc[c]) - float(own)) < 1e-10
+    st = LCAEngine(fbl, tolerance=1e-9, per_class=True).step(t0, t1)
+    torch.testing.assert_close(st.class_param.sum(0), st.param, rtol=1e-10, atol=1e-14)
+    per_class_err = st.class_param.sum(1) - (st.class_loss1 - st.class_loss0)
+    assert per_class_err.abs().max() < 1e-7
+    ref_step = LCAEngine(plain, tolerance=1e-9).step(t0, t1)
+    torch.testing.assert_close(st.param, ref_step.param, rtol=1e-7, atol=1e-12)
+
+
+def test_test_set_lca_conserves_on_held_out_loss():
+    torch.manual_seed(0)
+    x, y = torch.randn(200, 6, dtype=torch.float64), torch.randint(0, 3, (200,))
+    xt, yt = torch.randn(80, 6, dtype=torch.float64), torch.randint(0, 3, (80,))
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+    train, test = FullBatchLoss(model, x, y, chunk_size=100), FullBatchLoss(model, xt, yt, chunk_size=100)
+    engine = LCAEngine(train, tolerance=1e-9, test_loss=test)
+    t0 = train.flat_params()
+    t1 = t0 + 0.1 * torch.randn_like(t0)
+    st = engine.step(t0, t1)
+    assert abs(float(st.test_error)) < 1e-6
+    assert abs(float(st.test_loss1 - test.loss(t1))) < 1e-12
+    assert not torch.allclose(st.test_param, st.param)  # a different loss, a different allocation
+    st2 = engine.step(t1, t1 + 0.01)
+    assert st2.passes == 2 and abs(float(st2.test_loss0 - st.test_loss1)) == 0.0  # endpoint reused

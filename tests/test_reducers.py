@@ -1,0 +1,57 @@
+"""Streaming reducers against brute-force computations from the stored per-parameter rows."""
+
+import h5py
+import numpy as np
+import torch
+from test_train import _cfg
+
+from lca_lab.reducers import LCAReducer
+from lca_lab.train import run
+
+
+def _changes(signs: np.ndarray) -> np.ndarray:
+    """Reference: count sign changes along axis 0, ignoring zeros (the last non-zero sign is kept)."""
+    out = np.zeros(signs.shape[1], dtype=np.int64)
+    for k in range(signs.shape[1]):
+        s = signs[:, k][signs[:, k] != 0]
+        out[k] = int(np.sum(s[1:] != s[:-1]))
+    return out
+
+
+def test_reducer_counts_match_brute_force():
+    g = torch.Generator().manual_seed(0)
+    T, K = 30, 12
+    param = torch.randn(T, K, generator=g, dtype=torch.float64)
+    param[param.abs() < 0.3] = 0.0
+    delta = torch.randn(T, K, generator=g, dtype=torch.float64)
+    delta[:, 0] = 0.0  # a frozen entry never changes direction
+    grad = torch.randn(T, K, generator=g, dtype=torch.float64)
+    index = torch.tensor([0] * 5 + [1] * 7)
+    red = LCAReducer(index, 2)
+    views = [red.update(param[t], delta[t], grad[t]) for t in range(T)]
+    res = {k: v.numpy() for k, v in red.result().items()}
+    p = param.numpy()
+    np.testing.assert_array_equal(res["param_helped"], (p < 0).sum(0))
+    np.testing.assert_array_equal(res["param_hurt"], (p > 0).sum(0))
+    np.testing.assert_array_equal(res["motion_changes"], _changes(np.sign(delta.numpy())))
+    np.testing.assert_array_equal(res["grad_sign_changes"], _changes(np.sign(grad.numpy())))
+    assert res["motion_changes"][0] == 0
+    fh = np.array([float(v["frac_helping"]) for v in views])
+    np.testing.assert_allclose(fh, (p < 0).mean(1))
+    lh = np.stack([v["layer_frac_helping"].numpy() for v in views])
+    np.testing.assert_allclose(lh[:, 1], (p[:, 5:] < 0).mean(1))
+    fz = np.array([float(v["frac_zero"]) for v in views])
+    np.testing.assert_allclose(fz, (p == 0).mean(1))
+
+
+def test_run_file_reducers_match_stored_rows(tmp_path):
+    run(_cfg("data=mnist5k", "batch_size=500", "epochs=2", "store.trajectory=true"), tmp_path)
+    with h5py.File(tmp_path / "lca.h5") as f:
+        p = f["lca/param"][:]
+        theta = f["trajectory/theta"][:]
+        np.testing.assert_array_equal(f["reduce/param_helped"][:], (p < 0).sum(0))
+        np.testing.assert_array_equal(f["reduce/param_hurt"][:], (p > 0).sum(0))
+        np.testing.assert_allclose(f["reduce/frac_helping"][:], (p < 0).mean(1))
+        motion = _changes(np.sign(np.diff(theta.astype(np.float64), axis=0)))
+        np.testing.assert_array_equal(f["reduce/motion_changes"][:], motion)
+        assert f["reduce/layer_frac_helping"].shape == (p.shape[0], 3)
