@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from .analyze import analyze
 from .config import ConfigError
 from .data import DatasetUnavailableError
 from .train import format_summary, run
@@ -16,9 +19,10 @@ from .train import format_summary, run
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> dict:
     plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-    run_dir = HydraConfig.get().runtime.output_dir
+    hc = HydraConfig.get()
+    overrides = json.dumps(list(hc.overrides.task))  # e.g. ["layers=freeze_last", "seed=1"]: readable labels
     try:
-        summary = run(plain, run_dir)
+        summary = run(plain, hc.runtime.output_dir, extra_attrs={"overrides": overrides})
     except (ConfigError, DatasetUnavailableError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -26,6 +30,10 @@ def main(cfg: DictConfig) -> dict:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     print(format_summary(summary))
+    if plain.get("figures", True) and summary.get("lca_rows"):
+        # The run's own report and pictures next to its run file (the same code as the analyze command).
+        rep = analyze(Path(hc.runtime.output_dir), repeats=200)
+        print(f"figures           : {len(rep['figures'])} PNG files and report.md in {hc.runtime.output_dir}")
     return summary
 
 

@@ -56,9 +56,8 @@ SEPARATOR_COLOR = "#d9d9d9"  # grey lines between conv filter blocks in heatmaps
 
 #: Diverging colormap for LCA: dark green (most negative, helped) - white (0) - dark red (hurt).
 LCA_CMAP = LinearSegmentedColormap.from_list(
-    "lca_green_white_red", ["#00441b", "#41ab5d", "#ffffff", "#ef3b2c", "#67000d"], N=256
-)
-LCA_CMAP.set_bad(SEPARATOR_COLOR)
+    "lca_green_white_red", ["#00441b", "#41ab5d", "#ffffff", "#ef3b2c", "#67000d"], N=257
+).with_extremes(bad=SEPARATOR_COLOR)
 
 SAVE_DPI = 120
 _LCA_UNIT = "nats"
@@ -204,8 +203,10 @@ def _heatmap_title(title: str, a: np.ndarray) -> str:
     n = max(finite.size, 1)
     neg, pos = np.count_nonzero(finite < 0), np.count_nonzero(finite > 0)
     zero = finite.size - neg - pos
-    shape = "×".join(map(str, a.shape))
-    head = f"{title}  [{shape} = {a.size:,} parameters]" if title else f"[{shape} = {a.size:,} parameters]"
+    count = f"{a.size:,} parameters"
+    if a.ndim > 1:
+        count = f"{'×'.join(map(str, a.shape))} = {count}"
+    head = f"{title}  [{count}]" if title else f"[{count}]"
     return (
         f"{head}\nhelped {100 * neg / n:.1f}%, hurt {100 * pos / n:.1f}%, zero {100 * zero / n:.1f}%; "
         f"sum = {finite.sum():+.3g} {_LCA_UNIT}"
@@ -242,8 +243,9 @@ def _draw_heatmap(fig: Figure, a: np.ndarray, vmax: float, title: str):
         origin="upper",
     )
     _label_heatmap_axes(ax, info)
-    cb = fig.colorbar(im, ax=ax, extend="both", extendfrac=0.04, aspect=30,
-                      shrink=0.95 if grid.shape[0] > 1 else 1.0)
+    cb = fig.colorbar(
+        im, ax=ax, extend="both", extendfrac=0.04, aspect=30, shrink=0.95 if grid.shape[0] > 1 else 1.0
+    )
     _scaled_colorbar_label(cb, vmax, "← green: helped   red: hurt →")
     ax.set_title(_heatmap_title(title, a), fontsize=10)
     return ax, im
@@ -338,8 +340,10 @@ def param_animation(
 def _check_fraction(a: np.ndarray, name: str) -> None:
     finite = a[np.isfinite(a)]
     if finite.size and (finite.min() < -1e-9 or finite.max() > 1 + 1e-9):
-        raise ValueError(f"{name} must be fractions in [0, 1] (not percent); got range "
-                         f"[{finite.min():.3g}, {finite.max():.3g}]")
+        raise ValueError(
+            f"{name} must be fractions in [0, 1] (not percent); got range "
+            f"[{finite.min():.3g}, {finite.max():.3g}]"
+        )
 
 
 def helping_over_training(
@@ -460,9 +464,16 @@ def lca_distribution(
     sides = ((helping, HELP_COLOR, "helped (LCA < 0)", "-"), (hurting, HURT_COLOR, "hurt (LCA > 0)", "--"))
     for data, color, name, ls in sides:
         shown = data[data <= thr]
-        ax.hist(shown, bins=edges, color=color, histtype="step", lw=1.8, ls=ls,
-                label=f"{name}: {data.size:,} entries ({100 * data.size / v.size:.1f}%), "
-                      f"mean |LCA| {data.mean() if data.size else 0:.3g} {_LCA_UNIT}")
+        ax.hist(
+            shown,
+            bins=edges,
+            color=color,
+            histtype="step",
+            lw=1.8,
+            ls=ls,
+            label=f"{name}: {data.size:,} entries ({100 * data.size / v.size:.1f}%), "
+            f"mean |LCA| {data.mean() if data.size else 0:.3g} {_LCA_UNIT}",
+        )
     if log_y:
         ax.set_yscale("log")
     ax.set_xlim(0, thr)
@@ -513,8 +524,14 @@ def helping_per_layer(
     ax = fig.add_subplot()
     x = np.arange(p.size)
     bars = ax.bar(x, p, color=HELP_COLOR, alpha=0.85, width=0.7, label="% of parameters helping")
-    ax.bar_label(bars, labels=[f"{v:.1f}" for v in p], label_type="center", color="white",
-                 fontsize=8 if p.size <= 12 else 7, rotation=0 if p.size <= 12 else 90)
+    ax.bar_label(
+        bars,
+        labels=[f"{v:.1f}" for v in p],
+        label_type="center",
+        color="white",
+        fontsize=8 if p.size <= 12 else 7,
+        rotation=0 if p.size <= 12 else 90,
+    )
     ax.axhline(50, color="black", ls="--", lw=1, label="50 % (as many helping as hurting)")
     ax.set_xticks(x, names)
     _rotate_if_long(ax, names)
@@ -673,16 +690,34 @@ def layer_vs_value(
     seeds = sorted({t.shape[0] for t in ts})
     fig = _new_figure(8.0, 4.8)
     ax = fig.add_subplot()
+    handles = []
     for j, li in enumerate(sel):
-        ax.errorbar(xs, means[:, li], yerr=stds[:, li], marker="o", ms=4, lw=1.5, capsize=3,
-                    color=f"C{j % 10}", label=names[li])
+        handles.append(
+            ax.errorbar(
+                xs,
+                means[:, li],
+                yerr=stds[:, li],
+                marker="o",
+                ms=4,
+                lw=1.5,
+                capsize=3,
+                color=f"C{j % 10}",
+                label=names[li],
+            )
+        )
     if fit is not None:
         slope, intercept = fit
         last = len(names) - 1
         color = f"C{sel.index(last) % 10}" if last in sel else "black"
         grid = np.linspace(xs.min(), xs.max(), 50)
-        ax.plot(grid, slope * grid + intercept, ls="--", color=color, lw=1.2,
-                label=f"{names[last]}, linear fit\n(slope {slope:+.3g} {_LCA_UNIT} per unit)")
+        handles += ax.plot(
+            grid,
+            slope * grid + intercept,
+            ls="--",
+            color=color,
+            lw=1.2,
+            label=f"{names[last]}, linear fit\n(slope {slope:+.3g} {_LCA_UNIT} per unit)",
+        )
     ax.axhline(0, color="0.5", lw=0.8)
     ax.set_xlabel(value_name)
     ax.set_ylabel(f"total LCA over training ({_LCA_UNIT})\n< 0: helped,  > 0: hurt")
@@ -693,7 +728,9 @@ def layer_vs_value(
     )
     if xs.size <= 12 and np.allclose(xs, np.round(xs)):
         ax.set_xticks(xs)
-    fig.legend(loc="outside right upper", fontsize=8, frameon=False, title="layer", title_fontsize=8)
+    fig.legend(
+        handles=handles, loc="outside right upper", fontsize=8, frameon=False, title="layer", title_fontsize=8
+    )
     return fig
 
 
@@ -770,14 +807,18 @@ def moments_of_learning(
         return fig
 
     n_classes = len(moments)
-    cls = [f"class {c}" for c in range(n_classes)] if class_names is None else [
-        f"class {c}" if str(c).isdigit() else str(c) for c in class_names]
+    cls = (
+        [f"class {c}" for c in range(n_classes)]
+        if class_names is None
+        else [f"class {c}" if str(c).isdigit() else str(c) for c in class_names]
+    )
     if len(cls) != n_classes:
         raise ValueError(f"{n_classes} classes but {len(cls)} class names")
     if synchronized is None:
         syncs = [None] * n_classes
-    elif _is_per_class([synchronized]) or (len(synchronized) == n_classes and all(
-            np.ndim(s) > 0 for s in synchronized)):
+    elif _is_per_class([synchronized]) or (
+        len(synchronized) == n_classes and all(np.ndim(s) > 0 for s in synchronized)
+    ):
         syncs = list(synchronized)
     else:
         syncs = [synchronized] * n_classes
@@ -804,8 +845,9 @@ def moments_of_learning(
     for ax in axes[:, 0]:
         ax.set_ylabel("layer", fontsize=9)
     fig.supxlabel("training iteration", fontsize=10)
-    fig.suptitle(f"{title}, per class\n{sync_note}" if synchronized is not None else f"{title}, per class",
-                 fontsize=10)
+    fig.suptitle(
+        f"{title}, per class\n{sync_note}" if synchronized is not None else f"{title}, per class", fontsize=10
+    )
     return fig
 
 
@@ -851,16 +893,26 @@ def top_trajectories(
             raise ValueError(f"iterations has {its.size} entries, fewer than a series' length {T}")
         x = np.arange(T) if its is None else its[:T]
         for k in range(a.shape[0]):
-            ax.plot(x, a[k], color=f"C{k % 10}", lw=1.2,
-                    label=f"{labels[k]}: total LCA {np.nansum(series[2][k]):+.3g} {_LCA_UNIT}")
+            ax.plot(
+                x,
+                a[k],
+                color=f"C{k % 10}",
+                lw=1.2,
+                label=f"{labels[k]}: total LCA {np.nansum(series[2][k]):+.3g} {_LCA_UNIT}",
+            )
         ax.set_ylabel(ylab, fontsize=9)
         ax.grid(color="0.92", lw=0.6)
     for ax in axes[1:]:
         ax.axhline(0, color="black", lw=0.7)
     axes[-1].set_xlabel("training iteration")
     fig.suptitle(title, fontsize=11)
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center",
-               ncol=2 if len(labels) <= 4 else 3, fontsize=8, frameon=False)
+    fig.legend(
+        *axes[0].get_legend_handles_labels(),
+        loc="outside lower center",
+        ncol=2 if len(labels) <= 4 else 3,
+        fontsize=8,
+        frameon=False,
+    )
     return fig
 
 
@@ -890,8 +942,15 @@ def loss_curves(
     if test_loss is not None:
         te = _as_1d(test_loss, "test_loss")
         tx = _x_for(te.size, test_iterations)
-        ax.plot(tx, te, color="C1", lw=1.5, marker="o" if te.size <= 30 else None, ms=4,
-                label=f"test (final {te[-1]:.4g})" if te.size else "test")
+        ax.plot(
+            tx,
+            te,
+            color="C1",
+            lw=1.5,
+            marker="o" if te.size <= 30 else None,
+            ms=4,
+            label=f"test (final {te[-1]:.4g})" if te.size else "test",
+        )
     if log_y:
         ax.set_yscale("log")
     else:

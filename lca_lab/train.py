@@ -79,8 +79,13 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: in
     return float(loss) / len(x), float(correct) / len(x)
 
 
-def run(cfg: dict[str, Any], run_dir: str | os.PathLike) -> dict[str, Any]:
-    """Train one network with online LCA; write ``<run_dir>/lca.h5``; return the summary dict."""
+def run(
+    cfg: dict[str, Any], run_dir: str | os.PathLike, extra_attrs: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Train one network with online LCA; write ``<run_dir>/lca.h5``; return the summary dict.
+
+    ``extra_attrs`` go into the run file's attributes (the CLI stores the Hydra overrides there).
+    """
     validate(cfg)
     device = resolve_device(cfg["device"])
     run_dir = Path(run_dir)
@@ -161,6 +166,7 @@ def run(cfg: dict[str, Any], run_dir: str | os.PathLike) -> dict[str, Any]:
         "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
         "data_source": data.source,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **(extra_attrs or {}),
     }
     engine = None
     per_class = bool(lcfg.get("per_class", False))

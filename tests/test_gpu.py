@@ -34,9 +34,19 @@ def test_cuda_engine_matches_cpu_float64_reference():
 
 def test_resnet20_run_on_cuda_conserves(tmp_path):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[
-            "device=cuda", "net=resnet20", "data=synthetic", "data.shape=cifar10", "data.size=2000",
-            "batch_size=128", "epochs=1", "opt.lr=0.05"])
+        cfg = compose(
+            config_name="config",
+            overrides=[
+                "device=cuda",
+                "net=resnet20",
+                "data=synthetic",
+                "data.shape=cifar10",
+                "data.size=2000",
+                "batch_size=128",
+                "epochs=1",
+                "opt.lr=0.05",
+            ],
+        )
     s = run(OmegaConf.to_container(cfg, resolve=True), tmp_path)
     with h5py.File(tmp_path / "lca.h5") as f:
         err, conv = f["lca/error"][:], f["lca/converged"][:]

@@ -1,0 +1,92 @@
+"""`python -m lca_lab.analyze` on a small sweep written by real runs."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import h5py
+import pytest
+from test_train import _cfg
+
+from lca_lab.analyze import analyze
+from lca_lab.train import run
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    common = ["data=synthetic", "data.size=600", "batch_size=100", "epochs=1", "lca.per_class=true"]
+    for layers in ("none", "freeze_last"):
+        for seed in (0, 1, 2):
+            run(_cfg(*common, f"layers={layers}", f"seed={seed}"), root / f"{layers}_{seed}")
+    # An interrupted run: analyze must list and skip it.
+    shutil.copytree(root / "none_0", root / "broken")
+    with h5py.File(root / "broken" / "lca.h5", "a") as f:
+        f.attrs["status"] = "running"
+    return root
+
+
+def test_report_groups_runs_and_tests_effects(sweep):
+    rep = analyze(sweep, repeats=200)
+    assert rep["n_runs"] == 6
+    assert [s["status"] for s in rep["skipped"]] == ["running"]
+    labels = sorted(g["label"] for g in rep["groups"])
+    assert labels == [
+        "(defaults)",
+        "layers.last.freeze=True, layers.last.freeze_from=0, layers.last.select=-1",
+    ]
+    for g in rep["groups"]:
+        assert g["n"] == 3
+        assert len(g["layer_effects"]) == 3
+        assert 40 < g["pct_helping"]["mean"] < 90
+        assert g["moments"]["per_class"] and g["moments"]["repeats"] == 200
+        assert "helping" in g["heavy_tails"]
+    frozen = next(g for g in rep["groups"] if "freeze" in g["label"])
+    last = frozen["layer_effects"][-1]
+    assert last["mean"] == 0.0 and last["direction"] == "n.s."  # frozen: exactly zero LCA
+    first = frozen["layer_effects"][0]
+    assert first["direction"] == "helps" and first["p_adj"] < 0.05  # fc1 helps in every seed
+    (comp,) = rep["comparisons"]
+    assert "final_train_loss" in comp and len(comp["layers"]) == 3
+    for name in (
+        "report.md",
+        "report.json",
+        "layer_totals.png",
+        "g0_moments_of_learning.png",
+        "g0_helping_over_training.png",
+        "g0_lca_distribution.png",
+    ):
+        assert (sweep / name).exists(), name
+    data = json.loads((sweep / "report.json").read_text())
+    assert data["n_runs"] == 6
+    md = (sweep / "report.md").read_text()
+    assert "Skipped runs" in md and "broken" in md and "Welch" in md
+
+
+def test_cli_prints_tables(sweep, tmp_path):
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lca_lab.analyze",
+            str(sweep),
+            "--out",
+            str(tmp_path),
+            "--repeats",
+            "50",
+            "--no-figures",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "% helping (Table 1)" in p.stdout and (tmp_path / "report.md").exists()
+    bad = subprocess.run(
+        [sys.executable, "-m", "lca_lab.analyze", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 2 and "does not exist" in bad.stderr
