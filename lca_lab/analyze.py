@@ -110,6 +110,28 @@ def load_run(path: Path, max_entries: int = 2_000_000) -> dict[str, Any]:
             rec["param_names"], rec["param_shapes"] = list(r.param_names), list(r.param_shapes)
             rec["param_layer"] = np.asarray(r.param_layer)
         rec["has_trajectory"] = r.has_trajectory
+        if r.per_param and r.has_trajectory:
+            ds = h5["lca/param"]
+            if T * ds.shape[1] <= 5e8:  # exact totals, read in row blocks
+                tot = np.zeros(ds.shape[1])
+                for a in range(0, T, 256):
+                    tot += ds[a : a + 256].sum(0, dtype=np.float64)
+            else:  # very large runs: pick on the sampled rows
+                tot = rec["param_sample"].sum(0, dtype=np.float64)
+            order = np.argsort(tot)
+            pick = sorted(set(order[:3].tolist()) | set(order[-3:].tolist()), key=lambda j: tot[j])
+            labels = []
+            offsets = np.cumsum([0] + [int(np.prod(sh)) for sh in rec["param_shapes"]])
+            for j in pick:
+                ti = int(np.searchsorted(offsets, j, side="right") - 1)
+                idx = np.unravel_index(j - offsets[ti], rec["param_shapes"][ti])
+                kind = "helped most" if tot[j] < 0 else "hurt most"
+                labels.append(f"{rec['param_names'][ti]}{list(map(int, idx))} ({kind})")
+            cols = sorted(pick)
+            theta = h5["trajectory/theta"][:, cols].T.astype(np.float64)  # [n, T+1]
+            lca_full = h5["lca/param"][:, cols].T.astype(np.float64)  # [n, T], every row of these few
+            pos = [cols.index(j) for j in pick]
+            rec["theta_top"] = (labels, theta[pos], lca_full[pos])
         return rec
 
 
@@ -149,6 +171,7 @@ def analyze(
     repeats: int = 1000,
     alpha: float = 0.05,
     make_figures: bool = True,
+    animation_frames: int = 30,
 ) -> dict[str, Any]:
     """Run the whole analysis; returns the report dict (also written to ``report.json``)."""
     path = Path(path)
@@ -321,6 +344,13 @@ def analyze(
     for name, fig in figs:
         fg.save(fig, out / name)
         report["figures"].append(name)
+    if make_figures and animation_frames > 0:
+        for gi, key in enumerate(keys):
+            r0 = groups[key][0]
+            if "param_sample" in r0:
+                gif = _animation(r0, out, f"g{gi}", animation_frames)
+                if gif:
+                    report["figures"].append(gif)
     (out / "report.json").write_text(json.dumps(_jsonable(report), indent=2))
     md = render_markdown(report)
     (out / "report.md").write_text(md)
@@ -341,7 +371,36 @@ def _param_figures(r: dict, tag: str) -> list[tuple[str, Any]]:
     out.append(
         (f"{tag}_heatmap_{names[i]}.png", fg.param_heatmap(block, title=f"{names[i]}, iteration {it}"))
     )
+    # Top trajectories: the parameters with the most negative / positive total LCA (needs θ stored).
+    if r.get("theta_top") is not None:
+        lab, th, lca = r["theta_top"]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            # ḡ = A / Δθ: the path-averaged full-batch gradient of each step (NaN where θ did not move)
+            gbar = lca / np.diff(th, axis=1)
+        title = (
+            "Trajectories of the parameters that helped and hurt most\n"
+            "(gradient panel: the step's path-averaged full-batch gradient ḡ = LCA / Δθ)"
+        )
+        out.append((f"{tag}_top_trajectories.png", fg.top_trajectories(th, gbar, lca, lab, title=title)))
     return out
+
+
+def _animation(r: dict, out: Path, tag: str, max_frames: int) -> str | None:
+    """GIF of the first layer's weight LCA over the sampled iterations (paper Figure 2's videos)."""
+    sample, shapes, names = r["param_sample"], r["param_shapes"], r["param_names"]
+    if sample.shape[0] < 2 or max_frames <= 0:
+        return None
+    n0 = int(np.prod(shapes[0]))
+    frames = sample[:, :n0].reshape(sample.shape[0], *shapes[0])
+    name = f"{tag}_animation_{names[0]}.gif"
+    fg.param_animation(
+        frames,
+        out / name,
+        iterations=np.arange(sample.shape[0]) * r["param_sample_step"],
+        max_frames=max_frames,
+        title=names[0],
+    )
+    return name
 
 
 def _moments_figure(curves: np.ndarray, k: int, names: list[str], T: int):
@@ -461,12 +520,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=1000, help="shift-baseline repeats (default 1000)")
     ap.add_argument("--alpha", type=float, default=0.05)
     ap.add_argument("--no-figures", action="store_true")
+    ap.add_argument("--frames", type=int, default=60, help="frames of the LCA animation GIF (0: none)")
     a = ap.parse_args(argv)
     if not a.path.exists():
         print(f"error: {a.path} does not exist", file=sys.stderr)
         return 2
     try:
-        rep = analyze(a.path, a.out, k=a.k, repeats=a.repeats, alpha=a.alpha, make_figures=not a.no_figures)
+        rep = analyze(
+            a.path,
+            a.out,
+            k=a.k,
+            repeats=a.repeats,
+            alpha=a.alpha,
+            make_figures=not a.no_figures,
+            animation_frames=a.frames,
+        )
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
