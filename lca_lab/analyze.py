@@ -265,7 +265,9 @@ def analyze(
                     (f"{tag}_fraction_helped.png", fg.fraction_helped_histogram(r0["frac_helped_param"]))
                 )
             if "param_sample" in r0:
-                figs.append((f"{tag}_lca_distribution.png", fg.lca_distribution(r0["param_sample"])))
+                figs.append(
+                    (f"{tag}_lca_distribution.png", fg.lca_distribution(r0["param_sample"], log_y=True))
+                )
                 figs += _param_figures(r0, tag)
             if "moments" in g:
                 figs.append(

@@ -90,3 +90,17 @@ def test_cli_prints_tables(sweep, tmp_path):
         timeout=120,
     )
     assert bad.returncode == 2 and "does not exist" in bad.stderr
+
+
+def test_swept_numeric_setting_is_regressed(tmp_path):
+    common = ["data=synthetic", "data.size=300", "batch_size=100", "epochs=1", "layers=last_momentum_delay"]
+    for d in (0, 4, 9):
+        run(_cfg(*common, f"layers.last.momentum_delay={d}"), tmp_path / f"d{d}")
+    rep = analyze(tmp_path, repeats=20, animation_frames=0)
+    regs = rep["regressions"]
+    assert [r["layer"] for r in regs] == ["fc1", "fc2", "fc3"]
+    assert all(r["setting"] == "layers.last.momentum_delay" and r["n"] == 3 for r in regs)
+    assert (tmp_path / "layer_vs_value.png").exists()
+    assert (
+        "Regression of total layer LCA on layers.last.momentum_delay" in (tmp_path / "report.md").read_text()
+    )
