@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import h5py
+import numpy as np
 import pytest
 from test_train import _cfg
 
@@ -104,3 +105,17 @@ def test_swept_numeric_setting_is_regressed(tmp_path):
     assert (
         "Regression of total layer LCA on layers.last.momentum_delay" in (tmp_path / "report.md").read_text()
     )
+
+
+def test_statistics_exist_without_per_parameter_rows(tmp_path):
+    run(
+        _cfg("data=synthetic", "data.size=300", "batch_size=100", "epochs=1", "store.per_param=false"),
+        tmp_path,
+    )
+    with h5py.File(tmp_path / "lca.h5") as f:
+        assert "lca/param" not in f
+    rep = analyze(tmp_path, repeats=20, animation_frames=0)
+    (g,) = rep["groups"]
+    assert 0 < g["pct_helping"]["mean"] < 100 and np.isfinite(g["motion_period"]["mean"])
+    assert "heavy_tails" not in g  # needs the per-parameter rows
+    assert (tmp_path / "g0_helping_over_training.png").exists()
