@@ -179,3 +179,25 @@ def test_real_digits_conserve_for_conv_nets(tmp_path, net, extra):
     assert np.all((np.abs(err) <= 1e-3) | ~conv)
     assert abs(err.sum()) / abs(loss[-1] - loss[0]) < 0.01
     assert s["L_end"] < s["L_start"]
+
+
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_runs_a_few_iterations(tmp_path, experiment):
+    cfg = _cfg(
+        f"experiment={experiment}",
+        "data=synthetic",
+        "data.size=64",
+        "batch_size=32",
+        "epochs=1",
+        "lca.window=[0,2]",
+        "figures=false",
+    )
+    assert cfg["data"]["name"] == "synthetic"
+    if "width" in cfg["net"]:
+        cfg["net"]["width"] = 4 if cfg["net"]["name"] == "resnet20" else 0.1
+    s = run(cfg, tmp_path)
+    assert s["lca_rows"] == 2
+    assert s["max_abs_error"] <= 1e-3 or s["not_converged"] > 0
