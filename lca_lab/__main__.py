@@ -33,7 +33,8 @@ def main(cfg: DictConfig) -> dict:
     if plain.get("figures", True) and summary.get("lca_rows"):
         # The run's own report and pictures next to its run file (the same code as the analyze command).
         rep = analyze(Path(hc.runtime.output_dir), repeats=200)
-        print(f"figures           : {len(rep['figures'])} PNG files and report.md in {hc.runtime.output_dir}")
+        n = len(rep["figures"])
+        print(f"figures           : {n} figures (PNG, GIF) and report.md in {hc.runtime.output_dir}")
     return summary
 
 
