@@ -53,6 +53,25 @@ def git_sha() -> str:
         return ""
 
 
+def check_run_dir(run_dir: Path) -> None:
+    """Refuse, before any compute, a run directory that cannot take a new run file."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".lca_write_test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(
+            f"cannot write to the run directory {run_dir} ({e.strerror or e}); "
+            "choose a writable one with hydra.run.dir=PATH (or run from a writable folder)"
+        ) from None
+    if (run_dir / "lca.h5").exists():
+        raise ConfigError(
+            f"{run_dir / 'lca.h5'} already exists: a run directory holds one run. Use another "
+            "hydra.run.dir, or move the old run away; it is not overwritten."
+        )
+
+
 def set_determinism(seed: int, deterministic: bool) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
@@ -89,7 +108,7 @@ def run(
     validate(cfg)
     device = resolve_device(cfg["device"])
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    check_run_dir(run_dir)
     set_determinism(int(cfg["seed"]), bool(cfg["deterministic"]))
     dcfg, ncfg, ocfg, lcfg, scfg = cfg["data"], cfg["net"], cfg["opt"], cfg["lca"], cfg["store"]
 

@@ -201,3 +201,18 @@ def test_every_experiment_runs_a_few_iterations(tmp_path, experiment):
     s = run(cfg, tmp_path)
     assert s["lca_rows"] == 2
     assert s["max_abs_error"] <= 1e-3 or s["not_converged"] > 0
+
+
+def test_existing_run_file_is_never_overwritten(tmp_path):
+    run(_cfg("data=synthetic", "data.size=64", "batch_size=32", "epochs=1", "figures=false"), tmp_path)
+    before = (tmp_path / "lca.h5").read_bytes()
+    with pytest.raises(ConfigError, match="already exists"):
+        run(_cfg("data=synthetic", "data.size=64", "batch_size=32", "epochs=1"), tmp_path)
+    assert (tmp_path / "lca.h5").read_bytes() == before
+
+
+def test_unwritable_run_dir_fails_before_training(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(ConfigError, match="cannot write to the run directory"):
+        run(_cfg("data=synthetic", "data.size=64"), blocker / "run")
