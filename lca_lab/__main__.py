@@ -26,6 +26,13 @@ def main(cfg: DictConfig) -> dict:
     except (ConfigError, DatasetUnavailableError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # the writer has already flushed every completed row and set the status
+        print(
+            f"interrupted: every completed iteration is kept in {Path(hc.runtime.output_dir) / 'lca.h5'} "
+            "(status 'failed: KeyboardInterrupt')",
+            file=sys.stderr,
+        )
+        sys.exit(130)
     except FloatingPointError as e:  # diverged: the run file keeps every earlier row, status "failed: …"
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -103,7 +103,7 @@ def load_run(path: Path, max_entries: int = 2_000_000) -> dict[str, Any]:
         if "lca/class_layer" in h5:
             rec["class_layer"] = h5["lca/class_layer"][:]  # [T, C, n_layers]
         if r.per_param:
-            K = len(r.param_layer) and int(h5["lca/param"].shape[1])
+            K = int(h5["lca/param"].shape[1])
             step = max(1, int(math.ceil(T * K / max_entries)))
             rec["param_sample"] = h5["lca/param"][::step]
             rec["param_sample_step"] = step

@@ -232,6 +232,7 @@ class StepLCA:
     test_loss1: torch.Tensor | None = None
     test_error: torch.Tensor | None = None
     grad0: torch.Tensor | None = None  # [K] float64 ∇L(θ_t), for gradient-sign statistics
+    delta: torch.Tensor | None = None  # [K] float64 θ_{t+1} − θ_t
 
 
 class LCAEngine:
@@ -245,7 +246,8 @@ class LCAEngine:
         step = engine.step(theta0, engine.loss.flat_params())
 
     ``g(θ_{t+1})`` computed for one step is reused as ``g(θ_t)`` of the next when the next call's
-    θ_t has the same values as the cached endpoint.
+    θ_t is the previous call's θ_{t+1} (the same tensor: no comparison, no host sync) or has the same
+    values. The engine keeps a reference to θ_{t+1}: do not modify it in place.
 
     Args:
         loss: the ``FullBatchLoss`` defining L.
@@ -307,11 +309,11 @@ class LCAEngine:
     def prime(self, theta: torch.Tensor) -> torch.Tensor:
         """Compute and cache L and ∇L at the first point of a trajectory; return L (float64 0-d)."""
         point, _ = self._endpoint(theta)
-        self._cache = (theta.clone(), point)
+        self._cache = (theta, point)
         return point["L"]
 
     def _endpoint(self, theta: torch.Tensor) -> tuple[dict[str, torch.Tensor], int]:
-        if self._cache is not None and torch.equal(self._cache[0], theta):
+        if self._cache is not None and (self._cache[0] is theta or torch.equal(self._cache[0], theta)):
             return self._cache[1], 0
         return self._eval(theta), 1
 
@@ -321,6 +323,8 @@ class LCAEngine:
         p1 = self._eval(theta1)
         passes += 1
         delta = theta1.double() - theta0.double()
+        dloss = p1["L"] - p0["L"]
+        err_t = None
         # Gradients to integrate; with per-class, "g" is the sum of "gc" and need not be integrated twice.
         grads = ["gc" if self.per_class else "g"] + (["gt"] if self.test_loss is not None else [])
         if self.method == "first_order":
@@ -333,7 +337,6 @@ class LCAEngine:
             even = {k: torch.zeros_like(p0[k]) for k in grads}
             odd = {k: torch.zeros_like(p0[k]) for k in grads}
             splits = 1
-            dloss = p1["L"] - p0["L"]
             while True:
                 even = {k: even[k] + odd[k] for k in grads}
                 odd = {k: torch.zeros_like(p0[k]) for k in grads}
@@ -345,18 +348,22 @@ class LCAEngine:
                     passes += 1
                 gbar = {k: (ends[k] + 4.0 * odd[k] + 2.0 * even[k]) / (3.0 * splits) for k in grads}
                 total_g = gbar["gc"].sum(0) if "gc" in gbar else gbar["g"]
-                err = float(total_g @ delta - dloss)  # the one host sync the adaptive decision needs
+                err_t = total_g @ delta - dloss
+                err = float(err_t)  # the one host sync the adaptive decision needs
                 if not math.isfinite(err):  # a diverged step: refining cannot help, let the caller stop
                     break
                 if not self.adaptive or abs(err) <= self.tolerance or splits >= self.max_splits:
                     break
         class_param = gbar["gc"] * delta if "gc" in gbar else None
         param = class_param.sum(0) if class_param is not None else gbar["g"] * delta
-        self._cache = (theta1.clone(), p1)
+        self._cache = (theta1, p1)
         total = param.sum()
-        error = total - (p1["L"] - p0["L"])
-        converged = self.method == "first_order" or bool(abs(float(error)) <= self.tolerance)
-        st = StepLCA(param, total, p0["L"], p1["L"], error, splits, converged, passes, grad0=p0["g"])
+        # RK4: the error the refinement decided on (no second sync); first order: never refined.
+        error = total - dloss if err_t is None else err_t
+        converged = err_t is None or abs(err) <= self.tolerance
+        st = StepLCA(
+            param, total, p0["L"], p1["L"], error, splits, converged, passes, grad0=p0["g"], delta=delta
+        )
         if class_param is not None:
             st.class_param, st.class_loss0, st.class_loss1 = class_param, p0["Lc"], p1["Lc"]
         if "gt" in gbar:

@@ -239,6 +239,7 @@ def run(
         writer.write_array("data/train_index", np.asarray(data.train_index, dtype=np.int64))
         model.train()
         it = 0
+        theta_next = None
         bar = tqdm(total=total_iters, desc=f"{ncfg['name']}/{data.source}", unit="it", dynamic_ncols=True)
         for _epoch in range(int(cfg["epochs"])):
             perm = torch.randperm(n_train, generator=batch_gen).to(device)
@@ -248,7 +249,11 @@ def run(
                         g["lr"] *= decay
                 apply_freezes(optimizer, it)
                 do_lca = engine is not None and lo <= it < hi
-                theta0 = flat() if do_lca else None
+                # θ_{t+1} of the last step is θ_t of this one: reusing the tensor lets the engine reuse
+                # its endpoint gradient without comparing values.
+                if not do_lca:
+                    theta_next = None
+                theta0 = (theta_next if theta_next is not None else flat()) if do_lca else None
                 if do_lca and it == lo:
                     loss_start = float(engine.prime(theta0))
                     loss_end = loss_start
@@ -264,15 +269,17 @@ def run(
                 batch_loss.backward()
                 optimizer.step()
                 if do_lca:
-                    theta1 = flat()
+                    theta1 = theta_next = flat()
                     st = engine.step(theta0, theta1)
-                    if not torch.isfinite(st.loss1):
+                    # One host read for the progress bar, the divergence check and the summary.
+                    loss_end, lca_total, err = torch.stack([st.loss1, st.total, st.error]).tolist()
+                    if not math.isfinite(loss_end):
                         raise FloatingPointError(
-                            f"training loss became {float(st.loss1)} at iteration {it}; lower opt.lr"
+                            f"training loss became {loss_end} at iteration {it}; lower opt.lr"
                         )
                     per_layer = layer_sums(st.param, index, len(groups))
                     layer_total += per_layer
-                    views = reducer.update(st.param, theta1.double() - theta0.double(), st.grad0)
+                    views = reducer.update(st.param, st.delta, st.grad0)
                     fh, fu = views["frac_helping"], views["frac_hurting"]
                     # helping, hurting, zero; then helping among non-zero entries (the paper's Table 1)
                     counts += torch.stack([fh, fu, views["frac_zero"], fh / (fh + fu).clamp_min(1e-300)])
@@ -288,8 +295,6 @@ def run(
                         writer.append_dataset("lca_test/layer", layer_sums(st.test_param, index, len(groups)))
                         writer.append_dataset("lca_test/total", st.test_param.sum())
                         writer.append_dataset("lca_test/error", st.test_error)
-                    err = float(st.error)
-                    loss_end = float(st.loss1)
                     cum_err += err
                     max_abs_err = max(max_abs_err, abs(err))
                     not_converged += int(not st.converged)
@@ -298,7 +303,7 @@ def run(
                     writer.append(
                         it,
                         loss_end,
-                        float(st.total),
+                        lca_total,
                         err,
                         st.splits,
                         st.converged,

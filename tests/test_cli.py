@@ -1,8 +1,10 @@
 """The real command line in a subprocess, as a user runs it."""
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import h5py
@@ -99,3 +101,44 @@ def test_invalid_values_fail_before_training(tmp_path, override, needle):
     assert needle in p.stderr
     assert "Traceback" not in p.stderr
     assert not (tmp_path / "run" / "lca.h5").exists()
+
+
+def test_interrupted_run_keeps_completed_rows(tmp_path):
+    env = dict(os.environ, LCA_LAB_DATA=str(tmp_path / "data"))
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "lca_lab",
+            "data=mnist5k",
+            "batch_size=20",
+            "device=cpu",
+            "figures=false",
+            "store.flush_every=1",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    path = tmp_path / "run" / "lca.h5"
+    deadline = time.time() + 120
+    rows = 0
+    while time.time() < deadline and rows < 3:
+        time.sleep(0.5)
+        try:
+            with h5py.File(path, "r") as f:
+                rows = f["lca/total"].shape[0]
+        except (OSError, KeyError):
+            pass
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert rows >= 3
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted" in err and "Traceback" not in err
+    with h5py.File(path, "r") as f:
+        assert f.attrs["status"] == "failed: KeyboardInterrupt: "
+        n = f["lca/total"].shape[0]
+        assert n >= rows and f["train/loss"].shape[0] == n + 1

@@ -44,6 +44,9 @@ def test_conservation_on_real_digits(tmp_path):
     np.testing.assert_allclose(param.astype(np.float64).sum(1), total, rtol=1e-4, atol=1e-5)
     assert loss[-1] < loss[0] - 1.0  # it learned
     assert 0.4 < s["frac_helping"] < 0.8
+    # The endpoint gradient is reused every iteration: passes per iteration = Simpson splits (2 → midpoint
+    # and new endpoint), never one more.
+    assert s["grad_passes_per_iter"] == pytest.approx(s["mean_splits"])
     assert s["frac_helping"] + s["frac_hurting"] + s["frac_zero"] == pytest.approx(1.0)
     nonzero = (param != 0).sum(1)
     assert s["pct_helping_nonzero"] == pytest.approx(100 * np.mean((param < 0).sum(1) / nonzero), rel=1e-3)
@@ -66,7 +69,8 @@ def test_lca_does_not_change_the_trajectory(tmp_path):
     run(_cfg(*common, "store.trajectory=true"), tmp_path / "on")
     run(_cfg(*common, "lca=off"), tmp_path / "off")
     with h5py.File(tmp_path / "on" / "lca.h5") as a, h5py.File(tmp_path / "off" / "lca.h5") as b:
-        assert a["lca/total"].shape[0] == 4 and "lca/total" not in b or b["lca/total"].shape[0] == 0
+        assert a["lca/total"].shape[0] == 4
+        assert "lca/total" not in b or b["lca/total"].shape[0] == 0
         for name in ["test_loss", "test_acc", "train_loss", "train_acc"]:
             ea, eb = a[f"eval/{name}"][:], b[f"eval/{name}"][:]
             ea, eb = ea[~np.isnan(ea)], eb[~np.isnan(eb)]
