@@ -9,7 +9,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from .lca import check_engine_options
+from .lca import PRECISIONS, check_engine_options
 from .optim import OPTIMIZERS, OVERRIDE_KEYS
 
 DATASETS = ("mnist", "mnist5k", "cifar10", "synthetic")
@@ -86,7 +86,18 @@ def validate(cfg: Mapping[str, Any]) -> None:
             )
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        _positive_int(cfg, "lca.chunk_size")
+        if lca.get("chunk_size") != "auto":
+            _positive_int(cfg, "lca.chunk_size")
+        if lca.get("precision", "fp32") not in PRECISIONS:
+            raise ConfigError(
+                f"lca.precision must be one of {list(PRECISIONS)}, got {lca.get('precision')!r}"
+            )
+        if lca.get("channels_last", "auto") not in ("auto", True, False):
+            raise ConfigError(
+                f"lca.channels_last must be auto, true or false, got {lca.get('channels_last')!r}"
+            )
+        if not _is_int(lca.get("batch_points", 64)) or lca.get("batch_points", 64) < 1:
+            raise ConfigError(f"lca.batch_points must be an integer ≥ 1, got {lca.get('batch_points')!r}")
         window = lca.get("window")
         if window is not None:
             w = list(window)
@@ -113,6 +124,10 @@ def validate(cfg: Mapping[str, Any]) -> None:
             )
     _number(cfg, "store.max_gb", lo=0, lo_open=True)
     _positive_int(cfg, "store.flush_every")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _num_or_raise(key: str, v: Any) -> float:

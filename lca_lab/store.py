@@ -48,10 +48,12 @@ Concurrency
 
 from __future__ import annotations
 
+import collections
 import math
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -240,12 +242,44 @@ def _to_numpy(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
-def _stack(items: Sequence[Any], dtype: Any = None) -> np.ndarray:
+class _InFlight:
+    """Rows on their way from the GPU: a pinned host tensor filled by a non-blocking copy.
+
+    ``resolve()`` (called by the writer thread) waits for the copy's CUDA event, never the training
+    thread, and returns the numpy array.
+    """
+
+    def __init__(self, stacked: torch.Tensor, dtype: Any) -> None:
+        if stacked.dtype in (torch.bfloat16, torch.float16):
+            stacked = stacked.float()
+        self.host = torch.empty(stacked.shape, dtype=stacked.dtype, pin_memory=True)
+        self.host.copy_(stacked, non_blocking=True)
+        self.event = torch.cuda.Event()
+        self.event.record()
+        self.dtype = dtype
+        self.shape = tuple(stacked.shape)
+
+    def resolve(self) -> np.ndarray:
+        self.event.synchronize()
+        return np.ascontiguousarray(self.host.numpy(), dtype=self.dtype)
+
+
+def _resolve(x: Any) -> np.ndarray:
+    return x.resolve() if isinstance(x, _InFlight) else x
+
+
+def _stack(items: Sequence[Any], dtype: Any = None, in_flight: bool = False) -> Any:
     """Stack buffered rows into one array ``[n, *row_shape]`` of ``dtype`` (None: the rows' own dtype).
 
     Device tensors are stacked on the device and moved with one ``.cpu()`` so a flush costs one
-    synchronisation, not one per row and field.
+    synchronisation, not one per row and field. With ``in_flight`` CUDA rows are not waited for at
+    all: an :class:`_InFlight` copy is returned for the writer thread to resolve.
     """
+    if in_flight and items and all(isinstance(x, torch.Tensor) and x.is_cuda for x in items):
+        try:
+            return _InFlight(torch.stack(list(items)), dtype)
+        except RuntimeError:  # rows on different devices: fall through to the blocking path
+            pass
     if items and all(isinstance(x, torch.Tensor) for x in items):
         try:
             stacked = _to_numpy(torch.stack(list(items)))
@@ -293,6 +327,10 @@ class RunWriter:
         flush_every: rows kept in memory (on the device, for tensors) between writes.
         expected_rows: expected T; sizes chunks so short runs stay small. Optional.
         overwrite: replace an existing file instead of refusing (a run file is never lost silently).
+        background: write flushed rows from a writer thread. Rows held on a GPU then leave it by a
+            non-blocking copy into pinned memory and the training thread never waits for the copy or
+            the disk (for GPU runs; the file's contents are identical). A write error surfaces at the
+            next flush or at ``close``, and the rows that failed are retried there.
     """
 
     def __init__(
@@ -310,6 +348,7 @@ class RunWriter:
         flush_every: int = 50,
         expected_rows: int | None = None,
         overwrite: bool = False,
+        background: bool = False,
     ) -> None:
         if not (len(param_names) == len(param_shapes) == len(param_layer)):
             raise ValueError("param_names, param_shapes and param_layer must have the same length")
@@ -346,6 +385,10 @@ class RunWriter:
         self._reserved = frozenset(self._row_specs())
         # datasets that exist in the file
         self._known: set[str] = {*self._reserved, "eval/iteration", *(f"eval/{n}" for n in EVAL_NAMES)}
+        # Flushed rows not yet on disk, oldest first; a job leaves only once written (retry on failure).
+        self._jobs: collections.deque[dict[str, Any]] = collections.deque()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="lca-writer") if background else None
+        self._future: Future | None = None
         self._create(attrs, overwrite)
 
     # -- layout -------------------------------------------------------------------------------------------
@@ -506,19 +549,82 @@ class RunWriter:
         """Write every buffered row to the file and close it again (see the module doc on crash safety).
 
         Rows go to absolute offsets kept by the writer, so a flush that failed half-way (disk full) can
-        simply be retried: it rewrites the same rows instead of appending them twice.
+        simply be retried: it rewrites the same rows instead of appending them twice. With
+        ``background=True`` the write happens in the writer thread and this returns at once; an error
+        of an earlier background write is raised here (its rows stay queued for the next try).
         """
         if self._closed:
             return
-        lca = self._convert_lca()
-        loss = _stack(self._loss, np.float64) if self._loss else None
-        theta = _stack(self._theta, np.float32) if self._theta else None
-        evals = self._convert_eval()
-        series = {k: _stack(rows, dt) for k, (dt, rows) in self._series.items() if rows}
-        if loss is None and not lca and not evals and not series:
+        self._raise_background_error()
+        job = self._take()
+        if job is not None:
+            self._jobs.append(job)
+        if not self._jobs:
             return
+        if self._pool is None:
+            self._write_jobs()
+        elif self._future is None or self._future.done():
+            self._future = self._pool.submit(self._write_jobs)
+
+    def _raise_background_error(self) -> None:
+        if self._future is not None and self._future.done():
+            fut, self._future = self._future, None
+            fut.result()  # re-raises the writer thread's error; its job is still queued
+
+    def _wait(self) -> None:
+        """Wait until the writer thread is idle; re-raise its error, retrying the queued rows here."""
+        if self._future is not None:
+            fut, self._future = self._future, None
+            try:
+                fut.result()
+            except Exception:
+                pass  # retried synchronously below; a second failure propagates from there
+        if self._jobs:
+            self._write_jobs()
+
+    def _take(self) -> dict[str, Any] | None:
+        """Move the buffered rows into a write job with fixed file offsets; clear the buffers."""
+        bg = self._pool is not None
+        lca = self._convert_lca(bg)
+        loss = _stack(self._loss, np.float64, bg) if self._loss else None
+        theta = _stack(self._theta, np.float32, bg) if self._theta else None
+        evals = self._convert_eval()
+        series = {k: _stack(rows, dt, bg) for k, (dt, rows) in self._series.items() if rows}
+        if loss is None and not lca and not evals and not series:
+            return None
+        job = {
+            "lca": lca, "loss": loss, "theta": theta, "evals": evals, "series": series,
+            "n_lca": self._n_flushed, "n_loss": self._n_loss, "n_eval": self._n_eval,
+            "n_series": {k: self._n_series.get(k, 0) for k in series},
+        }  # fmt: skip
+        self._n_flushed += len(self._rows["iteration"])
+        self._n_loss += len(self._loss)
+        self._n_eval += len(self._eval)
+        for k, (_, rows) in self._series.items():
+            if rows:
+                self._n_series[k] = self._n_series.get(k, 0) + len(rows)
+        for rows in self._rows.values():
+            rows.clear()
+        self._loss.clear()
+        self._theta.clear()
+        self._eval.clear()
+        for _, rows in self._series.values():
+            rows.clear()
+        return job
+
+    def _write_jobs(self) -> None:
+        """Write queued jobs in order (writer thread or caller); a job is dropped only once written."""
+        while self._jobs:
+            self._write_job(self._jobs[0])
+            self._jobs.popleft()
+
+    def _write_job(self, job: dict[str, Any]) -> None:
+        for group in ("lca", "series"):
+            job[group] = {k: _resolve(v) for k, v in job[group].items()}
+        for k in ("loss", "theta"):
+            job[k] = _resolve(job[k]) if job[k] is not None else None
+        lca, evals, series = job["lca"], job["evals"], job["series"]
         self._create_missing(evals, series)
-        n_lca = self._n_flushed
         try:
             f = _open_swmr_write(self.path)
         except OSError as err:
@@ -530,36 +636,23 @@ class RunWriter:
                 "the buffered rows are kept and the next flush writes them."
             ) from err
         with f:
-            if loss is not None:
-                _write_rows(f["train/loss"], self._n_loss, loss)
-            if theta is not None:
-                _write_rows(f["trajectory/theta"], self._n_loss, theta)
+            if job["loss"] is not None:
+                _write_rows(f["train/loss"], job["n_loss"], job["loss"])
+            if job["theta"] is not None:
+                _write_rows(f["trajectory/theta"], job["n_loss"], job["theta"])
             for k, arr in series.items():
-                _write_rows(f[k], self._n_series.get(k, 0), arr)
+                _write_rows(f[k], job["n_series"][k], arr)
             for k, arr in evals.items():
                 if k != "eval/iteration":  # value series first: eval/iteration's length commits the rows
-                    _write_rows(f[k], self._n_eval, arr)
+                    _write_rows(f[k], job["n_eval"], arr)
             if evals:
-                _write_rows(f["eval/iteration"], self._n_eval, evals["eval/iteration"])
+                _write_rows(f["eval/iteration"], job["n_eval"], evals["eval/iteration"])
             # lca/iteration last: its length is the committed row count readers trust.
             for field in _LCA_FIELDS:
                 if field in lca:
-                    _write_rows(f[f"lca/{field}"], n_lca, lca[field])
-        # Buffers are cleared only after the file is closed: a failed write keeps the rows for a retry.
-        self._n_flushed += len(self._rows["iteration"])
-        self._n_loss += len(self._loss)
-        self._n_eval += len(self._eval)
-        for k, arr in series.items():
-            self._n_series[k] = self._n_series.get(k, 0) + len(arr)
-        for rows in self._rows.values():
-            rows.clear()
-        self._loss.clear()
-        self._theta.clear()
-        self._eval.clear()
-        for _, rows in self._series.values():
-            rows.clear()
+                    _write_rows(f[f"lca/{field}"], job["n_lca"], lca[field])
 
-    def _convert_lca(self) -> dict[str, np.ndarray]:
+    def _convert_lca(self, in_flight: bool = False) -> dict[str, Any]:
         r = self._rows
         n = len(r["iteration"])
         if n == 0:
@@ -569,13 +662,14 @@ class RunWriter:
             "error": _stack(r["error"], np.float64),
             "splits": _stack(r["splits"], np.int32),
             "converged": _stack(r["converged"], np.bool_),
-            "layer": _stack(r["layer"], np.float64),
+            "layer": _stack(r["layer"], np.float64, in_flight),
             "iteration": np.asarray(r["iteration"], dtype=np.int64),
         }
         if self.n_classes:
-            out["class_layer"] = _stack(r["class_layer"], np.float64).reshape(n, self.n_classes, -1)
+            rows = [_flat(x).reshape(self.n_classes, -1) for x in r["class_layer"]]
+            out["class_layer"] = _stack(rows, np.float64, in_flight)
         if self.per_param:
-            out["param"] = _stack(r["param"], np.float32)
+            out["param"] = _stack(r["param"], np.float32, in_flight)
         return out
 
     def _convert_eval(self) -> dict[str, np.ndarray]:
@@ -614,6 +708,7 @@ class RunWriter:
 
     def set_attr(self, name: str, value: Any) -> None:
         """Set a root attribute now (e.g. a W&B run id)."""
+        self._wait()
         with _open_plain_write(self.path) as f:
             f.attrs[name] = _as_attr(value)
 
@@ -626,6 +721,7 @@ class RunWriter:
         if isinstance(array, torch.Tensor):
             array = array.detach().cpu().numpy()
         arr = np.asarray(array)
+        self._wait()
         with _open_plain_write(self.path) as f:
             if name in f:
                 del f[name]
@@ -643,14 +739,20 @@ class RunWriter:
             return
         try:
             self.flush()
+            self._wait()  # every row on disk before the status says so
         except BaseException as err:
+            self._jobs.clear()  # the status records the loss; do not retry the same failure again
             self._finish(f"failed: {type(err).__name__} while flushing: {err}")
             raise
         self._finish(status)
 
     def _finish(self, status: str) -> None:
         self._closed = True
-        self.set_status(status)
+        try:
+            self.set_status(status)
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -668,7 +770,9 @@ class RunWriter:
         status = f"failed: {exc_type.__name__}: {exc}"
         try:
             self.flush()  # nothing computed is lost, even on failure
-        except Exception as err:  # keep the original exception; record that rows were lost too
+            self._wait()
+        except Exception as err:
+            self._jobs.clear()  # keep the original exception; record that rows were lost too
             status += f" (flushing buffered rows failed too: {type(err).__name__}: {err})"
         self._finish(status)
 
@@ -678,7 +782,12 @@ def _write_rows(ds: h5py.Dataset, offset: int, arr: np.ndarray) -> None:
     end = offset + arr.shape[0]
     if ds.shape[0] < end:
         ds.resize(end, axis=0)
-    ds[offset:end] = arr
+    # Slabs of ≤ 8 MB: h5py holds the GIL for a whole write call, and a writer thread must not keep the
+    # training thread from launching kernels for longer than one slab takes.
+    row_bytes = max(arr[:1].nbytes, 1)
+    step = max(1, (8 << 20) // row_bytes)
+    for s0 in range(0, arr.shape[0], step):
+        ds[offset + s0 : min(offset + s0 + step, end)] = arr[s0 : s0 + step]
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .config import ConfigError, validate
 from .data import load_data
-from .lca import FullBatchLoss, LCAEngine, layer_sums
+from .lca import FullBatchLoss, LCAEngine, auto_chunk_size, layer_sums, set_matmul_precision
 from .nets import build_net, layer_groups
 from .optim import apply_freezes, build_optimizer, plan_layers
 from .reducers import LCAReducer
@@ -110,6 +110,7 @@ def run(
     run_dir = Path(run_dir)
     check_run_dir(run_dir)
     set_determinism(int(cfg["seed"]), bool(cfg["deterministic"]))
+    set_matmul_precision(str(cfg["lca"].get("precision", "fp32")))  # training and LCA alike
     dcfg, ncfg, ocfg, lcfg, scfg = cfg["data"], cfg["net"], cfg["opt"], cfg["lca"], cfg["store"]
 
     with warnings.catch_warnings(record=True) as caught:
@@ -131,6 +132,15 @@ def run(
     torch.manual_seed(int(cfg["seed"]))  # init does not depend on how much RNG data loading used
     net_kwargs = {k: v for k, v in ncfg.items() if k not in ("name", "lr")}
     model = build_net(ncfg["name"], data.input_shape, data.n_classes, **net_kwargs).to(device)
+    # channels-last (NHWC) conv layouts are what cuDNN's tensor-core kernels want; on the CPU and for
+    # nets without convolutions it gains nothing.
+    cl = lcfg.get("channels_last", "auto")
+    is_conv = any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+    channels_last = (device.type == "cuda" and is_conv) if cl == "auto" else bool(cl) and is_conv
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    chunk = lcfg.get("chunk_size", 5000)
+    chunk = auto_chunk_size(model, len(data.train_x), device) if chunk == "auto" else int(chunk)
     groups = layer_groups(model)
     try:
         plans = plan_layers(groups, cfg.get("layers") or {})
@@ -184,6 +194,8 @@ def run(
         "torch_version": torch.__version__,
         "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
         "data_source": data.source,
+        "lca_chunk_size": chunk,  # resolved (lca.chunk_size=auto): part of L's definition for BN nets
+        "lca_channels_last": channels_last,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         **(extra_attrs or {}),
     }
@@ -191,13 +203,16 @@ def run(
     per_class = bool(lcfg.get("per_class", False))
     test_lca = bool(lcfg.get("test", False)) and len(data.test_x) > 0
     if lca_on:
-        chunk = int(lcfg["chunk_size"])
         fbl = FullBatchLoss(
             model, data.train_x, data.train_y, chunk, param_names=pnames,
-            n_classes=data.n_classes if per_class else None,
+            n_classes=data.n_classes if per_class else None, channels_last=channels_last,
         )  # fmt: skip
         test_fbl = (
-            FullBatchLoss(model, data.test_x, data.test_y, chunk, param_names=pnames) if test_lca else None
+            FullBatchLoss(
+                model, data.test_x, data.test_y, chunk, param_names=pnames, channels_last=channels_last
+            )
+            if test_lca
+            else None
         )
         engine = LCAEngine(
             fbl, lcfg["method"], float(lcfg["tolerance"]), int(lcfg["max_splits"]),
@@ -211,7 +226,7 @@ def run(
     decay = float(ocfg.get("lr_decay_factor", 0.1))
     batch_gen = torch.Generator(device="cpu").manual_seed(int(cfg["seed"]))
     eval_every = int(cfg["eval_every"])
-    chunk_eval = int(lcfg.get("chunk_size", 5000))
+    chunk_eval = chunk
 
     # Running statistics kept on the device; read once at the end (no per-iteration sync for them).
     counts = torch.zeros(4, dtype=torch.float64, device=device)  # summed over iterations
@@ -233,6 +248,7 @@ def run(
         flush_every=int(scfg["flush_every"]),
         expected_rows=n_rows,
         n_classes=data.n_classes if per_class and lca_on else None,
+        background=device.type == "cuda",  # rows leave the GPU without stalling it (writer thread)
     )
     summary: dict[str, Any] = {}
     with writer:

@@ -251,3 +251,128 @@ def test_test_set_lca_conserves_on_held_out_loss():
     assert not torch.allclose(st.test_param, st.param)  # a different loss, a different allocation
     st2 = engine.step(t1, t1 + 0.01)
     assert st2.passes == 2 and abs(float(st2.test_loss0 - st.test_loss1)) == 0.0  # endpoint reused
+
+
+def _tanh_problem(n=240, d=6, c=3, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=dtype)
+    y = torch.randint(0, c, (n,), generator=g)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(d, 16), nn.Tanh(), nn.Linear(16, c)).to(dtype)
+    return model, x, y
+
+
+def _trajectory(fbl, n_steps, scale, seed=1):
+    """θ_0 … θ_n: a random walk with step sizes growing so that some steps need refinement."""
+    g = torch.Generator().manual_seed(seed)
+    th = [fbl.flat_params()]
+    for t in range(n_steps):
+        step = torch.randn(th[-1].shape, generator=g, dtype=th[-1].dtype)
+        th.append(th[-1] + scale * (1 + t % 4) * step)
+    return th
+
+
+def test_trapezoid_uses_one_pass_when_within_tolerance_and_escalates_otherwise():
+    model, x, y = _tanh_problem()
+    fbl = FullBatchLoss(model, x, y, chunk_size=80)
+    tol = 1e-5
+    th = _trajectory(fbl, 12, 0.02)
+    trap = LCAEngine(fbl, "trapezoid", tolerance=tol, max_splits=64)
+    trap.prime(th[0])
+    steps = [trap.step(a, b) for a, b in zip(th[:-1], th[1:])]
+    assert {s.passes for s in steps} >= {1}  # some steps cost one pass only
+    assert any(s.passes > 1 for s in steps)  # and some escalated to Simpson
+    for s, a, b in zip(steps, th[:-1], th[1:]):
+        dl = float(fbl.loss(b) - fbl.loss(a))
+        assert abs(float(s.total) - dl) <= tol  # the same per-iteration guarantee as RK4
+        assert s.converged
+        if s.passes == 1:
+            # one-pass steps are the trapezoid rule: ḡ = (g0 + g1)/2
+            g0, g1 = fbl.loss_and_grad(a)[1], fbl.loss_and_grad(b)[1]
+            torch.testing.assert_close(s.param, 0.5 * (g0 + g1) * (b - a), rtol=1e-10, atol=1e-14)
+    # Non-adaptive trapezoid never refines, and its residual on the big steps exceeds the tolerance.
+    fixed = LCAEngine(fbl, "trapezoid", tolerance=tol, adaptive=False)
+    big = [fixed.step(a, b) for a, b in zip(th[:-1], th[1:])]
+    assert all(s.splits == 1 for s in big) and max(abs(float(s.error)) for s in big) > tol
+
+
+@pytest.mark.parametrize("method", ["first_order", "trapezoid", "rk4"])
+@pytest.mark.parametrize("block", [2, 5, 64])
+def test_batched_trajectory_equals_step_by_step(method, block):
+    """steps() (vmap over many points, refinement batched across steps) = step() on each pair."""
+    model, x, y = _tanh_problem()
+    fbl = FullBatchLoss(model, x, y, chunk_size=80)
+    th = _trajectory(fbl, 11, 0.02)
+    ref_engine = LCAEngine(fbl, method, tolerance=1e-5, max_splits=64)
+    ref = [ref_engine.step(a, b) for a, b in zip(th[:-1], th[1:])]
+    eng = LCAEngine(fbl, method, tolerance=1e-5, max_splits=64)
+    got = list(eng.steps(torch.stack(th), batch_points=block))
+    assert len(got) == len(ref) == 11
+    for r, s in zip(ref, got):
+        assert (s.splits, s.converged, s.passes) == (r.splits, r.converged, r.passes)
+        torch.testing.assert_close(s.param, r.param, rtol=1e-9, atol=1e-13)
+        torch.testing.assert_close(s.error, r.error, rtol=1e-6, atol=1e-13)
+        torch.testing.assert_close(s.loss1, r.loss1, rtol=1e-12, atol=0)
+        torch.testing.assert_close(s.grad0, r.grad0, rtol=1e-9, atol=1e-13)
+    # the endpoint cache is left at θ_n, as after step-by-step use
+    assert eng.cached_point["L"].item() == pytest.approx(ref_engine.cached_point["L"].item(), rel=1e-12)
+
+
+def test_batched_trajectory_float32_matches_float64_reference():
+    model, x, y = _tanh_problem(dtype=torch.float32)
+    fbl = FullBatchLoss(model, x, y, chunk_size=80)
+    th = _trajectory(fbl, 8, 0.01)
+    got = list(LCAEngine(fbl, "trapezoid", tolerance=1e-4).steps(th, batch_points=4))
+    m64 = copy.deepcopy(model).double()
+    ref_fbl = FullBatchLoss(m64, x.double(), y, chunk_size=240)
+    ref_engine = LCAEngine(ref_fbl, "trapezoid", tolerance=1e-4)
+    ref = [ref_engine.step(a.double(), b.double()) for a, b in zip(th[:-1], th[1:])]
+    assert any(r.passes > 1 for r in ref) and any(r.passes == 1 for r in ref)  # both branches covered
+    for r, s in zip(ref, got):
+        assert (s.splits, s.passes) == (r.splits, r.passes)
+        # float32 gradients (rel. rounding ~1e-7 per product, summed over 240 examples) times |Δ|
+        assert (s.param - r.param).abs().max() < 1e-5 * r.param.abs().max()
+        assert abs(float(s.total - r.total)) < 1e-6
+
+
+def test_channels_last_gives_the_same_numbers():
+    torch.manual_seed(0)
+    x = torch.randn(40, 3, 8, 8, dtype=torch.float64)
+    y = torch.randint(0, 4, (40,))
+    model = nn.Sequential(
+        nn.Conv2d(3, 5, 3, padding=1), nn.BatchNorm2d(5), nn.ReLU(), nn.Flatten(), nn.Linear(320, 4)
+    ).double()
+    plain = FullBatchLoss(model, x, y, chunk_size=20)
+    cl = FullBatchLoss(model, x, y, chunk_size=20, channels_last=True)
+    assert cl.x.is_contiguous(memory_format=torch.channels_last)
+    th0 = plain.flat_params()
+    th1 = th0 + 0.05 * torch.randn_like(th0)
+    a = LCAEngine(plain, "rk4", tolerance=1e-8).step(th0, th1)
+    b = LCAEngine(cl, "rk4", tolerance=1e-8).step(th0, th1)
+    torch.testing.assert_close(b.param, a.param, rtol=1e-10, atol=1e-14)
+    assert b.splits == a.splits
+
+
+def test_matmul_precision_sets_and_restores_flags():
+    from lca_lab.lca import matmul_precision
+
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    with matmul_precision("fp32"):
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    with matmul_precision("tf32"):
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == saved
+    with pytest.raises(ValueError, match="precision"):
+        with matmul_precision("fp16"):
+            pass
+
+
+def test_auto_chunk_size():
+    from lca_lab.lca import auto_chunk_size
+
+    fc = nn.Sequential(nn.Linear(4, 4))
+    bn = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    assert auto_chunk_size(fc, 55000, "cuda") == 55000  # launch-bound: one chunk
+    assert auto_chunk_size(bn, 45000, "cuda") == 5000  # part of L's definition with BN
+    assert auto_chunk_size(fc, 55000, "cpu") == 5000
+    assert auto_chunk_size(fc, 300, "cpu") == 300

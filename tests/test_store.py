@@ -92,11 +92,12 @@ def _write(
         )
 
 
+@pytest.mark.parametrize("background", [False, True])
 @pytest.mark.parametrize("as_tensors", [False, True])
-def test_round_trip(tmp_path: Path, as_tensors: bool) -> None:
+def test_round_trip(tmp_path: Path, as_tensors: bool, background: bool) -> None:
     d = _rows(23)
     path = tmp_path / "lca.h5"
-    with _writer(path, flush_every=5, trajectory=True) as w:
+    with _writer(path, flush_every=5, trajectory=True, background=background) as w:
         _write(w, d, as_tensors=as_tensors, trajectory=True)
         w.append_eval(0, test_loss=2.5, test_acc=0.1)
         w.append_eval(10, test_loss=torch.tensor(1.5), test_acc=0.6, train_acc=0.7)
@@ -382,3 +383,56 @@ def test_estimate_bytes(tmp_path: Path, expected_rows: int | None) -> None:
     # trajectory roughly doubles it; per_param off removes the dominant term
     assert estimate_bytes(n, T, True, True, n_layers) > 1.9 * est
     assert estimate_bytes(n, T, False, False, n_layers) < 0.05 * est
+
+
+def _datasets(path: Path) -> dict[str, np.ndarray]:
+    out = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda n, o: out.__setitem__(n, o[()]) if isinstance(o, h5py.Dataset) else None)
+    return out
+
+
+def test_background_write_error_surfaces_and_rows_are_retried(tmp_path: Path, monkeypatch) -> None:
+    """Disk full in the writer thread: the next flush raises it, and no row is lost or duplicated."""
+    import concurrent.futures
+    import errno
+
+    import lca_lab.store as store
+
+    d = _rows(12)
+    real = store._write_rows
+    fail = {"left": 1}
+
+    def flaky(ds, offset, arr):
+        if ds.name == "/lca/param" and fail["left"]:
+            fail["left"] -= 1
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(ds, offset, arr)
+
+    monkeypatch.setattr(store, "_write_rows", flaky)
+    w = _writer(tmp_path / "lca.h5", flush_every=4, background=True)
+    _write(w, d, stop=4)  # first flush goes to the thread and fails there
+    concurrent.futures.wait([w._future])  # let the thread fail (test only)
+    with pytest.raises(OSError, match="No space"):
+        _write(w, d, start=4, stop=8)
+    _write(w, d, start=8, stop=12)  # "space freed": the queued rows are written with the new ones
+    w.close()
+    with open_run(tmp_path) as r:
+        assert r.status == "complete" and r.n_rows == 12
+        np.testing.assert_array_equal(r.param_lca(), d["param"])
+        np.testing.assert_array_equal(r.lca_iteration, d["iteration"])
+        np.testing.assert_array_equal(r.train_loss, d["loss"])
+
+
+@pytest.mark.gpu
+def test_background_writer_from_gpu_rows_equals_blocking_writer(tmp_path: Path) -> None:
+    """The fast path (pinned, non-blocking copies; writer thread) writes exactly what the plain path does."""
+    d = _rows(23)
+    cuda = {k: torch.as_tensor(v).cuda() for k, v in d.items()}
+    for bg in (False, True):
+        with _writer(tmp_path / f"{bg}.h5", flush_every=5, trajectory=True, background=bg) as w:
+            _write(w, cuda, as_tensors=True, trajectory=True)
+    a, b = _datasets(tmp_path / "False.h5"), _datasets(tmp_path / "True.h5")
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
