@@ -1,0 +1,785 @@
+"""Speed benchmark of online LCA: the engine against the physical limit and against a naive baseline.
+
+    python -m lca_lab.bench [--nets fc,lenet,resnet20,allcnn] [--device auto|cpu|cuda]
+                            [--precision fp32,tf32] [--methods rk4,first_order] [--iters 20] [--warmup 3]
+                            [--n-train N] [--naive/--no-naive] [--storage] [--json PATH]
+
+For every net × precision × method it measures, on synthetic data of the paper's shapes (MNIST-shaped
+55,000 × 1×28×28 for fc and lenet, CIFAR-shaped 45,000 × 3×32×32 for resnet20 and allcnn, 10 classes):
+
+* **limit**: the best time of one full-data forward+backward pass of the plain model (a loop over chunks,
+  no LCA machinery), both in the engine's chunk size and as one chunk of the whole set (where memory
+  allows); the faster of the two is the limit.
+* **engine**: an online-LCA training loop as in ``lca_lab/train.py`` (SGD step, ``LCAEngine.step``, one
+  host read of the error per iteration); seconds per iteration (median after warm-up, optimizer step
+  included), gradient passes per iteration, efficiency = passes × limit ÷ time per iteration, max |error|,
+  cumulative relative error |Σ error| / |L_end − L_start|, peak GPU memory.
+* **naive**: the same integrator written as one first would (DataLoader over CPU tensors, a deep copy of
+  the model in train mode with dropout off and BN batch statistics, gradients copied to the host and
+  accumulated in float64 numpy, Simpson 1-4-1 with the endpoint gradient reused), replayed on the
+  engine's own trajectory θ_t: time per iteration, speed-up = naive ÷ engine, and the largest difference
+  between its LCA totals and the engine's (a correctness check: same L, same points, same weights).
+* **storage stall** (``--storage``): the engine loop again with per-parameter rows written through
+  :class:`lca_lab.store.RunWriter`; mean time per iteration with storage ÷ without − 1.
+
+Precision ``fp32`` turns TF32 off for both cuBLAS matmuls and cuDNN convolutions (cuDNN's default is on);
+``tf32`` turns both on. Conv nets run channels-last on CUDA (``--channels-last auto``). Global flags are
+restored afterwards. Results print as a table on stdout and, with ``--json``, as JSON; progress goes to
+stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .lca import FullBatchLoss, LCAEngine
+from .nets import build_net, layer_groups
+
+# Per-net settings mirroring conf/net/*.yaml (kwargs of build_net, SGD learning rate) and train.py's batch
+# sizes (tests/test_bench.py checks the kwargs and rates against the YAML files).
+NET_SPECS: dict[str, dict[str, Any]] = {
+    "fc": {"data": "mnist", "kwargs": {}, "lr": 0.1, "batch": 250},
+    "lenet": {"data": "mnist", "kwargs": {"dropout": 0.5, "padding": 2}, "lr": 0.01, "batch": 128},
+    "resnet20": {"data": "cifar10", "kwargs": {"width": 16}, "lr": 0.1, "batch": 128},
+    "allcnn": {"data": "cifar10", "kwargs": {"width": 1.0}, "lr": 0.05, "batch": 128},
+}
+# The paper's training-set sizes and input shapes.
+DATA_SHAPES: dict[str, tuple[int, tuple[int, int, int]]] = {
+    "mnist": (55_000, (1, 28, 28)),
+    "cifar10": (45_000, (3, 32, 32)),
+}
+N_CLASSES = 10
+PRECISIONS = ("fp32", "tf32")
+CONV_NETS = ("lenet", "resnet20", "allcnn")
+# Naive iterations when --naive-iters is not given: the naive path is several times slower than the
+# engine, so the big nets get few (enough for a median of a steady per-iteration cost).
+DEFAULT_NAIVE_ITERS = {"fc": 10, "lenet": 3, "resnet20": 3, "allcnn": 3}
+
+_BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
+_DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+
+
+def log(msg: str) -> None:
+    """Progress line on stderr (stdout carries only the result table)."""
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------------
+# options
+
+
+@dataclass
+class BenchOptions:
+    """Everything a benchmark run depends on (the CLI fills it; tests build it directly).
+
+    ``n_train`` None means the paper's size for each data shape; ``chunk_size`` is passed to
+    ``FullBatchLoss`` as given (an int, or whatever the engine accepts for an automatic size) and the
+    limit is measured at the chunk size the engine then reports.
+    """
+
+    nets: list[str] = field(default_factory=lambda: ["fc", "lenet"])
+    device: str = "cpu"
+    precisions: list[str] = field(default_factory=lambda: ["fp32"])
+    methods: list[str] = field(default_factory=lambda: ["rk4"])
+    iters: int = 20
+    warmup: int = 3
+    n_train: int | None = None
+    naive: bool = True
+    naive_iters: int | None = None
+    storage: bool = False
+    flush_every: int = 10
+    chunk_size: Any = 5000
+    channels_last: str = "auto"
+    tolerance: float = 1e-3
+    max_splits: int = 32
+    limit_repeats: int = 3
+    whole_chunk: str = "auto"
+    seed: int = 0
+    keep_param: bool = False  # keep per-iteration per-parameter LCA arrays in the result (tests)
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def parse_args(argv: Sequence[str] | None = None) -> BenchOptions:
+    """Command line → :class:`BenchOptions`; invalid values exit with one line naming the fix."""
+    p = argparse.ArgumentParser(
+        prog="python -m lca_lab.bench",
+        description="Time online LCA against one full-data pass (the limit) and a naive baseline.",
+    )
+    p.add_argument(
+        "--nets", help="comma list of fc,lenet,resnet20,allcnn (default: fc,lenet on CPU, all on GPU)"
+    )
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    p.add_argument("--precision", help="comma list of fp32,tf32 (default: fp32,tf32 on GPU, fp32 on CPU)")
+    p.add_argument(
+        "--methods", default="rk4", help="LCA methods, comma list (default rk4); passed to LCAEngine"
+    )
+    p.add_argument("--iters", type=int, default=20, help="measured LCA iterations (default 20)")
+    p.add_argument("--warmup", type=int, default=3, help="iterations before measuring (default 3)")
+    p.add_argument("--n-train", type=int, help="examples (default: 55,000 MNIST-shaped, 45,000 CIFAR-shaped)")
+    p.add_argument(
+        "--naive", action=argparse.BooleanOptionalAction, default=True, help="run the naive baseline"
+    )
+    p.add_argument("--naive-iters", type=int, help="naive iterations (default: fc 10, others 3; ≤ --iters)")
+    p.add_argument("--storage", action="store_true", help="also measure the run-file writer's stall")
+    p.add_argument("--flush-every", type=int, default=10, help="RunWriter rows per flush with --storage")
+    p.add_argument("--chunk-size", default="5000", help="FullBatchLoss chunk size (int, or passed as given)")
+    p.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"],
+                   help="auto: on for conv nets on CUDA")  # fmt: skip
+    p.add_argument("--tolerance", type=float, default=1e-3, help="engine tolerance, nats (default 1e-3)")
+    p.add_argument("--max-splits", type=int, default=32)
+    p.add_argument(
+        "--limit-repeats", type=int, default=3, help="full passes timed per chunking (best counts)"
+    )
+    p.add_argument("--whole-chunk", default="auto", choices=["auto", "on", "off"],
+                   help="also time the whole set as one chunk (auto: where memory allows)")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", dest="json_path", help="also write the results as JSON to this path")
+    a = p.parse_args(argv)
+
+    def fail(msg: str) -> None:
+        p.error(msg)
+
+    try:
+        device = resolve_device(a.device)
+    except ValueError as e:
+        fail(str(e))
+    on_gpu = device.type == "cuda"
+    nets = _csv(a.nets) if a.nets else (list(NET_SPECS) if on_gpu else ["fc", "lenet"])
+    precisions = _csv(a.precision) if a.precision else (["fp32", "tf32"] if on_gpu else ["fp32"])
+    methods = _csv(a.methods)
+    chunk: Any = int(a.chunk_size) if a.chunk_size.lstrip("-").isdigit() else a.chunk_size
+    opts = BenchOptions(
+        nets=nets, device=str(device), precisions=precisions, methods=methods, iters=a.iters,
+        warmup=a.warmup, n_train=a.n_train, naive=a.naive, naive_iters=a.naive_iters, storage=a.storage,
+        flush_every=a.flush_every, chunk_size=chunk, channels_last=a.channels_last, tolerance=a.tolerance,
+        max_splits=a.max_splits, limit_repeats=a.limit_repeats, whole_chunk=a.whole_chunk, seed=a.seed,
+    )  # fmt: skip
+    try:
+        check_options(opts)
+    except ValueError as e:
+        fail(str(e))
+    opts.json_path = a.json_path  # type: ignore[attr-defined]
+    return opts
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → cuda if available else cpu; asking for cuda without one is an error naming the fix."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device is available here; use --device cpu or auto")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+
+
+def check_options(o: BenchOptions) -> None:
+    """Raise ``ValueError`` naming the fix for any invalid option, before any compute."""
+    bad = [n for n in o.nets if n not in NET_SPECS]
+    if bad or not o.nets:
+        raise ValueError(f"--nets {','.join(bad) or '(empty)'}: choose from {','.join(NET_SPECS)}")
+    bad = [p for p in o.precisions if p not in PRECISIONS]
+    if bad or not o.precisions:
+        raise ValueError(f"--precision {','.join(bad) or '(empty)'}: choose from {','.join(PRECISIONS)}")
+    if "tf32" in o.precisions and not str(o.device).startswith("cuda"):
+        raise ValueError("--precision tf32 only exists on CUDA; use --precision fp32 on CPU")
+    if not o.methods:
+        raise ValueError("--methods is empty; e.g. --methods rk4")
+    if o.iters < 1 or o.warmup < 0:
+        raise ValueError(f"--iters must be ≥ 1 and --warmup ≥ 0 (got {o.iters}, {o.warmup})")
+    if o.naive_iters is not None and o.naive_iters < 1:
+        raise ValueError(f"--naive-iters must be ≥ 1 (got {o.naive_iters}); use --no-naive to skip it")
+    if o.n_train is not None and o.n_train < 1:
+        raise ValueError(f"--n-train must be ≥ 1 (got {o.n_train})")
+    if isinstance(o.chunk_size, int) and o.chunk_size < 1:
+        raise ValueError(f"--chunk-size must be a positive integer (got {o.chunk_size})")
+    if o.flush_every < 1 or o.limit_repeats < 1:
+        raise ValueError("--flush-every and --limit-repeats must be ≥ 1")
+
+
+# ------------------------------------------------------------------------------------------------------
+# data, precision, timing
+
+
+def make_data(shape: str, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Synthetic ``x [n, C, H, W]`` float32 (standard normal) and ``y [n]`` int64 on the CPU.
+
+    Labels come from a fixed random linear teacher (argmax of ``x·W``), so the nets can learn and the
+    loss falls along the measured trajectory, as in a real run; the values say nothing about learning.
+    """
+    n_full, chw = DATA_SHAPES[shape]
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, *chw, generator=g)
+    w = torch.randn(math.prod(chw), N_CLASSES, generator=g)
+    y = (x.reshape(n, -1) @ w).argmax(1)
+    return x, y
+
+
+@contextlib.contextmanager
+def precision_mode(precision: str) -> Iterator[None]:
+    """Set cuBLAS and cuDNN TF32 flags for ``precision`` (``fp32``: both off; ``tf32``: both on); restore."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    on = precision == "tf32"
+    torch.backends.cuda.matmul.allow_tf32 = on
+    torch.backends.cudnn.allow_tf32 = on  # default True: fp32 must turn it off explicitly
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def lca_mode_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` in the mode that defines L: BN on batch statistics without touching running
+    statistics (train mode, ``track_running_stats=False``), dropout off. The original is untouched."""
+    m = copy.deepcopy(model)
+    m.train()
+    for mod in m.modules():
+        if isinstance(mod, _BN_TYPES):
+            mod.track_running_stats = False
+        elif isinstance(mod, _DROPOUT_TYPES):
+            mod.eval()
+    return m
+
+
+def full_pass(model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int) -> None:
+    """One plain forward+backward over all of ``x`` in chunks of ``chunk``; gradients accumulate in .grad."""
+    for s in range(0, len(x), chunk):
+        F.cross_entropy(model(x[s : s + chunk]), y[s : s + chunk], reduction="sum").backward()
+
+
+def time_full_pass(model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int, repeats: int) -> float:
+    """Best wall time (s) of :func:`full_pass` over ``repeats`` runs after one untimed warm-up."""
+    device = x.device
+    times = []
+    for r in range(repeats + 1):
+        model.zero_grad(set_to_none=True)
+        _sync(device)
+        t = time.perf_counter()
+        full_pass(model, x, y, chunk)
+        _sync(device)
+        if r:  # the first run pays for cuDNN autotuning and allocator growth
+            times.append(time.perf_counter() - t)
+    model.zero_grad(set_to_none=True)
+    return min(times)
+
+
+def activation_bytes_per_example(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Bytes autograd saves for backward per example (measured on a 16-example forward)."""
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        F.cross_entropy(model(x[:16]), y[:16], reduction="sum")
+    return total / min(16, len(x))
+
+
+def _mem_available_bytes() -> float:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return float("inf")
+
+
+def measure_limit(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int, repeats: int, whole: str
+) -> dict[str, Any]:
+    """Best full-pass time (s) in chunks of ``chunk`` and, where memory allows, as one chunk.
+
+    ``whole``: ``on`` always tries one chunk, ``off`` never; ``auto`` tries it on CUDA (an out-of-memory
+    error just skips it) and on the CPU only when the saved activations fit in half the free memory
+    (a CPU out-of-memory kills the process instead of raising).
+    Returns ``limit_s`` (the best), ``limit_chunk_s``, ``limit_whole_s`` (None when not measured).
+    """
+    m = lca_mode_copy(model)
+    out: dict[str, Any] = {"limit_chunk_s": time_full_pass(m, x, y, chunk, repeats), "limit_whole_s": None}
+    n = len(x)
+    try_whole = whole == "on" or (whole == "auto" and chunk < n)
+    if try_whole and whole == "auto" and x.device.type == "cpu":
+        need = activation_bytes_per_example(m, x, y) * n * 3  # saved tensors + grads + temporaries
+        try_whole = need < 0.5 * _mem_available_bytes()
+    if try_whole:
+        try:
+            out["limit_whole_s"] = time_full_pass(m, x, y, n, repeats)
+        except torch.cuda.OutOfMemoryError:
+            log(f"  one chunk of {n} does not fit in GPU memory; limit from chunks of {chunk}")
+        m.zero_grad(set_to_none=True)
+        if x.device.type == "cuda":
+            torch.cuda.empty_cache()
+    out["limit_s"] = min(t for t in (out["limit_chunk_s"], out["limit_whole_s"]) if t is not None)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------
+# the engine loop
+
+
+def _build(
+    net: str, input_shape: tuple[int, int, int], seed: int, device: torch.device, cl: bool
+) -> nn.Module:
+    torch.manual_seed(seed)
+    model = build_net(net, input_shape, N_CLASSES, **NET_SPECS[net]["kwargs"]).to(device)
+    if cl:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def engine_loop(
+    net: str,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    method: str,
+    o: BenchOptions,
+    channels_last: bool,
+    writer_dir: str | None = None,
+) -> dict[str, Any]:
+    """Online LCA training loop as in ``train.py``: ``warmup + iters`` iterations, the last ``iters`` timed.
+
+    Returns per-iteration wall times ``times`` [iters] (s, optimizer step included), ``passes``,
+    ``splits``, ``error``, ``total``, ``loss0``, ``loss1`` [iters] (host lists, float64 where numeric),
+    ``thetas`` (the ``iters + 1`` flat parameter vectors θ_t of the measured segment, on the device),
+    ``chunk_size`` (as the engine reports it), ``model`` and, with ``o.keep_param``, ``param``
+    [iters, K] float64 numpy. With ``writer_dir``, rows (per-parameter included) go to a run file there.
+    """
+    device = x.device
+    spec = NET_SPECS[net]
+    model = _build(net, tuple(x.shape[1:]), o.seed, device, channels_last)
+    pnames = [n for n, p in model.named_parameters() if p.requires_grad]
+    named = dict(model.named_parameters())
+    opt = torch.optim.SGD(model.parameters(), lr=spec["lr"], momentum=0.9)
+    fbl = FullBatchLoss(model, x, y, o.chunk_size, param_names=pnames)
+    engine = LCAEngine(fbl, method, tolerance=o.tolerance, max_splits=o.max_splits)
+
+    def flat() -> torch.Tensor:
+        return torch.cat([named[n].detach().reshape(-1) for n in pnames])
+
+    n_total = o.warmup + o.iters
+    gen = torch.Generator().manual_seed(o.seed + 1)
+    batches = torch.randint(0, len(x), (n_total, spec["batch"]), generator=gen).to(device)
+
+    writer = None
+    if writer_dir is not None:
+        from .store import RunWriter  # h5py only when storage is measured
+
+        groups = layer_groups(model)
+        layer_of = {p: i for i, (_, ps) in enumerate(groups) for p in ps}
+        index = torch.cat(
+            [torch.full((named[n].numel(),), layer_of[n], dtype=torch.int64) for n in pnames]
+        ).to(device)
+        writer = RunWriter(
+            os.path.join(writer_dir, "lca.h5"),
+            param_names=pnames,
+            param_shapes=[tuple(named[n].shape) for n in pnames],
+            param_layer=[layer_of[n] for n in pnames],
+            layer_names=[g[0] for g in groups],
+            attrs={"config": "bench", "device": str(device)},
+            per_param=True,
+            flush_every=o.flush_every,
+            expected_rows=n_total,
+        )
+
+    model.train()
+    theta0 = flat()
+    loss_start = engine.prime(theta0)
+    if writer is not None:
+        writer.write_initial(loss_start)
+    times, steps, thetas = [], [], []
+    for i in range(n_total):
+        measured = i >= o.warmup
+        if measured and not thetas:
+            thetas.append(theta0)
+        _sync(device)
+        t = time.perf_counter()
+        idx = batches[i]
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
+        theta1 = flat()
+        st = engine.step(theta0, theta1)
+        err = float(st.error)  # the one host read per iteration train.py makes
+        if not math.isfinite(err):
+            raise FloatingPointError(
+                f"{net}: the loss diverged at iteration {i}; the benchmark needs a finite run"
+            )
+        if writer is not None:
+            per_layer = torch.zeros(len(groups), dtype=torch.float64, device=device).index_add_(
+                0, index, st.param
+            )
+            writer.append(i, st.loss1, st.total, st.error, st.splits, st.converged, per_layer, st.param)
+        _sync(device)
+        dt = time.perf_counter() - t
+        if measured:
+            times.append(dt)
+            steps.append(st)
+            thetas.append(theta1)
+        theta0 = theta1
+    if writer is not None:
+        writer.close()
+    res: dict[str, Any] = {
+        "times": times,
+        "passes": [int(s.passes) for s in steps],
+        "splits": [int(s.splits) for s in steps],
+        "thetas": thetas,
+        "chunk_size": int(fbl.chunk_size),
+        "model": model,
+        "param_names": pnames,
+    }
+    # One host transfer for all measured scalars, after timing.
+    scal = torch.stack([torch.stack([s.error, s.total, s.loss0, s.loss1]) for s in steps]).double().cpu()
+    res["error"], res["total"], res["loss0"], res["loss1"] = (scal[:, j].tolist() for j in range(4))
+    if o.keep_param:
+        res["param"] = torch.stack([s.param for s in steps]).double().cpu().numpy()
+    return res
+
+
+# ------------------------------------------------------------------------------------------------------
+# the naive baseline
+
+
+def naive_point(
+    model: nn.Module, theta: torch.Tensor, loader: torch.utils.data.DataLoader, n: int, device: torch.device
+) -> tuple[float, np.ndarray]:
+    """``(L(θ), ∇L(θ))`` the straightforward way: parameters set from θ, batches moved from the CPU,
+    gradients accumulated in ``.grad``, then copied to the host as float64 numpy [K]."""
+    with torch.no_grad():  # copy in place: keeps each parameter's memory format (channels-last)
+        for p, v in zip(model.parameters(), theta.split([p.numel() for p in model.parameters()])):
+            p.copy_(v.view_as(p))
+    model.zero_grad(set_to_none=True)
+    loss_sum = 0.0
+    for xb, yb in loader:
+        loss = F.cross_entropy(model(xb.to(device)), yb.to(device), reduction="sum")
+        loss.backward()
+        loss_sum += loss.item()
+    grad = np.concatenate(
+        [p.grad.detach().cpu().numpy().astype(np.float64).ravel() for p in model.parameters()]
+    )
+    return loss_sum / n, grad / n
+
+
+def naive_replay(
+    model: nn.Module,
+    thetas: Sequence[torch.Tensor],
+    x_cpu: torch.Tensor,
+    y_cpu: torch.Tensor,
+    chunk: int,
+    integrator: str = "simpson",
+    device: torch.device | str = "cpu",
+    keep_param: bool = False,
+) -> dict[str, Any]:
+    """The naive LCA pipeline along ``thetas`` (θ_0 … θ_T): per iteration t, ``A = ḡ ⊙ (θ_{t+1} − θ_t)``.
+
+    ``integrator``: ``simpson`` (ḡ = (g_t + 4 g_mid + g_{t+1}) / 6, two passes per iteration: midpoint
+    and endpoint, the endpoint reused as the next start) or ``first_order`` (ḡ = g_t, one pass). Points
+    are formed in float64 on the host and cast to the parameters' dtype, as the engine does. L is the
+    engine's: ``model`` is deep-copied into LCA mode (dropout off, BN batch statistics, running statistics
+    untouched), batches of ``chunk`` in order. Returns per-iteration ``times`` [T] (s; the first point,
+    θ_0, is primed untimed), ``total`` [T], ``loss0``/``loss1`` [T], ``error`` [T] (total − ΔL), the
+    float64 running sums ``cum_param`` [K] and ``cum_total``, and ``param`` [T, K] with ``keep_param``.
+    """
+    if integrator not in ("simpson", "first_order"):
+        raise ValueError(f"naive integrator {integrator!r}: use 'simpson' or 'first_order'")
+    device = torch.device(device)
+    m = lca_mode_copy(model)
+    dtype = next(m.parameters()).dtype
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x_cpu.to(dtype), y_cpu), batch_size=chunk, shuffle=False
+    )
+    n = len(x_cpu)
+
+    def to_dev(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(a.astype(torch.empty((), dtype=dtype).numpy().dtype)).to(device)
+
+    th0 = thetas[0].detach().cpu().numpy().astype(np.float64)
+    loss0, g0 = naive_point(m, to_dev(th0), loader, n, device)
+    out: dict[str, Any] = {"times": [], "total": [], "loss0": [], "loss1": [], "error": [], "param": []}
+    out["passes"] = 2 if integrator == "simpson" else 1  # per iteration: midpoint + endpoint
+    cum_param = np.zeros_like(g0)
+    cum_total = 0.0
+    for t in range(1, len(thetas)):
+        _sync(device)
+        start = time.perf_counter()
+        th1 = thetas[t].detach().cpu().numpy().astype(np.float64)
+        delta = th1 - th0
+        loss1, g1 = naive_point(m, to_dev(th1), loader, n, device)
+        if integrator == "simpson":
+            _, gm = naive_point(m, to_dev(th0 + 0.5 * delta), loader, n, device)
+            gbar = (g0 + 4.0 * gm + g1) / 6.0
+        else:
+            gbar = g0
+        a = gbar * delta
+        total = float(a.sum())
+        cum_param += a
+        cum_total += total
+        out["times"].append(time.perf_counter() - start)
+        out["total"].append(total)
+        out["loss0"].append(loss0)
+        out["loss1"].append(loss1)
+        out["error"].append(total - (loss1 - loss0))
+        if keep_param:
+            out["param"].append(a)
+        th0, loss0, g0 = th1, loss1, g1
+    out["cum_param"], out["cum_total"] = cum_param, cum_total
+    out["param"] = np.stack(out["param"]) if keep_param else None
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------
+# one case and the whole run
+
+
+def _cum_rel(errors: Sequence[float], l_start: float, l_end: float) -> float:
+    dl = abs(l_end - l_start)
+    return abs(sum(errors)) / dl if dl > 0 else float("inf")
+
+
+def run_case(
+    net: str,
+    precision: str,
+    method: str,
+    data: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
+    o: BenchOptions,
+    limits: dict[tuple[str, str, int], dict[str, Any]],
+) -> dict[str, Any]:
+    """Measure one net × precision × method (limit cached per net × precision × chunk) → one result row."""
+    device = torch.device(o.device)
+    x, y, x_cpu, y_cpu = data[NET_SPECS[net]["data"]]
+    cl = o.channels_last == "on" or (o.channels_last == "auto" and device.type == "cuda" and net in CONV_NETS)
+    if cl:
+        x = x.contiguous(memory_format=torch.channels_last)
+    row: dict[str, Any] = {
+        "net": net, "precision": precision, "method": method, "channels_last": cl, "n_train": len(x),
+        "iters": o.iters, "warmup": o.warmup,
+    }  # fmt: skip
+    with precision_mode(precision):
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        log(f"{net} {precision} {method}: engine, {o.warmup}+{o.iters} iterations")
+        eng = engine_loop(net, x, y, method, o, cl)
+        row["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+        chunk = eng["chunk_size"]
+        row["chunk_size"] = chunk
+        key = (net, precision, chunk)
+        if key not in limits:
+            log(f"{net} {precision}: limit (full passes, chunk {chunk} and whole set)")
+            limits[key] = measure_limit(eng["model"], x, y, chunk, o.limit_repeats, o.whole_chunk)
+        row.update(limits[key])
+        t_eng = statistics.median(eng["times"])
+        passes = statistics.fmean(eng["passes"])
+        row.update(
+            engine_s_per_it=t_eng,
+            engine_mean_s_per_it=statistics.fmean(eng["times"]),
+            passes_per_it=passes,
+            mean_splits=statistics.fmean(eng["splits"]),
+            efficiency=passes * row["limit_s"] / t_eng,
+            max_abs_error=max(abs(e) for e in eng["error"]),
+            cum_rel_error=_cum_rel(eng["error"], eng["loss0"][0], eng["loss1"][-1]),
+            L_start=eng["loss0"][0],
+            L_end=eng["loss1"][-1],
+        )
+        row["engine_total"] = eng["total"]
+        if o.keep_param:
+            row["engine_param"] = eng["param"]
+
+        if o.naive:
+            k = min(o.naive_iters or DEFAULT_NAIVE_ITERS[net], o.iters)
+            integ = "first_order" if method == "first_order" else "simpson"
+            log(
+                f"{net} {precision} {method}: naive baseline ({integ}), {k} iterations on the same trajectory"
+            )
+            nv = naive_replay(
+                eng["model"], eng["thetas"][: k + 1], x_cpu, y_cpu, chunk, integ, device, o.keep_param
+            )
+            t_naive = statistics.median(nv["times"])
+            diffs = [abs(a - b) for a, b in zip(nv["total"], eng["total"][:k])]
+            # Same integrator, same points: first order always; RK4 where the engine did not refine beyond
+            # 2 splits. Other methods (e.g. trapezoid) only agree to within the tolerance.
+            same = method == "first_order" or method == "rk4"
+            comparable = [d for d, s in zip(diffs, eng["splits"]) if method == "first_order" or s == 2]
+            row.update(
+                naive_iters=k,
+                naive_integrator=integ,
+                naive_s_per_it=t_naive,
+                speedup=t_naive / t_eng,
+                # per gradient pass: separates the pipeline's cost from the engine's choice of points
+                speedup_per_pass=(t_naive / nv["passes"]) / (t_eng / passes),
+                naive_max_abs_diff=max(comparable) if same and comparable else None,
+                naive_vs_engine_max_abs=max(diffs),
+                naive_total=nv["total"],
+            )
+            if o.keep_param:
+                row["naive_param"] = nv["param"]
+
+        if o.storage:
+            log(f"{net} {precision} {method}: engine again with the run-file writer (storage stall)")
+            with tempfile.TemporaryDirectory(prefix="lca_bench_") as tmp:
+                on = engine_loop(net, x, y, method, o, cl, writer_dir=tmp)
+            row["storage_on_mean_s_per_it"] = statistics.fmean(on["times"])
+            row["storage_stall_pct"] = 100 * (
+                row["storage_on_mean_s_per_it"] / row["engine_mean_s_per_it"] - 1
+            )
+        del eng
+    return row
+
+
+def run_bench(o: BenchOptions) -> dict[str, Any]:
+    """Run every case of ``o``; return ``{"device", "torch", "date", "options", "rows": [...]}``."""
+    check_options(o)
+    device = torch.device(o.device)
+    data: dict[str, Any] = {}
+    for shape in sorted({NET_SPECS[n]["data"] for n in o.nets}):
+        n = o.n_train or DATA_SHAPES[shape][0]
+        log(f"synthetic {shape}-shaped data: {n} × {DATA_SHAPES[shape][1]}")
+        x_cpu, y_cpu = make_data(shape, n, o.seed)
+        data[shape] = (x_cpu.to(device), y_cpu.to(device), x_cpu, y_cpu)
+    limits: dict[tuple[str, str, int], dict[str, Any]] = {}
+    rows = []
+    for net in o.nets:
+        for precision in o.precisions:
+            for method in o.methods:
+                rows.append(run_case(net, precision, method, data, o, limits))
+    return {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "cpu_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "options": {k: v for k, v in asdict(o).items() if k != "keep_param"},
+        "rows": rows,
+    }
+
+
+def device_name(device: torch.device) -> str:
+    """``cuda:0 (NVIDIA H200)`` or ``cpu (<processor>, N threads)``."""
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    proc = platform.processor() or platform.machine()
+    return f"cpu ({proc}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+
+# ------------------------------------------------------------------------------------------------------
+# output
+
+
+def _fmt(v: Any, scale: float = 1.0, spec: str = ".1f") -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "—"
+    return format(v * scale, spec)
+
+
+COLUMNS: list[tuple[str, str, Callable[[dict[str, Any]], str]]] = [
+    ("net", "<", lambda r: r["net"]),
+    ("prec", "<", lambda r: r["precision"] + ("/cl" if r["channels_last"] else "")),
+    ("method", "<", lambda r: r["method"]),
+    ("chunk", ">", lambda r: str(r["chunk_size"])),
+    ("limit ms", ">", lambda r: _fmt(r["limit_s"], 1e3, ".2f")),
+    (
+        "chunk/whole ms",
+        ">",
+        lambda r: f"{_fmt(r['limit_chunk_s'], 1e3, '.2f')}/{_fmt(r['limit_whole_s'], 1e3, '.2f')}",
+    ),
+    ("engine ms/it", ">", lambda r: _fmt(r["engine_s_per_it"], 1e3, ".2f")),
+    ("passes/it", ">", lambda r: _fmt(r["passes_per_it"], 1, ".2f")),
+    ("eff", ">", lambda r: _fmt(r["efficiency"], 1, ".2f")),
+    ("naive ms/it", ">", lambda r: _fmt(r.get("naive_s_per_it"), 1e3, ".2f")),
+    ("speed-up", ">", lambda r: _fmt(r.get("speedup"), 1, ".1f")),
+    ("x/pass", ">", lambda r: _fmt(r.get("speedup_per_pass"), 1, ".1f")),
+    ("|naive−eng|", ">", lambda r: _fmt(r.get("naive_max_abs_diff"), 1, ".1e")),
+    ("max|err|", ">", lambda r: _fmt(r["max_abs_error"], 1, ".1e")),
+    ("cum rel err", ">", lambda r: _fmt(r["cum_rel_error"], 100, ".3f") + "%"),
+    ("peak MiB", ">", lambda r: _fmt(r["peak_mib"], 1, ".0f")),
+    (
+        "stall",
+        ">",
+        lambda r: _fmt(r.get("storage_stall_pct"), 1, "+.1f") + ("%" if "storage_stall_pct" in r else ""),
+    ),
+]
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The result rows as a fixed-width text table with a header line naming the device."""
+    cells = [[f(r) for _, _, f in COLUMNS] for r in result["rows"]]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, (h, _, _) in enumerate(COLUMNS)]
+
+    def line(vals: Sequence[str]) -> str:
+        return "  ".join(format(v, f"{a}{w}") for v, (_, a, _), w in zip(vals, COLUMNS, widths))
+
+    o = result["options"]
+    head = (
+        f"lca_lab.bench on {result['device']}, torch {result['torch']}, {result['date']}; "
+        f"{o['warmup']}+{o['iters']} iterations, tolerance {o['tolerance']}"
+    )
+    return "\n".join(
+        [head, line([h for h, _, _ in COLUMNS]), line(["-" * w for w in widths])] + [line(c) for c in cells]
+    )
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {k: _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    o = parse_args(argv)
+    json_path = getattr(o, "json_path", None)
+    if json_path:  # fail on an unwritable path before minutes of compute, not after
+        folder = os.path.dirname(os.path.abspath(json_path))
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            print(
+                f"error: --json {json_path}: folder {folder} does not exist or is not writable",
+                file=sys.stderr,
+            )
+            return 2
+    result = run_bench(o)
+    print(format_table(result))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(_jsonable(result), f, indent=1)
+        log(f"wrote {json_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""The benchmark (python -m lca_lab.bench) on tiny CPU data: fields, sanity, and the naive baseline's LCA
+equal to the engine's on the same trajectory (and both equal to a float64 reference)."""
+
+import copy
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from lca_lab import bench
+
+ROOT = Path(__file__).resolve().parents[1]
+N = 128  # examples in the in-process tests (the CLI smoke test uses 512)
+ROW_FIELDS = {
+    "net", "precision", "method", "channels_last", "n_train", "chunk_size", "limit_s", "limit_chunk_s",
+    "limit_whole_s", "engine_s_per_it", "passes_per_it", "efficiency", "naive_s_per_it", "speedup",
+    "naive_max_abs_diff", "max_abs_error", "cum_rel_error", "peak_mib",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module", params=["fc", pytest.param("lenet", marks=pytest.mark.slow)])
+def result(request):
+    # max_splits=2: every RK4 iteration is plain Simpson 1-4-1, the naive baseline's integrator, so the
+    # two must agree parameter by parameter (and lenet stays fast: two passes per iteration). 128 examples
+    # in 2 chunks: a LeNet pass costs ~1.5 s per 512 examples on 2 cores.
+    o = bench.BenchOptions(
+        nets=[request.param], device="cpu", iters=3, warmup=1, n_train=N, chunk_size=N // 2, max_splits=2,
+        limit_repeats=1, naive_iters=3, keep_param=True,
+    )  # fmt: skip
+    return bench.run_bench(o)
+
+
+def test_rows_have_the_fields_and_sane_values(result):
+    assert {"device", "torch", "date", "options", "rows"} <= set(result)
+    assert result["device"].startswith("cpu")
+    net = result["options"]["nets"][0]
+    assert [(r["net"], r["precision"], r["method"]) for r in result["rows"]] == [(net, "fp32", "rk4")]
+    for r in result["rows"]:
+        assert ROW_FIELDS <= set(r), ROW_FIELDS - set(r)
+        assert r["n_train"] == N and r["chunk_size"] == N // 2
+        assert math.isfinite(r["efficiency"]) and r["efficiency"] > 0
+        assert r["passes_per_it"] == 2.0  # midpoint + endpoint, the start gradient reused
+        assert r["limit_s"] == min(r["limit_chunk_s"], r["limit_whole_s"])
+        assert r["efficiency"] == pytest.approx(r["passes_per_it"] * r["limit_s"] / r["engine_s_per_it"])
+        assert r["speedup"] == pytest.approx(r["naive_s_per_it"] / r["engine_s_per_it"])
+        assert r["L_end"] < r["L_start"]  # the teacher labels are learnable: SGD lowers L
+        assert r["peak_mib"] is None  # CPU
+    table = bench.format_table(result)
+    assert net in table and "engine ms/it" in table
+
+
+def test_naive_totals_equal_engine_totals(result):
+    for r in result["rows"]:
+        # Same float32 passes over the same chunks, float64 sums: only the order of float32 gradient
+        # additions differs (2 chunks), ~1e-7 relative; 1e-5 relative leaves a wide margin while a wrong
+        # weight or point would be off by the quadrature error (≫ 1e-5 of steps this large).
+        assert r["naive_max_abs_diff"] <= 1e-5 * max(abs(t) for t in r["engine_total"]), r["net"]
+        np.testing.assert_allclose(r["naive_total"], r["engine_total"][:3], rtol=1e-5)
+
+
+@pytest.mark.parametrize("net", ["fc", pytest.param("lenet", marks=pytest.mark.slow)])
+def test_naive_per_parameter_lca_equals_engine_and_float64_reference(net):
+    o = bench.BenchOptions(
+        nets=[net], iters=3, warmup=1, n_train=N, chunk_size=N // 2, max_splits=2, keep_param=True
+    )
+    x, y = bench.make_data("mnist", N, seed=0)
+    eng = bench.engine_loop(net, x, y, "rk4", o, channels_last=False)
+    thetas = eng["thetas"]
+    naive = bench.naive_replay(eng["model"], thetas, x, y, N // 2, "simpson", keep_param=True)
+    model64, thetas64 = copy.deepcopy(eng["model"]).double(), [t.double() for t in thetas]
+    ref = bench.naive_replay(model64, thetas64, x, y, N // 2, "simpson", keep_param=True)
+    first = bench.naive_replay(eng["model"], thetas, x, y, N // 2, "first_order", keep_param=True)
+    a_eng, a_naive, a_ref = eng["param"], naive["param"], ref["param"]
+    n_params = sum(p.numel() for p in eng["model"].parameters())
+    assert a_eng.shape == a_naive.shape == a_ref.shape == (3, n_params)
+    scale = np.abs(a_ref).max()
+    # Engine vs naive, both float32 passes: per-parameter A = ḡ_i Δ_i differs only by float32 rounding of
+    # the gradients (relative ~1e-7 × a few additions), so 1e-5 of the largest entry is ~100× that.
+    np.testing.assert_allclose(a_naive, a_eng, rtol=0, atol=1e-5 * scale)
+    # Both vs the float64 reference: float32 forward/backward over 64-example chunks has relative
+    # gradient error ~1e-6 (accumulated rounding); 1e-4 of the largest entry leaves a wide margin.
+    np.testing.assert_allclose(a_eng, a_ref, rtol=0, atol=1e-4 * scale)
+    np.testing.assert_allclose(a_naive, a_ref, rtol=0, atol=1e-4 * scale)
+    # The check can fail: a different quadrature (first order) on the same points is far outside it.
+    assert np.abs(first["param"] - a_ref).max() > 10 * 1e-4 * scale
+    # Totals and the float64 sums: cumulative per-parameter LCA sums to the cumulative total.
+    assert naive["cum_param"].sum() == pytest.approx(naive["cum_total"], abs=1e-12)
+    # float32 vs float64 totals: relative gradient error ~1e-6..1e-5 (LeNet's first steps move L by nats)
+    np.testing.assert_allclose(naive["total"], ref["total"], rtol=1e-4)
+
+
+def test_net_specs_match_conf():
+    for net, spec in bench.NET_SPECS.items():
+        conf = yaml.safe_load((ROOT / "conf" / "net" / f"{net}.yaml").read_text())
+        kwargs = {k: v for k, v in conf.items() if k not in ("name", "lr")}
+        assert spec["kwargs"] == kwargs, net
+        assert spec["lr"] == conf["lr"]["sgd"], net
+
+
+@pytest.mark.skipif(not hasattr(torch.backends, "cudnn"), reason="no cudnn backend module")
+def test_precision_mode_sets_and_restores_both_flags():
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = True, True
+        with bench.precision_mode("fp32"):
+            assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, False
+        with bench.precision_mode("tf32"):
+            assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def test_storage_stall_is_measured(tmp_path):
+    o = bench.BenchOptions(nets=["fc"], iters=3, warmup=1, n_train=N, chunk_size=N, naive=False,
+                           storage=True, flush_every=2, limit_repeats=1)  # fmt: skip
+    r = bench.run_bench(o)["rows"][0]
+    assert math.isfinite(r["storage_stall_pct"]) and r["storage_on_mean_s_per_it"] > 0
+    assert "naive_s_per_it" not in r
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--nets", "vgg"], "choose from fc,lenet,resnet20,allcnn"),
+        (["--device", "cpu", "--precision", "tf32"], "use --precision fp32 on CPU"),
+        (["--iters", "0"], "--iters must be"),
+        (["--chunk-size", "0"], "--chunk-size must be a positive integer"),
+        (["--naive-iters", "0"], "--no-naive"),
+    ],
+)
+def test_bad_options_fail_before_compute_with_the_fix(argv, words, capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--device", "cpu", *argv] if "--device" not in argv else argv)
+    assert words in capsys.readouterr().err
+
+
+def test_cpu_defaults():
+    o = bench.parse_args(["--device", "cpu"])
+    assert o.nets == ["fc", "lenet"] and o.precisions == ["fp32"] and o.methods == ["rk4"]
+    assert o.iters == 20 and o.warmup == 3 and o.chunk_size == 5000
+
+
+def test_cli_smoke_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "lca_lab.bench", "--nets", "fc", "--n-train", "512", "--iters", "2",
+           "--warmup", "1", "--json", str(out), "--device", "cpu", "--limit-repeats", "1"]  # fmt: skip
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert p.returncode == 0, p.stderr
+    assert "engine ms/it" in p.stdout and "fc" in p.stdout
+    assert "[bench" in p.stderr  # progress on stderr, not in the table
+    data = json.loads(out.read_text())
+    assert data["torch"] == torch.__version__ and data["device"].startswith("cpu")
+    (row,) = data["rows"]
+    assert ROW_FIELDS <= set(row)
+    assert row["efficiency"] > 0 and row["speedup"] > 0 and row["n_train"] == 512
