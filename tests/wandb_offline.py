@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +58,18 @@ def _key(item) -> str:
     return "/".join(item.nested_key) if item.nested_key else item.key
 
 
-def read_run(run_dir: str | Path) -> dict[str, Any]:
+def read_run(run_dir: str | Path, wait: float = 20.0) -> dict[str, Any]:
+    """Like :func:`_read_run`, waiting up to ``wait`` seconds for the exit record: wandb-core writes the
+    file asynchronously, so right after ``finish()`` its last records may not be on disk yet."""
+    deadline = time.monotonic() + wait
+    while True:
+        out = _read_run(run_dir)
+        if out["exit_code"] is not None or time.monotonic() > deadline:
+            return out
+        time.sleep(0.2)
+
+
+def _read_run(run_dir: str | Path) -> dict[str, Any]:
     """An offline run directory (``…/wandb/offline-run-<time>-<id>``) as a dict: ``id``, ``project``,
     ``group``, ``job_type``, ``name``, ``config`` (decoded), ``history`` (list of row dicts), ``summary``
     (last value per key), ``exit_code`` (None if the run never finished), ``artifacts`` (names)."""
