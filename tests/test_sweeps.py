@@ -33,7 +33,9 @@ def _lca_lab(tmp_path, *args, module="lca_lab", timeout=600):
 def _sweep_values(s: str) -> list:
     """A Hydra sweep string (``0,1,2``, ``range(10)``) as its list of values."""
     (o,) = OverridesParser.create().parse_overrides([f"k={s}"])
-    return [yaml.safe_load(str(v)) for v in o.sweep_string_iterator()] if o.is_sweep_override() else [o.value()]
+    if not o.is_sweep_override():
+        return [o.value()]
+    return [yaml.safe_load(str(v)) for v in o.sweep_string_iterator()]
 
 
 @pytest.mark.slow
