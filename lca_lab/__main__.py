@@ -1,48 +1,108 @@
-"""``python -m lca_lab [overrides]``: the Hydra entry point; all work happens in ``train.run``."""
+"""``python -m lca_lab [overrides]``: the Hydra entry point; all work happens in ``train.run``.
+
+Single run exit codes: 0 done, 2 config/data error (before any compute), 1 diverged or other error,
+130 Ctrl-C. In a multirun a failed job writes ``job_failed.txt`` into its directory and returns so the
+other jobs go on; ``sweep.FailureReport`` makes the whole multirun exit 1 at the end. Ctrl-C stops all.
+"""
 
 from __future__ import annotations
 
 import json
 import sys
+import traceback
 from pathlib import Path
+from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from .analyze import analyze
-from .config import ConfigError
+from .config import ConfigError, validate
 from .data import DatasetUnavailableError
+from .sweep import FAILED_MARKER, job_device, run_name, wandb_group
 from .train import format_summary, run
+
+
+def _tracker(plain: dict[str, Any], hc: Any, multirun: bool, out: Path, overrides: list[str]):
+    """The W&B tracker for ``logger=wandb`` (None for ``logger=none``)."""
+    lcfg = plain.get("logger") or {}
+    if lcfg.get("name", "none") == "none":
+        return None
+    if lcfg["name"] != "wandb":
+        raise ConfigError(f"logger={lcfg['name']!r} is unknown; use logger=wandb or logger=none")
+    from .tracking import WandbTracker
+
+    experiment = hc.runtime.choices.get("experiment")
+    return WandbTracker(
+        lcfg,
+        {**plain, "overrides": overrides},
+        out,
+        group=wandb_group(out, experiment, multirun),
+        name=run_name(hc.job.override_dirname, hc.job.num if multirun else None, experiment),
+        job_type="train",
+    )
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> dict:
     plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     hc = HydraConfig.get()
-    overrides = json.dumps(list(hc.overrides.task))  # e.g. ["layers=freeze_last", "seed=1"]: readable labels
+    multirun = hc.mode == RunMode.MULTIRUN
+    out = Path(hc.runtime.output_dir)
+    overrides = list(hc.overrides.task)  # e.g. ["layers=freeze_last", "seed=1"]: readable labels
+    if multirun:
+        import torch
+
+        plain["device"] = job_device(str(plain["device"]), int(hc.job.num), torch.cuda.device_count())
+    tracker = None
+    code, message = 0, ""
     try:
-        summary = run(plain, hc.runtime.output_dir, extra_attrs={"overrides": overrides})
+        validate(plain)  # before a W&B run is created for a config that cannot run
+        tracker = _tracker(plain, hc, multirun, out, overrides)
+        attrs = {"overrides": json.dumps(overrides), **(tracker.attrs if tracker else {})}
+        summary = run(plain, out, extra_attrs=attrs, tracker=tracker)
+        print(format_summary(summary))
+        if plain.get("figures", True) and summary.get("lca_rows"):
+            # The run's own report and pictures next to its run file (the same code as the analyze command).
+            rep = analyze(out, repeats=200)
+            n = len(rep["figures"])
+            print(f"figures           : {n} figures (PNG, GIF) and report.md in {out}")
+        if tracker is not None:
+            tracker.log_summary(summary, summary["run_file"])
+            tracker.log_figures(out)
+        return summary
     except (ConfigError, DatasetUnavailableError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        code, message = 2, f"error: {e}"
     except KeyboardInterrupt:  # the writer has already flushed every completed row and set the status
+        code = 130
+        if tracker is not None:
+            tracker.finish(code)
+            tracker = None
         print(
-            f"interrupted: every completed iteration is kept in {Path(hc.runtime.output_dir) / 'lca.h5'} "
+            f"interrupted: every completed iteration is kept in {out / 'lca.h5'} "
             "(status 'failed: KeyboardInterrupt')",
             file=sys.stderr,
         )
-        sys.exit(130)
+        sys.exit(130)  # in a multirun too: Ctrl-C stops every job
     except FloatingPointError as e:  # diverged: the run file keeps every earlier row, status "failed: …"
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    print(format_summary(summary))
-    if plain.get("figures", True) and summary.get("lca_rows"):
-        # The run's own report and pictures next to its run file (the same code as the analyze command).
-        rep = analyze(Path(hc.runtime.output_dir), repeats=200)
-        n = len(rep["figures"])
-        print(f"figures           : {n} figures (PNG, GIF) and report.md in {hc.runtime.output_dir}")
-    return summary
+        code, message = 1, f"error: {e}"
+    except Exception as e:
+        code = 1
+        if not multirun:
+            raise  # a bug: Hydra prints the traceback
+        message = f"error: {type(e).__name__}: {e}"
+        traceback.print_exc()
+    finally:
+        if tracker is not None:
+            tracker.finish(code)
+    print(message, file=sys.stderr)
+    if not multirun:
+        sys.exit(code)
+    # Multirun: record the failure and let the other jobs run; FailureReport exits 1 at the end.
+    (out / FAILED_MARKER).write_text(f"{message}\nexit code {code}\n")
+    return {"status": f"failed: {message}", "exit_code": code}
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import yaml
 from . import figures as fg
 from . import stats
 from .store import open_run
+from .sweep import FAILED_MARKER
 
 IGNORED_KEYS = ("seed", "device", "data.root", "store.", "eval_every", "hydra", "logger.")
 
@@ -190,6 +191,11 @@ def analyze(
         (runs if rec["status"] == "complete" else skipped).append(
             rec if rec["status"] == "complete" else {"path": str(f), "status": rec["status"]}
         )
+    if path.is_dir():  # multirun jobs that failed before writing a run file (e.g. a config error)
+        for m in sorted(path.rglob(FAILED_MARKER)):
+            if not (m.parent / "lca.h5").exists():
+                why = (m.read_text().strip().splitlines() or ["failed"])[0]
+                skipped.append({"path": str(m.parent), "status": f"failed before the run file: {why}"})
     groups: dict[tuple, list[dict]] = {}
     for r in runs:
         groups.setdefault(_group_key(r["config"]), []).append(r)
@@ -523,6 +529,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--alpha", type=float, default=0.05)
     ap.add_argument("--no-figures", action="store_true")
     ap.add_argument("--frames", type=int, default=60, help="frames of the LCA animation GIF (0: none)")
+    ap.add_argument(
+        "--wandb",
+        choices=["auto", "online", "offline", "disabled", "off"],
+        default="auto",
+        help="log the analysis as a W&B run (job_type analysis) into the runs' W&B group; 'auto' does so "
+        "when the runs were tracked with W&B, online with credentials else offline (default auto)",
+    )
     a = ap.parse_args(argv)
     if not a.path.exists():
         print(f"error: {a.path} does not exist", file=sys.stderr)
@@ -543,7 +556,37 @@ def main(argv: list[str] | None = None) -> int:
     out = a.out or (a.path if a.path.is_dir() else a.path.parent)
     print(render_markdown(rep))
     print(f"report: {out / 'report.md'}  ({len(rep['figures'])} figures)")
+    if rep["skipped"]:
+        print(
+            f"{len(rep['skipped'])} run(s) failed or incomplete, not analysed (listed in report.md):",
+            file=sys.stderr,
+        )
+        for r in rep["skipped"]:
+            print(f"  {r['path']}: {r['status']}", file=sys.stderr)
+    if a.wandb != "off":
+        _log_to_wandb(rep, out, a.wandb)
     return 0
+
+
+def _log_to_wandb(rep: dict[str, Any], out: Path, mode: str) -> None:
+    """The analysis as a W&B run in the group of the analysed runs (the most common one)."""
+    tracked: list[dict[str, Any]] = []
+    for g in rep["groups"]:
+        for p in g["runs"]:
+            with open_run(p) as r:
+                at = r.attrs
+            if at.get("wandb_project"):
+                tracked.append(at)
+    if not tracked and mode == "auto":
+        return  # the runs were not tracked with W&B: nothing to join
+    from .tracking import log_analysis
+
+    groups = [t.get("wandb_group") or None for t in tracked]
+    group = max(set(groups), key=groups.count) if groups else None
+    project = tracked[0]["wandb_project"] if tracked else "lca_lab"
+    run_id = log_analysis(rep, out, mode=mode, project=project, group=group)
+    if run_id:
+        print(f"W&B analysis run {run_id} in project {project}, group {group}")
 
 
 if __name__ == "__main__":

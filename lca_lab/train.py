@@ -99,11 +99,16 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: in
 
 
 def run(
-    cfg: dict[str, Any], run_dir: str | os.PathLike, extra_attrs: dict[str, str] | None = None
+    cfg: dict[str, Any],
+    run_dir: str | os.PathLike,
+    extra_attrs: dict[str, str] | None = None,
+    tracker: Any = None,
 ) -> dict[str, Any]:
     """Train one network with online LCA; write ``<run_dir>/lca.h5``; return the summary dict.
 
     ``extra_attrs`` go into the run file's attributes (the CLI stores the Hydra overrides there).
+    ``tracker`` (optional, e.g. ``tracking.WandbTracker``) gets ``log_iteration(it, **values)`` with
+    device tensors it must buffer (no host sync here) and ``log_eval(it, **values)``.
     """
     validate(cfg)
     device = resolve_device(cfg["device"])
@@ -251,6 +256,7 @@ def run(
         background=device.type == "cuda",  # rows leave the GPU without stalling it (writer thread)
     )
     summary: dict[str, Any] = {}
+    layer_names = [g[0] for g in groups]
     with writer:
         writer.write_array("data/train_index", np.asarray(data.train_index, dtype=np.int64))
         model.train()
@@ -328,11 +334,19 @@ def run(
                         theta1 if scfg["trajectory"] else None,
                         class_layer=class_layer if st.class_param is not None else None,
                     )
+                    if tracker is not None:  # device tensors: the tracker copies them in batches
+                        tracker.log_iteration(
+                            it, loss=loss_end, lca_total=lca_total, lca_error=err, splits=st.splits,
+                            frac_helping=fh, frac_hurting=fu, frac_zero=views["frac_zero"],
+                            batch_loss=batch_loss.detach(), layer_lca=dict(zip(layer_names, per_layer)),
+                        )  # fmt: skip
                     bar.set_postfix(L=f"{loss_end:.4f}", err=f"{err:+.1e}", splits=st.splits, refresh=False)
                 it += 1
                 if it % eval_every == 0 and it != total_iters:
                     tl, ta = evaluate(model, data.test_x, data.test_y, chunk_eval)
                     writer.append_eval(it, test_loss=tl, test_acc=ta)
+                    if tracker is not None:
+                        tracker.log_eval(it, test_loss=tl, test_acc=ta)
                 bar.update(1)
         bar.close()
 
@@ -341,6 +355,9 @@ def run(
         writer.append_eval(
             total_iters, test_loss=test_loss, test_acc=test_acc, train_loss=train_loss, train_acc=train_acc
         )
+        if tracker is not None:
+            tracker.log_eval(total_iters, test_loss=test_loss, test_acc=test_acc,
+                             train_loss=train_loss, train_acc=train_acc)  # fmt: skip
         summary = {
             "run_file": str(path),
             "data_source": data.source,

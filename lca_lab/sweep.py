@@ -1,0 +1,87 @@
+"""Multirun plumbing for ``python -m lca_lab -m ...``: W&B run naming, one GPU per job, failure report.
+
+A job that fails in a multirun does not stop the others: the entry point writes ``job_failed.txt``
+(the error) into the job's directory and returns. :class:`FailureReport`, a Hydra callback registered
+in ``conf/config.yaml``, runs in the launching process once every job has ended (basic, joblib and
+submitit launchers alike), lists the failed jobs — marker files, and run files whose ``status`` is not
+``complete`` — and exits with status 1 if there are any.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+
+FAILED_MARKER = "job_failed.txt"
+
+
+def wandb_group(output_dir: str | os.PathLike, experiment: str | None, multirun: bool) -> str | None:
+    """The W&B group: ``<experiment or 'sweep'>_<date>_<time>`` of the multirun directory for a
+    multirun job (all jobs of one sweep together), the experiment name for a single run, else None."""
+    if multirun:
+        sweep_dir = Path(output_dir).resolve().parent  # multirun/<date>/<time>/<job> → multirun/<date>/<time>
+        return f"{experiment or 'sweep'}_{sweep_dir.parent.name}_{sweep_dir.name}"
+    return experiment or None
+
+
+def run_name(override_dirname: str, job_num: int | None, experiment: str | None) -> str:
+    """A readable W&B run name from the command-line overrides, e.g. ``3:layers=freeze_last,seed=1``."""
+    name = override_dirname or experiment or "default"
+    return f"{job_num}:{name}" if job_num is not None else name
+
+
+def job_device(device: str, job_num: int, n_gpus: int) -> str:
+    """One GPU per job when a multirun shares a machine with several GPUs: ``device=auto`` becomes
+    ``cuda:<job number mod GPUs>`` (jobs started in parallel by the joblib launcher then use different
+    GPUs). An explicit device, one GPU, or none leaves ``device`` as it is."""
+    if device != "auto" or n_gpus <= 1:
+        return device
+    return f"cuda:{job_num % n_gpus}"
+
+
+def failed_jobs(sweep_dir: str | os.PathLike) -> list[tuple[str, str]]:
+    """(job directory, reason) for every failed job under ``sweep_dir``: a ``job_failed.txt`` marker, or
+    a run file whose status is not ``complete`` (a job killed before it could write a marker)."""
+    import h5py
+
+    sweep_dir = Path(sweep_dir)
+    out: dict[str, str] = {}
+    for m in sorted(sweep_dir.rglob(FAILED_MARKER)):
+        out[str(m.parent)] = m.read_text().strip().splitlines()[0] if m.read_text().strip() else "failed"
+    for f in sorted(sweep_dir.rglob("lca.h5")):
+        if str(f.parent) in out:
+            continue
+        try:
+            with h5py.File(f, "r") as h:
+                status = h.attrs.get("status", "unknown")
+                status = status.decode() if isinstance(status, bytes) else str(status)
+        except OSError as e:
+            status = f"unreadable: {e}"
+        if status != "complete":
+            out[str(f.parent)] = status
+    return sorted(out.items())
+
+
+class FailureReport(Callback):
+    """Hydra callback: after a multirun, list the failed jobs and exit 1 if there are any."""
+
+    def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        if not sweep_dir.exists():
+            return
+        bad = failed_jobs(sweep_dir)
+        if not bad:
+            return
+        print(f"\n{len(bad)} job(s) of the multirun in {sweep_dir} failed:", file=sys.stderr)
+        for d, why in bad:
+            print(f"  {d}: {why}", file=sys.stderr)
+        print(
+            "The other jobs finished; python -m lca_lab.analyze on the sweep lists the failed ones too.",
+            file=sys.stderr,
+        )
+        sys.stderr.flush()
+        sys.exit(1)
