@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lca import FullBatchLoss, LCAEngine
+from .lca import FullBatchLoss, LCAEngine, auto_chunk_size, has_batchnorm
 from .nets import build_net, layer_groups
 
 # Per-net settings mirroring conf/net/*.yaml (kwargs of build_net, SGD learning rate) and train.py's batch
@@ -99,7 +99,7 @@ class BenchOptions:
     nets: list[str] = field(default_factory=lambda: ["fc", "lenet"])
     device: str = "cpu"
     precisions: list[str] = field(default_factory=lambda: ["fp32"])
-    methods: list[str] = field(default_factory=lambda: ["rk4"])
+    methods: list[str] = field(default_factory=lambda: ["rk4", "trapezoid"])
     iters: int = 20
     warmup: int = 3
     n_train: int | None = None
@@ -107,13 +107,15 @@ class BenchOptions:
     naive_iters: int | None = None
     storage: bool = False
     flush_every: int = 10
-    chunk_size: Any = 5000
+    chunk_size: Any = "auto"
     channels_last: str = "auto"
     tolerance: float = 1e-3
     max_splits: int = 32
     limit_repeats: int = 3
     whole_chunk: str = "auto"
     seed: int = 0
+    recompute_iters: int = 128  # steps of a stored trajectory recomputed with batched points (0: skip)
+    batch_points: int = 64
     keep_param: bool = False  # keep per-iteration per-parameter LCA arrays in the result (tests)
 
 
@@ -133,7 +135,7 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchOptions:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     p.add_argument("--precision", help="comma list of fp32,tf32 (default: fp32,tf32 on GPU, fp32 on CPU)")
     p.add_argument(
-        "--methods", default="rk4", help="LCA methods, comma list (default rk4); passed to LCAEngine"
+        "--methods", default="rk4,trapezoid", help="LCA methods, comma list (default rk4,trapezoid)"
     )
     p.add_argument("--iters", type=int, default=20, help="measured LCA iterations (default 20)")
     p.add_argument("--warmup", type=int, default=3, help="iterations before measuring (default 3)")
@@ -144,7 +146,14 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchOptions:
     p.add_argument("--naive-iters", type=int, help="naive iterations (default: fc 10, others 3; ≤ --iters)")
     p.add_argument("--storage", action="store_true", help="also measure the run-file writer's stall")
     p.add_argument("--flush-every", type=int, default=10, help="RunWriter rows per flush with --storage")
-    p.add_argument("--chunk-size", default="5000", help="FullBatchLoss chunk size (int, or passed as given)")
+    p.add_argument(
+        "--chunk-size", default="auto", help="FullBatchLoss chunk size: int, or auto (lca.chunk_size=auto)"
+    )
+    p.add_argument(
+        "--recompute-iters", type=int, default=128,
+        help="steps of a stored trajectory recomputed with batched path points (nets without BN; 0: skip)",
+    )  # fmt: skip
+    p.add_argument("--batch-points", type=int, default=64, help="points per vmap batch in the recompute")
     p.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"],
                    help="auto: on for conv nets on CUDA")  # fmt: skip
     p.add_argument("--tolerance", type=float, default=1e-3, help="engine tolerance, nats (default 1e-3)")
@@ -175,6 +184,7 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchOptions:
         warmup=a.warmup, n_train=a.n_train, naive=a.naive, naive_iters=a.naive_iters, storage=a.storage,
         flush_every=a.flush_every, chunk_size=chunk, channels_last=a.channels_last, tolerance=a.tolerance,
         max_splits=a.max_splits, limit_repeats=a.limit_repeats, whole_chunk=a.whole_chunk, seed=a.seed,
+        recompute_iters=a.recompute_iters, batch_points=a.batch_points,
     )  # fmt: skip
     try:
         check_options(opts)
@@ -214,8 +224,12 @@ def check_options(o: BenchOptions) -> None:
         raise ValueError(f"--naive-iters must be ≥ 1 (got {o.naive_iters}); use --no-naive to skip it")
     if o.n_train is not None and o.n_train < 1:
         raise ValueError(f"--n-train must be ≥ 1 (got {o.n_train})")
-    if isinstance(o.chunk_size, int) and o.chunk_size < 1:
-        raise ValueError(f"--chunk-size must be a positive integer (got {o.chunk_size})")
+    if (isinstance(o.chunk_size, int) and o.chunk_size < 1) or (
+        not isinstance(o.chunk_size, int) and o.chunk_size != "auto"
+    ):
+        raise ValueError(f"--chunk-size must be a positive integer or auto (got {o.chunk_size})")
+    if o.recompute_iters < 0 or o.batch_points < 1:
+        raise ValueError("--recompute-iters must be ≥ 0 and --batch-points ≥ 1")
     if o.flush_every < 1 or o.limit_repeats < 1:
         raise ValueError("--flush-every and --limit-repeats must be ≥ 1")
 
@@ -382,7 +396,8 @@ def engine_loop(
     pnames = [n for n, p in model.named_parameters() if p.requires_grad]
     named = dict(model.named_parameters())
     opt = torch.optim.SGD(model.parameters(), lr=spec["lr"], momentum=0.9)
-    fbl = FullBatchLoss(model, x, y, o.chunk_size, param_names=pnames)
+    chunk = auto_chunk_size(model, len(x), device) if o.chunk_size == "auto" else int(o.chunk_size)
+    fbl = FullBatchLoss(model, x, y, chunk, param_names=pnames, channels_last=channels_last)
     engine = LCAEngine(fbl, method, tolerance=o.tolerance, max_splits=o.max_splits)
 
     def flat() -> torch.Tensor:
@@ -411,6 +426,7 @@ def engine_loop(
             per_param=True,
             flush_every=o.flush_every,
             expected_rows=n_total,
+            background=device.type == "cuda",  # as train.py: rows leave the GPU without a blocking copy
         )
 
     model.train()
@@ -567,6 +583,47 @@ def _cum_rel(errors: Sequence[float], l_start: float, l_end: float) -> float:
     return abs(sum(errors)) / dl if dl > 0 else float("inf")
 
 
+def recompute_rate(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int, method: str, o: BenchOptions, cl: bool
+) -> dict[str, Any]:
+    """Time :meth:`LCAEngine.steps` (batched path points) on a stored trajectory vs step by step.
+
+    The trajectory is ``o.recompute_iters`` further SGD steps of ``model`` (kept on the device, as a
+    recompute reads them from the run file ahead of the computation). Returns seconds per iteration
+    for both, passes per iteration, and the largest difference between their totals.
+    """
+    device = x.device
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.01, momentum=0.9)
+    gen = torch.Generator().manual_seed(o.seed + 2)
+    thetas = [torch.cat([p.detach().reshape(-1) for p in params])]
+    for _ in range(o.recompute_iters):
+        idx = torch.randint(0, len(x), (128,), generator=gen).to(device)
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
+        thetas.append(torch.cat([p.detach().reshape(-1) for p in params]))
+    traj = torch.stack(thetas)
+    fbl = FullBatchLoss(model, x, y, chunk, channels_last=cl)
+    B = o.batch_points
+    warm = traj[: min(B, len(traj) - 1) + 1]
+    list(LCAEngine(fbl, method, o.tolerance, o.max_splits).steps(warm, B))  # warm-up
+    out: dict[str, Any] = {}
+    for name, b in (("batched", B), ("sequential", 1)):
+        _sync(device)
+        t = time.perf_counter()
+        steps = list(LCAEngine(fbl, method, o.tolerance, o.max_splits).steps(traj, b))
+        tot = torch.stack([s.total for s in steps]).tolist()
+        _sync(device)
+        out[f"recompute_{name}_s_per_it"] = (time.perf_counter() - t) / len(steps)
+        out[f"recompute_{name}_passes_per_it"] = statistics.fmean(s.passes for s in steps)
+        out[f"_tot_{name}"] = tot
+    out["recompute_batch_points"] = B
+    pairs = zip(out.pop("_tot_batched"), out.pop("_tot_sequential"))
+    out["recompute_max_abs_diff"] = max(abs(a - b) for a, b in pairs)
+    return out
+
+
 def run_case(
     net: str,
     precision: str,
@@ -613,6 +670,9 @@ def run_case(
             L_end=eng["loss1"][-1],
         )
         row["engine_total"] = eng["total"]
+        if o.recompute_iters and not has_batchnorm(eng["model"]):
+            log(f"{net} {precision} {method}: recompute of {o.recompute_iters} stored steps, vmap batches")
+            row.update(recompute_rate(eng["model"], x, y, chunk, method, o, cl))
         if o.keep_param:
             row["engine_param"] = eng["param"]
 
@@ -723,6 +783,7 @@ COLUMNS: list[tuple[str, str, Callable[[dict[str, Any]], str]]] = [
     ("max|err|", ">", lambda r: _fmt(r["max_abs_error"], 1, ".1e")),
     ("cum rel err", ">", lambda r: _fmt(r["cum_rel_error"], 100, ".3f") + "%"),
     ("peak MiB", ">", lambda r: _fmt(r["peak_mib"], 1, ".0f")),
+    ("recomp ms/it", ">", lambda r: _fmt(r.get("recompute_batched_s_per_it"), 1e3, ".2f")),
     (
         "stall",
         ">",
