@@ -470,7 +470,7 @@ def _shard_status(out_dir: Path, num_shards: int) -> tuple[list[Path], list[tupl
             done.append(p)
             continue
         part = shard_path(out_dir, i, num_shards, partial=True)
-        why = "never started"
+        why = "missing (never started)"
         if part.exists():
             try:
                 with open_run(part) as rf:
@@ -502,14 +502,16 @@ def merge_shards(
             raise RecomputeError(f"{out} holds shards of {counts} shard counts; say which with num_shards=N")
         num_shards = counts[0]
     done, missing = _shard_status(out, num_shards)
-    settings = None
+    cfg = None  # the settings of the complete shards, for the rerun command
     if done:
         with h5py.File(done[0], "r", locking=False) as f:
-            settings = json.loads(f.attrs["recompute/settings"])
+            cfg = json.loads(f.attrs["recompute/settings"])
     if missing:
-        lines = [f"shard {i} of {num_shards} is {why}: rerun it with\n    "
-                 f"{_rerun_hint(run, i, num_shards, settings, out)}" for i, why in missing]  # fmt: skip
-        raise RecomputeError("cannot merge yet: " + "\n".join(lines))
+        lines = [
+            f"shard {i} of {num_shards} is {why}; rerun it with: {_rerun_hint(run, i, num_shards, cfg, out)}"
+            for i, why in missing
+        ]
+        raise RecomputeError("cannot merge yet: " + " | ".join(lines))
     files = [open_run(p) for p in done]
     try:
         return _merge(run, out, files)
@@ -792,7 +794,9 @@ def main() -> None:
     import hydra
 
     sys.argv = rewrite_argv(sys.argv)
-    hydra.main(version_base="1.3", config_path="../conf", config_name="recompute")(_main)()
+    # An absolute path: Hydra would resolve a relative one as a package (``conf`` is not one).
+    conf = str(Path(__file__).resolve().parent.parent / "conf")
+    hydra.main(version_base="1.3", config_path=conf, config_name="recompute")(_main)()
 
 
 if __name__ == "__main__":
