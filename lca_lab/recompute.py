@@ -659,10 +659,7 @@ def _copy_from_source(writer: RunWriter, source: Path) -> None:
     if not source.exists():
         return
     with open_run(source) as src:
-        if src.train_index is not None:
-            idx = src.train_index
-        else:
-            idx = None
+        idx = src.train_index
         names = [n for n in src.eval_names if n != "iteration"]
         evals = {n: src.eval(n) for n in names}
         its = src.eval("iteration") if "iteration" in src.eval_names else np.zeros(0, np.int64)

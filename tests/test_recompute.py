@@ -41,6 +41,11 @@ COMPARED = [
     "reduce/motion_changes", "reduce/grad_sign_changes", "eval/iteration", "eval/test_loss",
     "data/train_index", "params/names", "layers/names",
 ]  # fmt: skip
+# The online run also has per-class and held-out LCA, recomputed and merged like the rest.
+EXTRA = ["lca.per_class=true", "lca.test=true"]
+COMPARED_EXTRA = [
+    "lca/class_layer", "class/loss", "test/loss", "lca_test/layer", "lca_test/total", "lca_test/error",
+]  # fmt: skip
 
 
 def _cfg(*overrides):
@@ -53,7 +58,7 @@ def _cfg(*overrides):
 def online(tmp_path_factory):
     """A small run with online LCA and the trajectory stored (trained once for the module)."""
     d = tmp_path_factory.mktemp("online")
-    run(_cfg(*COMMON), d)
+    run(_cfg(*COMMON, *EXTRA), d)
     return d
 
 
@@ -73,7 +78,7 @@ def test_recompute_equals_online(online):
     res = rc.recompute(online, progress=False)
     merged = Path(res["merged"])
     assert merged == online / "recompute" / "lca.h5"
-    _assert_same(online / "lca.h5", merged)
+    _assert_same(online / "lca.h5", merged, COMPARED + COMPARED_EXTRA)
     with h5py.File(merged, "r") as f, h5py.File(online / "lca.h5", "r") as o:
         assert f.attrs["status"] == "complete"
         assert "trajectory/theta" not in f
@@ -113,7 +118,7 @@ def test_two_shards_merge_equal_online_and_rerun(online, tmp_path, monkeypatch):
         rc.merge_shards(online, out_dir=out)
     second = rc.recompute(online, 0, 2, out_dir=out, progress=False)  # the last shard merges
     merged = Path(second["merged"])
-    _assert_same(online / "lca.h5", merged)
+    _assert_same(online / "lca.h5", merged, COMPARED + COMPARED_EXTRA)
     with h5py.File(rc.shard_path(out, 0, 2), "r") as s0, h5py.File(rc.shard_path(out, 1, 2), "r") as s1:
         assert s0["lca/total"].shape[0] + s1["lca/total"].shape[0] == 10
         assert s1["lca/iteration"][0] == s0["lca/iteration"][-1] + 1
