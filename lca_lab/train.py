@@ -98,6 +98,14 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: in
     return float(loss) / len(x), float(correct) / len(x)
 
 
+def _append_theta(writer: RunWriter, theta: torch.Tensor, t: int) -> None:
+    """One row of the θ-only trajectory of a run with LCA off (read by ``lca_lab.recompute``):
+    ``trajectory/theta`` [T+1, K] float32 and ``trajectory/iteration`` [T+1] int64 (θ after t steps).
+    With LCA on, θ is stored with the LCA rows instead (``trajectory/theta`` aligned with ``train/loss``)."""
+    writer.append_dataset("trajectory/theta", theta, np.float32)
+    writer.append_dataset("trajectory/iteration", t, np.int64)  # after θ: its length commits the row
+
+
 def run(
     cfg: dict[str, Any],
     run_dir: str | os.PathLike,
@@ -176,8 +184,11 @@ def run(
     window = lcfg.get("window")
     lo, hi = (0, total_iters) if window is None else (int(window[0]), min(int(window[1]), total_iters))
     n_rows = max(hi - lo, 0) if lca_on else 0
+    # LCA off + store.trajectory: keep θ_t for t = lo..hi anyway, for offline LCA (lca_lab.recompute).
+    theta_only = bool(scfg["trajectory"]) and not lca_on
 
     size = estimate_bytes(K, n_rows, bool(scfg["per_param"]), bool(scfg["trajectory"]), len(groups))
+    size += 4 * K * (max(hi - lo, 0) + 1) if theta_only else 0
     budget = float(scfg["max_gb"]) * 1e9
     if size > budget:
         raise ConfigError(
@@ -249,7 +260,7 @@ def run(
         layer_names=[g[0] for g in groups],
         attrs=attrs,
         per_param=bool(scfg["per_param"]),
-        trajectory=bool(scfg["trajectory"]),
+        trajectory=bool(scfg["trajectory"]) and lca_on,
         flush_every=int(scfg["flush_every"]),
         expected_rows=n_rows,
         n_classes=data.n_classes if per_class and lca_on else None,
@@ -285,11 +296,15 @@ def run(
                         writer.append_dataset("class/loss", start_point["Lc"])
                     if test_lca:
                         writer.append_dataset("test/loss", start_point["Lt"])
+                if theta_only and it == lo:
+                    _append_theta(writer, flat(), it)
                 idx = perm[b * int(cfg["batch_size"]) : (b + 1) * int(cfg["batch_size"])]
                 optimizer.zero_grad(set_to_none=True)
                 batch_loss = F.cross_entropy(model(data.train_x[idx]), data.train_y[idx])
                 batch_loss.backward()
                 optimizer.step()
+                if theta_only and lo <= it < hi:
+                    _append_theta(writer, flat(), it + 1)
                 if do_lca:
                     theta1 = theta_next = flat()
                     st = engine.step(theta0, theta1)
