@@ -11,9 +11,10 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from .analyze import analyze
-from .config import ConfigError
+from .checkpoint import PREEMPTED_EXIT_CODE, RunPreempted
+from .config import ConfigError, check_group_choices
 from .data import DatasetUnavailableError
-from .train import format_summary, run
+from .train import StorageError, format_summary, run
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -33,9 +34,12 @@ def main(cfg: DictConfig) -> dict:
             file=sys.stderr,
         )
         sys.exit(130)
-    except FloatingPointError as e:  # diverged: the run file keeps every earlier row, status "failed: …"
+    except (FloatingPointError, StorageError) as e:  # the run file keeps every earlier row, "failed: …"
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except RunPreempted as e:  # checkpoint saved, status "preempted: …"
+        print(f"preempted: {e}", file=sys.stderr)
+        sys.exit(PREEMPTED_EXIT_CODE)
     print(format_summary(summary))
     if plain.get("figures", True) and summary.get("lca_rows"):
         # The run's own report and pictures next to its run file (the same code as the analyze command).
@@ -46,4 +50,10 @@ def main(cfg: DictConfig) -> dict:
 
 
 if __name__ == "__main__":
+    # Hydra's own error for a missing config option is several lines with a stack-trace hint; check the
+    # group choices on the command line first and say it in one line.
+    problem = check_group_choices(sys.argv[1:], Path(__file__).resolve().parents[1] / "conf")
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
     main()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from .lca import check_engine_options
@@ -125,3 +126,25 @@ def _int_or_raise(key: str, v: Any) -> int:
     if isinstance(v, bool) or not isinstance(v, int):
         raise ConfigError(f"{key} must be an integer, got {v!r}")
     return v
+
+
+def check_group_choices(argv: list[str], conf_dir: Path) -> str | None:
+    """The first ``group=option`` command-line override naming a config file that does not exist
+    (e.g. ``experiment=tabel1``), as a one-line message listing the valid options; else None.
+
+    Only plain values and comma-separated sweep lists are checked; Hydra's sweep functions
+    (``choice(...)``, ``glob(...)``) and anything else are left to Hydra.
+    """
+    groups = {p.name for p in conf_dir.iterdir() if p.is_dir()}
+    for arg in argv:
+        if "=" not in arg or arg.startswith("-"):
+            continue
+        key, value = arg.split("=", 1)
+        key = key.lstrip("+~")
+        if key not in groups or not value or "(" in value or value == "null":
+            continue
+        options = sorted(p.stem for p in (conf_dir / key).glob("*.yaml"))
+        for v in value.split(","):
+            if v.strip() not in options:
+                return f"{key}={v.strip()} does not exist; choose one of: {', '.join(options)} (conf/{key}/)"
+    return None
