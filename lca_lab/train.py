@@ -199,7 +199,10 @@ def _run(
     try:
         plans = plan_layers(groups, cfg.get("layers") or {})
     except ValueError as e:
-        raise ConfigError(str(e)) from None
+        # One line: the valid layers as "index/negative index name".
+        first = str(e).splitlines()[0].split(" Valid layers")[0]
+        valid = ", ".join(f"{i}/{i - len(groups)} {name}" for i, (name, _) in enumerate(groups))
+        raise ConfigError(f"{first} Valid layers: {valid}" if "\n" in str(e) else str(e)) from None
     optimizer = build_optimizer(
         model,
         groups,
