@@ -193,8 +193,41 @@ class _Evil:
 def test_checkpoint_is_loaded_weights_only(tmp_path, monkeypatch):
     _preempted_run(tmp_path, monkeypatch)
     with open(tmp_path / CHECKPOINT_NAME, "wb") as fh:
-        pickle.dump({"model": _Evil()}, fh)
+        pickle.dump({"model": _Evil()}, fh, protocol=2)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError, match="cannot be loaded as an lca_lab checkpoint"):
         run(_cfg(), tmp_path)
     assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.slow
+def test_submitit_local_preemption_requeues_and_resumes(tmp_path):
+    """SIGUSR2 (submitit's preemption signal) to a job of a submitit_local multirun: the run checkpoints,
+    submitit's handler requeues the job, and the requeued job continues in the same job directory."""
+    sweep = tmp_path / "sweep"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lca_lab", "-m", "hydra/launcher=submitit_local", *ARGS[:-1], "epochs=6",
+         "checkpoint.every=null", f"hydra.sweep.dir={sweep}"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline, rows, lock = time.time() + 400, 0, None
+    while time.time() < deadline and rows < 3:
+        time.sleep(0.2)
+        files = list(sweep.glob("*/lca.h5"))
+        if files:
+            lock = files[0].parent / ".lock"
+            try:
+                with h5py.File(files[0], "r") as f:
+                    rows = f["lca/iteration"].shape[0]
+            except (OSError, KeyError):
+                pass
+    assert rows >= 3 and lock is not None
+    pid = int(lock.read_text().split()[1])
+    os.kill(pid, signal.SIGUSR2)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    with open_run(lock.parent) as r:
+        assert r.is_complete and r.n_rows == 30
+        assert r.attrs["resumed"].startswith("from iteration ")
+    logs = "".join(p.read_text() for p in sweep.glob(".submitit/*/*_log.err"))
+    assert "Requeued job" in logs
