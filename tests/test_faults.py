@@ -154,7 +154,9 @@ def test_bad_values_fail_with_one_line(tmp_path, override, needle):
 
 def test_batch_larger_than_real_training_set_fails_before_training(tmp_path):
     with pytest.raises(ConfigError, match=r"batch_size=5000 is larger than the training set \(4500"):
-        run(_cfg("data=mnist5k", "batch_size=5000"), tmp_path)
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=["data=mnist5k", "batch_size=5000", "device=cpu"])
+        run(OmegaConf.to_container(cfg, resolve=True), tmp_path)
     assert not (tmp_path / "lca.h5").exists()
 
 
