@@ -206,8 +206,8 @@ def test_submitit_local_preemption_requeues_and_resumes(tmp_path):
     submitit's handler requeues the job, and the requeued job continues in the same job directory."""
     sweep = tmp_path / "sweep"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lca_lab", "-m", "hydra/launcher=submitit_local", *ARGS[:-1], "epochs=6",
-         "checkpoint.every=null", f"hydra.sweep.dir={sweep}"],
+        [sys.executable, "-m", "lca_lab", "-m", "hydra/launcher=submitit_local", *ARGS[:6], "epochs=6",
+         "store.flush_every=1", f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=job0"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     deadline, rows, lock = time.time() + 400, 0, None
@@ -229,5 +229,5 @@ def test_submitit_local_preemption_requeues_and_resumes(tmp_path):
     with open_run(lock.parent) as r:
         assert r.is_complete and r.n_rows == 30
         assert r.attrs["resumed"].startswith("from iteration ")
-    logs = "".join(p.read_text() for p in sweep.glob(".submitit/*/*_log.err"))
+    logs = "".join(p.read_text() for p in sweep.glob(".submitit/*/*_log.*"))
     assert "Requeued job" in logs
