@@ -1,8 +1,9 @@
 """``python -m lca_lab [overrides]``: the Hydra entry point; all work happens in ``train.run``.
 
-Single run exit codes: 0 done, 2 config/data error (before any compute), 1 diverged or other error,
-130 Ctrl-C. In a multirun a failed job writes ``job_failed.txt`` into its directory and returns so the
-other jobs go on; ``sweep.FailureReport`` makes the whole multirun exit 1 at the end. Ctrl-C stops all.
+Single run exit codes: 0 done, 2 config/data error (before any compute), 1 diverged, disk full or
+other error, 75 preempted (checkpoint saved; rerun to resume), 130 Ctrl-C. In a multirun a failed job
+writes ``job_failed.txt`` into its directory and returns so the other jobs go on;
+``sweep.FailureReport`` makes the whole multirun exit 1 at the end. Ctrl-C stops all.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from .analyze import analyze
-from .config import ConfigError, validate
+from .checkpoint import PREEMPTED_EXIT_CODE, RunPreempted
+from .config import ConfigError, check_group_choices, validate
 from .data import DatasetUnavailableError
 from .sweep import FAILED_MARKER, job_device, run_name, wandb_group
-from .train import format_summary, run
+from .train import StorageError, format_summary, run
 
 
 def _tracker(plain: dict[str, Any], hc: Any, multirun: bool, out: Path, overrides: list[str]):
@@ -86,7 +88,14 @@ def main(cfg: DictConfig) -> dict:
             file=sys.stderr,
         )
         sys.exit(130)  # in a multirun too: Ctrl-C stops every job
-    except FloatingPointError as e:  # diverged: the run file keeps every earlier row, status "failed: …"
+    except RunPreempted as e:  # checkpoint saved, status "preempted: …"; the requeued job resumes
+        code = PREEMPTED_EXIT_CODE
+        if tracker is not None:
+            tracker.finish(code)
+            tracker = None
+        print(f"preempted: {e}", file=sys.stderr)
+        sys.exit(code)
+    except (FloatingPointError, StorageError) as e:  # the run file keeps every earlier row, "failed: …"
         code, message = 1, f"error: {e}"
     except Exception as e:
         code = 1
@@ -106,4 +115,10 @@ def main(cfg: DictConfig) -> dict:
 
 
 if __name__ == "__main__":
+    # Hydra's own error for a missing config option is several lines with a stack-trace hint; check the
+    # group choices on the command line first and say it in one line.
+    problem = check_group_choices(sys.argv[1:], Path(__file__).resolve().parents[1] / "conf")
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
     main()

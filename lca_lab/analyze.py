@@ -24,7 +24,7 @@ import yaml
 
 from . import figures as fg
 from . import stats
-from .store import open_run
+from .store import MalformedRunFileError, open_run
 from .sweep import FAILED_MARKER
 
 IGNORED_KEYS = ("seed", "device", "data.root", "store.", "eval_every", "hydra", "logger.")
@@ -185,7 +185,7 @@ def analyze(
     for f in files:
         try:
             rec = load_run(f)
-        except OSError as e:  # unreadable (e.g. a writer was killed mid-flush)
+        except (OSError, MalformedRunFileError) as e:  # unreadable (killed mid-flush) or malformed
             skipped.append({"path": str(f), "status": f"unreadable: {e}"})
             continue
         (runs if rec["status"] == "complete" else skipped).append(

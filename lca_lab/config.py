@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from .lca import PRECISIONS, check_engine_options
@@ -14,6 +15,8 @@ from .optim import OPTIMIZERS, OVERRIDE_KEYS
 
 DATASETS = ("mnist", "mnist5k", "cifar10", "synthetic")
 NETS = ("fc", "lenet", "allcnn", "resnet20", "vgg")
+BOOL_KEYS = ("deterministic", "figures", "resume", "store.per_param", "store.trajectory", "lca.enabled",
+             "lca.adaptive", "lca.per_class", "lca.test", "checkpoint.enabled")  # fmt: skip
 
 
 class ConfigError(ValueError):
@@ -62,6 +65,11 @@ def validate(cfg: Mapping[str, Any]) -> None:
         _positive_int(cfg, "data.size", minimum=2)
         if _get(cfg, "data.shape") not in ("mnist", "cifar10"):
             raise ConfigError(f"data.shape must be mnist or cifar10, got {_get(cfg, 'data.shape')!r}")
+        if _get(cfg, "batch_size") > _get(cfg, "data.size"):
+            raise ConfigError(
+                f"batch_size={_get(cfg, 'batch_size')} is larger than the training set "
+                f"(data.size={_get(cfg, 'data.size')}); use batch_size ≤ {_get(cfg, 'data.size')}"
+            )
     if _get(cfg, "net.name") not in NETS:
         raise ConfigError(f"net.name={_get(cfg, 'net.name')!r} is not one of {list(NETS)} (net=...)")
     opt = _get(cfg, "opt.name")
@@ -122,8 +130,48 @@ def validate(cfg: Mapping[str, Any]) -> None:
             raise ConfigError(
                 f"layers.{name}: unknown key(s) {sorted(unknown)}; valid: {list(OVERRIDE_KEYS)}"
             )
+        _check_layer_entry(f"layers.{name}", entry)
     _number(cfg, "store.max_gb", lo=0, lo_open=True)
     _positive_int(cfg, "store.flush_every")
+    _int_at_least(cfg, "data.split_seed", 0)
+    for key in BOOL_KEYS:
+        v = _get(cfg, key)
+        if v is not None and not isinstance(v, bool):
+            raise ConfigError(f"{key} must be true or false, got {v!r}")
+    if _get(cfg, "checkpoint.every") is not None:
+        _positive_int(cfg, "checkpoint.every")
+    if _get(cfg, "checkpoint.seconds") is not None:
+        _number(cfg, "checkpoint.seconds", lo=0, lo_open=True)
+
+
+def _int_at_least(cfg, key: str, minimum: int) -> None:
+    if _get(cfg, key) is not None:
+        _positive_int(cfg, key, minimum=minimum)
+
+
+def _check_layer_entry(prefix: str, entry: Mapping[str, Any]) -> None:
+    """Types and ranges of one ``layers.<name>`` override (layer names/indices are checked against the
+    network once it is built)."""
+    sel = entry.get("select")
+    items = sel if isinstance(sel, (list, tuple)) else [sel]
+    if sel is None or not items or any(isinstance(x, bool) or not isinstance(x, (int, str)) for x in items):
+        raise ConfigError(f"{prefix}.select must be a layer name, an index (e.g. -1) or a list, got {sel!r}")
+    sub = {k: entry.get(k) for k in OVERRIDE_KEYS}
+    if sub["freeze"] is not None and not isinstance(sub["freeze"], bool):
+        raise ConfigError(f"{prefix}.freeze must be true or false, got {sub['freeze']!r}")
+    if sub["freeze_from"] is not None:
+        v = sub["freeze_from"]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ConfigError(f"{prefix}.freeze_from must be an iteration ≥ 0, got {v!r}")
+    for key, lo, hi in (("lr_scale", 0, None), ("momentum", 0, 1), ("momentum_delay", 0, None)):
+        v = sub[key]
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ConfigError(f"{prefix}.{key} must be a number, got {v!r}")
+        if v < lo or (hi is not None and v >= hi):
+            rng = f"in [{lo}, {hi})" if hi is not None else f"≥ {lo}"
+            raise ConfigError(f"{prefix}.{key} must be {rng}, got {v}")
 
 
 def _is_int(v: Any) -> bool:
@@ -140,3 +188,25 @@ def _int_or_raise(key: str, v: Any) -> int:
     if isinstance(v, bool) or not isinstance(v, int):
         raise ConfigError(f"{key} must be an integer, got {v!r}")
     return v
+
+
+def check_group_choices(argv: list[str], conf_dir: Path) -> str | None:
+    """The first ``group=option`` command-line override naming a config file that does not exist
+    (e.g. ``experiment=tabel1``), as a one-line message listing the valid options; else None.
+
+    Only plain values and comma-separated sweep lists are checked; Hydra's sweep functions
+    (``choice(...)``, ``glob(...)``) and anything else are left to Hydra.
+    """
+    groups = {p.name for p in conf_dir.iterdir() if p.is_dir()}
+    for arg in argv:
+        if "=" not in arg or arg.startswith("-"):
+            continue
+        key, value = arg.split("=", 1)
+        key = key.lstrip("+~")
+        if key not in groups or not value or "(" in value or value == "null":
+            continue
+        options = sorted(p.stem for p in (conf_dir / key).glob("*.yaml"))
+        for v in value.split(","):
+            if v.strip() not in options:
+                return f"{key}={v.strip()} does not exist; choose one of: {', '.join(options)} (conf/{key}/)"
+    return None

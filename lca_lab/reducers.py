@@ -84,3 +84,31 @@ class LCAReducer:
             "motion_changes": self.motion_changes,
             "grad_sign_changes": self.grad_changes,
         }
+
+    def state_dict(self) -> dict[str, torch.Tensor | int]:
+        """The running state (CPU copies), for checkpoints: counters [K] int32, last signs [K] int8."""
+        return {
+            "helped": self.helped.cpu(),
+            "hurt": self.hurt.cpu(),
+            "motion_changes": self.motion_changes.cpu(),
+            "grad_changes": self.grad_changes.cpu(),
+            "last_motion": self._last_motion.cpu(),
+            "last_grad": self._last_grad.cpu(),
+            "iterations": int(self.iterations),
+        }
+
+    def load_state_dict(self, state: dict[str, torch.Tensor | int]) -> None:
+        """Restore :meth:`state_dict` (copied into this reducer's tensors, on its device)."""
+        for key, dst in (
+            ("helped", self.helped),
+            ("hurt", self.hurt),
+            ("motion_changes", self.motion_changes),
+            ("grad_changes", self.grad_changes),
+            ("last_motion", self._last_motion),
+            ("last_grad", self._last_grad),
+        ):
+            src = state[key]
+            if not isinstance(src, torch.Tensor) or src.shape != dst.shape or src.dtype != dst.dtype:
+                raise ValueError(f"reducer state {key!r} does not fit: {tuple(dst.shape)} {dst.dtype}")
+            dst.copy_(src)
+        self.iterations = int(state["iterations"])

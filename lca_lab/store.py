@@ -51,6 +51,7 @@ from __future__ import annotations
 import collections
 import math
 import os
+import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -64,6 +65,7 @@ import torch
 __all__ = [
     "EVAL_NAMES",
     "FILE_NAME",
+    "MalformedRunFileError",
     "NotStoredError",
     "RunFile",
     "RunWriter",
@@ -331,6 +333,11 @@ class RunWriter:
             non-blocking copy into pinned memory and the training thread never waits for the copy or
             the disk (for GPU runs; the file's contents are identical). A write error surfaces at the
             next flush or at ``close``, and the rows that failed are retried there.
+        resume: continue an existing file instead of creating one: dataset name -> committed row count,
+            as returned by :meth:`committed_rows` when a checkpoint was taken. Every resizable dataset
+            is truncated to its count (rows written after the checkpoint are dropped), datasets created
+            after it are deleted, ``status`` is set back to ``running``, and appends continue from there.
+            ``attrs`` are then not written (the file keeps its own).
     """
 
     def __init__(
@@ -349,6 +356,7 @@ class RunWriter:
         expected_rows: int | None = None,
         overwrite: bool = False,
         background: bool = False,
+        resume: Mapping[str, int] | None = None,
     ) -> None:
         if not (len(param_names) == len(param_shapes) == len(param_layer)):
             raise ValueError("param_names, param_shapes and param_layer must have the same length")
@@ -389,7 +397,10 @@ class RunWriter:
         self._jobs: collections.deque[dict[str, Any]] = collections.deque()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="lca-writer") if background else None
         self._future: Future | None = None
-        self._create(attrs, overwrite)
+        if resume is None:
+            self._create(attrs, overwrite)
+        else:
+            self._reopen(resume)
 
     # -- layout -------------------------------------------------------------------------------------------
 
@@ -447,6 +458,69 @@ class RunWriter:
             self._new_rows_dataset(f, "eval/iteration", np.dtype("i8"), ())
             for name in EVAL_NAMES:
                 self._new_rows_dataset(f, f"eval/{name}", np.dtype("f8"), (), fillvalue=np.nan)
+
+    def _reopen(self, counts: Mapping[str, int]) -> None:
+        """Truncate an existing run file to ``counts`` and take over its row offsets (see ``resume``)."""
+        if not self.path.exists():
+            raise FileNotFoundError(f"cannot resume {self.path}: the file does not exist")
+        with _open_plain_write(self.path) as f:
+            stored = {
+                "params/names": [str(x) for x in f["params/names"].asstr()[()]],
+                "params/shapes": [str(x) for x in f["params/shapes"].asstr()[()]],
+                "layers/names": [str(x) for x in f["layers/names"].asstr()[()]],
+            }
+            mine = {
+                "params/names": self.param_names,
+                "params/shapes": [str(s) for s in self.param_shapes],
+                "layers/names": self.layer_names,
+            }
+            for key, value in mine.items():
+                if stored[key] != value:
+                    raise ValueError(f"cannot resume {self.path}: its {key} differ from this run's")
+            missing = [n for n in self._row_specs() if n not in f or n not in counts]
+            if missing:
+                raise ValueError(f"cannot resume {self.path}: no committed rows recorded for {missing}")
+            resizable: list[str] = []
+            f.visititems(
+                lambda name, obj: resizable.append(name)
+                if isinstance(obj, h5py.Dataset) and obj.maxshape and obj.maxshape[0] is None
+                else None
+            )
+            for name in resizable:
+                if name in counts:
+                    if f[name].shape[0] < int(counts[name]):
+                        raise ValueError(
+                            f"cannot resume {self.path}: {name} has {f[name].shape[0]} rows, fewer than the "
+                            f"{counts[name]} the checkpoint committed"
+                        )
+                    f[name].resize(int(counts[name]), axis=0)
+                else:  # created after the checkpoint (e.g. end-of-run arrays): recreated by the rerun
+                    del f[name]
+            f.attrs["status"] = "running"
+            self._known = {n for n in resizable if n in counts}
+        self._n_flushed = int(counts["lca/iteration"])
+        self._n_loss = int(counts["train/loss"])
+        self._n_eval = int(counts.get("eval/iteration", 0))
+        self._eval_names.update(n[len("eval/") :] for n in self._known if n.startswith("eval/"))
+        self._eval_names.discard("iteration")
+        self._n_series = {
+            n: int(counts[n]) for n in self._known if n not in self._reserved and not n.startswith("eval/")
+        }
+        self._initial_written = self._n_loss > 0
+
+    def committed_rows(self) -> dict[str, int]:
+        """Flush, then return the row count of every resizable dataset in the file: what a checkpoint
+        records so that :class:`RunWriter` with ``resume=`` can truncate the file back to this point."""
+        self.flush()
+        self._wait()  # with the writer thread: every queued row on disk before it is counted
+        out: dict[str, int] = {}
+        with h5py.File(self.path, "r", locking=False) as f:
+            f.visititems(
+                lambda name, obj: out.__setitem__(name, int(obj.shape[0]))
+                if isinstance(obj, h5py.Dataset) and obj.maxshape and obj.maxshape[0] is None
+                else None
+            )
+        return out
 
     # -- rows ---------------------------------------------------------------------------------------------
 
@@ -794,6 +868,91 @@ def _write_rows(ds: h5py.Dataset, offset: int, arr: np.ndarray) -> None:
 # reader
 
 
+class MalformedRunFileError(ValueError):
+    """A file that is not a run file, or whose names and shapes contradict each other."""
+
+
+_SHAPE_RE = re.compile(r"\(\s*(\d+\s*(,\s*\d+\s*)*,?)?\)")
+# Per-row datasets every run file has, with their number of dimensions.
+_REQUIRED_ROWS = {
+    "train/loss": 1,
+    "lca/total": 1,
+    "lca/error": 1,
+    "lca/splits": 1,
+    "lca/converged": 1,
+    "lca/iteration": 1,
+    "lca/layer": 2,
+}
+
+
+def check_layout(f: h5py.File, path: Path) -> None:
+    """Raise :class:`MalformedRunFileError` unless the names and shapes in ``f`` fit together.
+
+    Checked before any array is trusted: the name tables exist, are strings and have one entry per
+    tensor; every shape parses; layer indices point into ``layers/names``; ``lca/param`` and
+    ``trajectory/theta`` are K wide (K = the sum of the shapes' sizes), ``lca/layer`` is one column per
+    layer, ``lca/class_layer`` is [T, n_classes, n_layers]; no per-row dataset has fewer rows than
+    ``lca/iteration`` (written last), which must increase.
+    """
+
+    def bad(msg: str) -> MalformedRunFileError:
+        return MalformedRunFileError(f"{path} is not a valid lca_lab run file: {msg}")
+
+    for name in ("params/names", "params/shapes", "layers/names"):
+        if name not in f or not isinstance(f[name], h5py.Dataset):
+            raise bad(f"{name} is missing")
+        if f[name].ndim != 1 or not h5py.check_string_dtype(f[name].dtype):
+            raise bad(f"{name} must be a 1-D string dataset, found {f[name].ndim}-D {f[name].dtype}")
+    if "params/layer" not in f or f["params/layer"].ndim != 1 or f["params/layer"].dtype.kind not in "iu":
+        raise bad("params/layer is missing or not a 1-D integer dataset")
+    names = [str(x) for x in f["params/names"].asstr()[()]]
+    shapes = [str(x) for x in f["params/shapes"].asstr()[()]]
+    layer = f["params/layer"][()]
+    n_layers = f["layers/names"].shape[0]
+    if not len(names) == len(shapes) == len(layer):
+        raise bad(
+            f"params/names, params/shapes and params/layer have {len(names)}, {len(shapes)} and "
+            f"{len(layer)} entries; they must have one per tensor"
+        )
+    if len(set(names)) != len(names):
+        raise bad("params/names has duplicate names")
+    for n, s in zip(names, shapes):
+        if not _SHAPE_RE.fullmatch(s.strip()):
+            raise bad(f"params/shapes entry {s!r} of {n} is not a shape like (100, 784)")
+    if len(layer) and (layer.min() < 0 or layer.max() >= n_layers):
+        raise bad(f"params/layer has indices outside 0..{n_layers - 1} (layers/names has {n_layers})")
+    K = int(sum(math.prod(_parse_shape(s)) for s in shapes))
+    for name, ndim in _REQUIRED_ROWS.items():
+        if name not in f or not isinstance(f[name], h5py.Dataset):
+            raise bad(f"{name} is missing")
+        if f[name].ndim != ndim:
+            raise bad(f"{name} must be {ndim}-D, found shape {f[name].shape}")
+    if f["lca/layer"].shape[1] != n_layers:
+        raise bad(f"lca/layer has {f['lca/layer'].shape[1]} columns but layers/names has {n_layers} layers")
+    for name in ("lca/param", "trajectory/theta"):
+        if name in f and (f[name].ndim != 2 or f[name].shape[1] != K):
+            raise bad(f"{name} has shape {f[name].shape}; its rows must be K = {K} wide (from params/shapes)")
+    cl = f.get("lca/class_layer")
+    if cl is not None and (cl.ndim != 3 or cl.shape[2] != n_layers):
+        raise bad(f"lca/class_layer has shape {cl.shape}; expected [T, n_classes, {n_layers}]")
+    T = f["lca/iteration"].shape[0]
+    for name in ("lca/total", "lca/error", "lca/splits", "lca/converged", "lca/layer", "lca/param",
+                 "lca/class_layer"):  # fmt: skip
+        if name in f and f[name].shape[0] < T:
+            raise bad(f"{name} has {f[name].shape[0]} rows but lca/iteration has {T}")
+    for name in ("train/loss", "trajectory/theta"):
+        if name in f and T and f[name].shape[0] < T + 1:
+            raise bad(f"{name} has {f[name].shape[0]} rows; {T} LCA rows need {T + 1}")
+    it = f["lca/iteration"][()]
+    if T > 1 and not np.all(np.diff(it) > 0):
+        raise bad("lca/iteration is not increasing")
+    if "eval/iteration" in f:
+        n_eval = f["eval/iteration"].shape[0]
+        for name, ds in f["eval"].items():
+            if not isinstance(ds, h5py.Dataset) or ds.ndim != 1 or ds.shape[0] < n_eval:
+                raise bad(f"eval/{name} must be 1-D with at least the {n_eval} rows of eval/iteration")
+
+
 class NotStoredError(KeyError):
     """The run was stored without the requested data (e.g. ``store.per_param=false``)."""
 
@@ -846,7 +1005,17 @@ class RunFile:
         self.path = resolve_path(path)
         if not self.path.exists():
             raise FileNotFoundError(f"no run file at {self.path}")
-        self._f, self.swmr = _open_read(self.path)
+        try:
+            self._f, self.swmr = _open_read(self.path)
+        except OSError as e:
+            if "signature" in str(e) or "not an HDF5" in str(e):
+                raise MalformedRunFileError(f"{self.path} is not an HDF5 file (not a run file)") from None
+            raise
+        try:
+            check_layout(self._f, self.path)
+        except BaseException:
+            self._f.close()
+            raise
 
     # -- file handling ------------------------------------------------------------------------------------
 

@@ -7,10 +7,13 @@ called from tests and notebooks as well as from ``python -m lca_lab``.
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import math
 import os
 import shutil
+import signal
 import subprocess
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,16 @@ import yaml
 from tqdm.auto import tqdm
 
 from . import __version__
+from .checkpoint import (
+    CHECKPOINT_NAME,
+    PreemptionSignals,
+    RunDirLock,
+    RunPreempted,
+    plan_resume,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from .config import ConfigError, validate
 from .data import load_data
 from .lca import FullBatchLoss, LCAEngine, auto_chunk_size, layer_sums, set_matmul_precision
@@ -53,8 +66,19 @@ def git_sha() -> str:
         return ""
 
 
-def check_run_dir(run_dir: Path) -> None:
-    """Refuse, before any compute, a run directory that cannot take a new run file."""
+# Test hook: the process kills itself with SIGKILL once this many iterations are done (after their rows
+# are buffered or flushed, before any checkpoint at that boundary), to test resuming from a hard kill.
+TEST_KILL_ENV = "LCA_LAB_TEST_SIGKILL_AT_ITERATION"
+# Errors of a full or failing disk, turned into StorageError with the committed row count.
+_STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG)
+
+
+class StorageError(RuntimeError):
+    """Writing the run file or the checkpoint failed (disk full, quota, read-only, I/O error)."""
+
+
+def check_writable(run_dir: Path) -> None:
+    """Refuse, before any compute, a run directory that cannot be written."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".lca_write_test"
@@ -65,6 +89,11 @@ def check_run_dir(run_dir: Path) -> None:
             f"cannot write to the run directory {run_dir} ({e.strerror or e}); "
             "choose a writable one with hydra.run.dir=PATH (or run from a writable folder)"
         ) from None
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """Refuse, before any compute, a run directory that cannot take a new run file."""
+    check_writable(run_dir)
     if (run_dir / "lca.h5").exists():
         raise ConfigError(
             f"{run_dir / 'lca.h5'} already exists: a run directory holds one run. Use another "
@@ -117,11 +146,47 @@ def run(
     ``extra_attrs`` go into the run file's attributes (the CLI stores the Hydra overrides there).
     ``tracker`` (optional, e.g. ``tracking.WandbTracker``) gets ``log_iteration(it, **values)`` with
     device tensors it must buffer (no host sync here) and ``log_eval(it, **values)``.
+
+    The run directory is locked for the whole run (a second process is refused). If it holds a
+    checkpoint of this config (or ``resume=true`` is set) the run continues from it; see
+    :func:`lca_lab.checkpoint.plan_resume`. SIGTERM/SIGUSR1/SIGUSR2 make the run checkpoint at the next
+    iteration boundary, set ``status`` to ``preempted: …`` and raise :class:`RunPreempted` — after
+    handing the signal to the handler installed before (submitit's requeue), if there was one.
     """
     validate(cfg)
     device = resolve_device(cfg["device"])
     run_dir = Path(run_dir)
-    check_run_dir(run_dir)
+    check_writable(run_dir)
+    ckcfg = cfg.get("checkpoint") or {}
+    try:
+        with RunDirLock(run_dir), PreemptionSignals(bool(ckcfg.get("enabled", True))) as signals:
+            mode, ck = plan_resume(run_dir, cfg)
+            return _run(cfg, run_dir, extra_attrs, device, mode, ck, signals, tracker)
+    except RunPreempted as e:
+        if callable(e.previous_handler):  # e.g. submitit: requeue this job (it then exits the process)
+            e.previous_handler(e.signum, None)
+        raise
+    except OSError as e:
+        if e.errno not in _STORAGE_ERRNOS:
+            raise
+        raise StorageError(
+            f"writing to {run_dir} failed ({e.strerror or e}); lca.h5 keeps every row committed before "
+            "it (readable, status 'failed: …'). Free space and rerun the same command to continue from "
+            "the last checkpoint."
+        ) from e
+
+
+def _run(
+    cfg: dict[str, Any],
+    run_dir: Path,
+    extra_attrs: dict[str, str] | None,
+    device: torch.device,
+    mode: str,
+    ck: dict[str, Any] | None,
+    signals: PreemptionSignals,
+    tracker: Any = None,
+) -> dict[str, Any]:
+    """The body of :func:`run` with the run directory locked; ``mode`` is new / restart / resume."""
     set_determinism(int(cfg["seed"]), bool(cfg["deterministic"]))
     set_matmul_precision(str(cfg["lca"].get("precision", "fp32")))  # training and LCA alike
     dcfg, ncfg, ocfg, lcfg, scfg = cfg["data"], cfg["net"], cfg["opt"], cfg["lca"], cfg["store"]
@@ -158,7 +223,10 @@ def run(
     try:
         plans = plan_layers(groups, cfg.get("layers") or {})
     except ValueError as e:
-        raise ConfigError(str(e)) from None
+        # One line: the valid layers as "index/negative index name".
+        first = str(e).splitlines()[0].split(" Valid layers")[0]
+        valid = ", ".join(f"{i}/{i - len(groups)} {name}" for i, (name, _) in enumerate(groups))
+        raise ConfigError(f"{first} Valid layers: {valid}" if "\n" in str(e) else str(e)) from None
     optimizer = build_optimizer(
         model,
         groups,
@@ -178,6 +246,11 @@ def run(
     K = int(index.numel())
 
     n_train = len(data.train_x)
+    if int(cfg["batch_size"]) > n_train:
+        raise ConfigError(
+            f"batch_size={cfg['batch_size']} is larger than the training set ({n_train} examples of "
+            f"{data.source}); use batch_size ≤ {n_train}"
+        )
     per_epoch = math.ceil(n_train / int(cfg["batch_size"]))
     total_iters = per_epoch * int(cfg["epochs"])
     lca_on = bool(lcfg.get("enabled", True))
@@ -265,18 +338,89 @@ def run(
         expected_rows=n_rows,
         n_classes=data.n_classes if per_class and lca_on else None,
         background=device.type == "cuda",  # rows leave the GPU without stalling it (writer thread)
+        overwrite=mode == "restart",
+        resume=ck["rows"] if ck is not None else None,
     )
+    if mode == "restart":
+        tqdm.write(f"WARNING: {path} had no checkpoint: starting it again from iteration 0 (resume=true)")
+
+    ckcfg = cfg.get("checkpoint") or {}
+    ck_on = bool(ckcfg.get("enabled", True))
+    ck_every = int(ckcfg.get("every") or 0)
+    ck_seconds = float(ckcfg.get("seconds") or 0)
+    kill_at = int(os.environ.get(TEST_KILL_ENV, "-1"))
+    start_it, resumed_perm, theta_next = 0, None, None
+    if ck is not None:
+        # Everything the loop carries from one iteration to the next, as it was at the checkpoint.
+        start_it = int(ck["iteration"])
+        model.load_state_dict(ck["model"])
+        optimizer.load_state_dict(ck["optimizer"])
+        reducer.load_state_dict(ck["reducer"])
+        batch_gen.set_state(ck["batch_gen"])
+        resumed_perm = ck["perm"]
+        lp = ck["loop"]
+        counts.copy_(lp["counts"])
+        layer_total.copy_(lp["layer_total"])
+        max_abs_err, not_converged = float(lp["max_abs_err"]), int(lp["not_converged"])
+        total_splits, passes = int(lp["total_splits"]), int(lp["passes"])
+        loss_start, loss_end, cum_err = float(lp["loss_start"]), float(lp["loss_end"]), float(lp["cum_err"])
+        set_rng_state(ck["rng"], device)
+        writer.set_attr("resumed", f"from iteration {start_it} at {attrs['created']}")  # the latest resume
+        if engine is not None and lo < start_it < hi:
+            # The engine's cached endpoint gradient is not in the checkpoint: recompute it at θ_t
+            # (the same function of the same θ, so the same bits on CPU).
+            theta_next = flat()
+            engine.prime(theta_next)
+        tqdm.write(f"resuming {path} from its checkpoint at iteration {start_it} of {total_iters}")
+        del ck
+
+    def checkpoint(it: int, perm: torch.Tensor) -> None:
+        """Flush the run file and save the loop state at the boundary before iteration ``it``."""
+        save_checkpoint(
+            run_dir,
+            {
+                "config": attrs["config"],
+                "iteration": it,
+                "rows": writer.committed_rows(),
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "reducer": reducer.state_dict(),
+                "batch_gen": batch_gen.get_state(),
+                "perm": perm.cpu(),
+                "rng": rng_state(device),
+                "loop": {
+                    "counts": counts.cpu(),
+                    "layer_total": layer_total.cpu(),
+                    "max_abs_err": max_abs_err,
+                    "not_converged": not_converged,
+                    "total_splits": total_splits,
+                    "passes": passes,
+                    "loss_start": loss_start,
+                    "loss_end": loss_end,
+                    "cum_err": cum_err,
+                },
+            },
+        )
+
     summary: dict[str, Any] = {}
     layer_names = [g[0] for g in groups]
     with writer:
-        writer.write_array("data/train_index", np.asarray(data.train_index, dtype=np.int64))
+        if mode != "resume":
+            writer.write_array("data/train_index", np.asarray(data.train_index, dtype=np.int64))
         model.train()
-        it = 0
-        theta_next = None
-        bar = tqdm(total=total_iters, desc=f"{ncfg['name']}/{data.source}", unit="it", dynamic_ncols=True)
-        for _epoch in range(int(cfg["epochs"])):
-            perm = torch.randperm(n_train, generator=batch_gen).to(device)
-            for b in range(per_epoch):
+        it = start_it
+        bar = tqdm(
+            total=total_iters, initial=start_it, desc=f"{ncfg['name']}/{data.source}", unit="it",
+            dynamic_ncols=True,
+        )  # fmt: skip
+        last_ck = time.monotonic()
+        for _epoch in range(start_it // per_epoch, int(cfg["epochs"])):
+            b0 = it - _epoch * per_epoch  # > 0 only when resuming in the middle of an epoch
+            if b0 > 0:
+                perm = resumed_perm.to(device)
+            else:
+                perm = torch.randperm(n_train, generator=batch_gen).to(device)
+            for b in range(b0, per_epoch):
                 if it in milestones:
                     for g in optimizer.param_groups:
                         g["lr"] *= decay
@@ -363,6 +507,22 @@ def run(
                     if tracker is not None:
                         tracker.log_eval(it, test_loss=tl, test_acc=ta)
                 bar.update(1)
+                if it == kill_at:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if ck_on and it < total_iters:
+                    due = (ck_every and it % ck_every == 0) or (
+                        ck_seconds and time.monotonic() - last_ck >= ck_seconds
+                    )
+                    if due or signals.signum is not None:
+                        checkpoint(it, perm)
+                        last_ck = time.monotonic()
+                    if signals.signum is not None:
+                        bar.close()
+                        name = signal.Signals(signals.signum).name
+                        writer.close(f"preempted: {name} at iteration {it}; rerun to continue")
+                        raise RunPreempted(
+                            signals.signum, it, run_dir, signals.previous.get(signals.signum)
+                        )
         bar.close()
 
         train_loss, train_acc = evaluate(model, data.train_x, data.train_y, chunk_eval)
@@ -409,6 +569,8 @@ def run(
         for k, v in summary.items():
             if isinstance(v, (int, float, str)):
                 writer.set_attr(f"summary/{k}", v)
+    if ck_on:
+        (run_dir / CHECKPOINT_NAME).unlink(missing_ok=True)  # complete: nothing left to resume
     return summary
 
 

@@ -131,14 +131,15 @@ def test_window_limits_rows(tmp_path):
 
 def test_size_budget_refuses_before_training(tmp_path):
     with pytest.raises(ConfigError, match="store.per_param=false"):
-        run(_cfg("data=synthetic", "data.size=200", "store.max_gb=0.0001"), tmp_path)
+        run(_cfg("data=synthetic", "data.size=200", "batch_size=50", "store.max_gb=0.0001"), tmp_path)
     assert not (tmp_path / "lca.h5").exists()
 
 
 def test_unknown_layer_fails_before_training(tmp_path):
     with pytest.raises(ValueError, match="fc"):
         run(
-            _cfg("data=synthetic", "data.size=200", "+layers.x.select=conv7", "+layers.x.freeze=true"),
+            _cfg("data=synthetic", "data.size=200", "batch_size=50", "+layers.x.select=conv7",
+                 "+layers.x.freeze=true"),
             tmp_path,
         )
     assert not (tmp_path / "lca.h5").exists()
@@ -219,4 +220,4 @@ def test_unwritable_run_dir_fails_before_training(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     with pytest.raises(ConfigError, match="cannot write to the run directory"):
-        run(_cfg("data=synthetic", "data.size=64"), blocker / "run")
+        run(_cfg("data=synthetic", "data.size=64", "batch_size=32"), blocker / "run")
