@@ -106,7 +106,7 @@ class BenchOptions:
     naive: bool = True
     naive_iters: int | None = None
     storage: bool = False
-    flush_every: int = 10
+    flush_every: int = 50
     chunk_size: Any = "auto"
     channels_last: str = "auto"
     tolerance: float = 1e-3
@@ -145,7 +145,9 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchOptions:
     )
     p.add_argument("--naive-iters", type=int, help="naive iterations (default: fc 10, others 3; ≤ --iters)")
     p.add_argument("--storage", action="store_true", help="also measure the run-file writer's stall")
-    p.add_argument("--flush-every", type=int, default=10, help="RunWriter rows per flush with --storage")
+    p.add_argument(
+        "--flush-every", type=int, default=50, help="RunWriter rows per flush with --storage (as train.py)"
+    )
     p.add_argument(
         "--chunk-size", default="auto", help="FullBatchLoss chunk size: int, or auto (lca.chunk_size=auto)"
     )
@@ -530,7 +532,8 @@ def naive_replay(
     if integrator not in ("simpson", "first_order"):
         raise ValueError(f"naive integrator {integrator!r}: use 'simpson' or 'first_order'")
     device = torch.device(device)
-    m = lca_mode_copy(model)
+    # As one first writes it: the default NCHW layout (no channels-last), whatever the engine uses.
+    m = lca_mode_copy(model).to(memory_format=torch.contiguous_format)
     dtype = next(m.parameters()).dtype
     loader = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(x_cpu.to(dtype), y_cpu), batch_size=chunk, shuffle=False

@@ -104,8 +104,6 @@ def validate(cfg: Mapping[str, Any]) -> None:
             raise ConfigError(
                 f"lca.channels_last must be auto, true or false, got {lca.get('channels_last')!r}"
             )
-        if not _is_int(lca.get("batch_points", 64)) or lca.get("batch_points", 64) < 1:
-            raise ConfigError(f"lca.batch_points must be an integer ≥ 1, got {lca.get('batch_points')!r}")
         window = lca.get("window")
         if window is not None:
             w = list(window)
@@ -172,10 +170,6 @@ def _check_layer_entry(prefix: str, entry: Mapping[str, Any]) -> None:
         if v < lo or (hi is not None and v >= hi):
             rng = f"in [{lo}, {hi})" if hi is not None else f"≥ {lo}"
             raise ConfigError(f"{prefix}.{key} must be {rng}, got {v}")
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _num_or_raise(key: str, v: Any) -> float:

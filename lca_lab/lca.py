@@ -184,10 +184,11 @@ class FullBatchLoss:
         named = dict(self.model.named_parameters())
         return torch.cat([named[n].detach().reshape(-1) for n in self.param_names])
 
-    def unflatten(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Flat [K] → {name: view of shape} (4-d weights copied to channels-last when that is on)."""
+    def unflatten(self, theta: torch.Tensor, layout: bool = True) -> dict[str, torch.Tensor]:
+        """Flat [K] → {name: view of shape} (4-d weights copied to channels-last when that is on and
+        ``layout``; vmap cannot change memory formats, and cuDNN follows the input's layout anyway)."""
         out = {n: t.view(s) for n, t, s in zip(self.param_names, theta.split(self.numels), self.shapes)}
-        if self.channels_last:
+        if self.channels_last and layout:
             cl = torch.channels_last
             out = {n: t.contiguous(memory_format=cl) if t.dim() == 4 else t for n, t in out.items()}
         return out
@@ -229,10 +230,9 @@ class FullBatchLoss:
         Small nets are bound by kernel launches, not arithmetic: one batched pass over B points costs
         far less than B passes. Memory grows with B × activations; callers choose B. Counts B passes.
         """
-        self.n_evals += len(thetas)
 
         def chunk_loss(theta: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-            out = functional_call(self.model, self.unflatten(theta), (xb,), strict=False)
+            out = functional_call(self.model, self.unflatten(theta, layout=False), (xb,), strict=False)
             return self.loss_fn(out, yb, reduction="sum")
 
         vg = vmap(grad_and_value(chunk_loss), in_dims=(0, None, None))
@@ -244,6 +244,7 @@ class FullBatchLoss:
                 grad += g.double()
                 total += loss_sum.double()
         n = len(self.x)
+        self.n_evals += len(thetas)
         return total / n, grad / n
 
     def class_loss_and_grad(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -366,6 +367,7 @@ class LCAEngine:
         self.per_class = per_class
         self.test_loss = test_loss
         self._cache: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None
+        self._max_points: int | None = None  # largest batch of path points that fit (after an OOM)
 
     def reset(self) -> None:
         """Forget the cached endpoint gradient (e.g. after parameters were changed by hand)."""
@@ -509,8 +511,27 @@ class LCAEngine:
             yield from self._block_steps(block)
 
     def _eval_many(self, points: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """L [P] and ∇L [P, K] (float64) at P points, in batched passes of at most ``len(block)`` points."""
-        return self.loss.loss_and_grad_batch(torch.stack(points))
+        """L [P] and ∇L [P, K] (float64) at P points, in batched passes.
+
+        A batch that does not fit in GPU memory (B × one pass's activations) is halved, and the engine
+        remembers the size that fits, so a too-large ``batch_points`` costs time once, not the run.
+        """
+        Ls, Gs, i = [], [], 0
+        while i < len(points):
+            n = min(self._max_points or len(points), len(points) - i)
+            try:
+                L, G = self.loss.loss_and_grad_batch(torch.stack(points[i : i + n]))
+            except torch.cuda.OutOfMemoryError:
+                if n == 1:
+                    raise
+                self._max_points = n // 2
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                continue
+            Ls.append(L)
+            Gs.append(G)
+            i += n
+        return torch.cat(Ls), torch.cat(Gs)
 
     def _block_steps(self, block: list[torch.Tensor]) -> Iterator[StepLCA]:
         """The steps of one block θ_0 … θ_m with batched evaluation (see :meth:`steps`)."""

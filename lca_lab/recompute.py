@@ -59,7 +59,16 @@ from tqdm.auto import tqdm
 from . import __version__
 from .config import ConfigError
 from .data import load_data
-from .lca import FullBatchLoss, LCAEngine, StepLCA, check_engine_options, layer_sums
+from .lca import (
+    PRECISIONS,
+    FullBatchLoss,
+    LCAEngine,
+    StepLCA,
+    auto_chunk_size,
+    check_engine_options,
+    layer_sums,
+    set_matmul_precision,
+)
 from .nets import build_net
 from .reducers import LCAReducer
 from .store import RunWriter, open_run, resolve_path
@@ -77,7 +86,10 @@ __all__ = [
 
 MERGED_NAME = "lca.h5"
 LOCK_NAME = ".merge.lock"
-ENGINE_KEYS = ("method", "tolerance", "max_splits", "adaptive", "chunk_size", "per_class", "test")
+ENGINE_KEYS = (
+    "method", "tolerance", "max_splits", "adaptive", "chunk_size", "per_class", "test", "batch_points",
+    "precision",
+)  # fmt: skip
 REDUCE_ROW = ("frac_helping", "frac_hurting", "frac_zero", "layer_frac_helping", "layer_frac_hurting")
 # Per-row series whose first row is the start point (T+1 rows): a later shard's first row repeats the
 # previous shard's last one and is dropped when merging.
@@ -101,7 +113,7 @@ class RecomputeError(ValueError):
 
 
 def recompute_range(
-    engine: LCAEngine, thetas: Callable[[int], torch.Tensor], lo: int, hi: int
+    engine: LCAEngine, thetas: Callable[[int], torch.Tensor], lo: int, hi: int, batch_points: int = 1
 ) -> Iterator[tuple[int, StepLCA]]:
     """LCA of the stored steps ``lo..hi-1``: yields ``(r, StepLCA of θ_r → θ_{r+1})`` in order.
 
@@ -110,17 +122,22 @@ def recompute_range(
         thetas: ``thetas(r)`` → θ_r, flat [K] tensor in the model's dtype on the engine's device, for
             trajectory rows ``r = lo..hi`` (row r is θ after r stored steps, not a training iteration).
         lo, hi: step range, ``0 ≤ lo < hi ≤ n_steps``.
+        batch_points: path points evaluated together (``LCAEngine.steps``: vmap over the points of up
+            to this many steps, refinements batched too); 1 is the online engine's step-by-step path.
 
     The first point is primed (one extra gradient pass); afterwards every endpoint gradient is reused,
-    exactly as online. The caller must not modify yielded tensors' inputs in place. This is the one
-    place that computes: a batched implementation may replace the body if it yields the same rows.
+    exactly as online. The caller must not modify yielded tensors' inputs in place.
     """
-    theta0 = thetas(lo)
-    engine.prime(theta0)
-    for r in range(lo, hi):
-        theta1 = thetas(r + 1)
-        yield r, engine.step(theta0, theta1)  # same tensor object next time: the engine reuses g(θ1)
-        theta0 = theta1
+    engine.prime(thetas(lo))
+    if batch_points <= 1:
+        theta0 = thetas(lo)
+        for r in range(lo, hi):
+            theta1 = thetas(r + 1)
+            yield r, engine.step(theta0, theta1)  # same tensor object next time: the engine reuses g(θ1)
+            theta0 = theta1
+        return
+    points = (thetas(r) for r in range(lo, hi + 1))
+    yield from zip(range(lo, hi), engine.steps(points, batch_points))
 
 
 def shard_bounds(n_steps: int, shard: int, num_shards: int) -> tuple[int, int]:
@@ -217,7 +234,8 @@ def _resolve_device(name: str) -> torch.device:
 def engine_settings(run_cfg: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
     """The run's ``lca`` settings with non-null ``overrides`` applied; checked (RecomputeError)."""
     lcfg = dict(run_cfg.get("lca") or {})
-    out = {k: lcfg.get(k) for k in ENGINE_KEYS}
+    out = {k: lcfg.get(k) for k in ENGINE_KEYS if k != "batch_points"}  # a recompute-only setting
+    out["batch_points"] = None
     out["per_class"] = bool(out["per_class"] or False)
     out["test"] = bool(out["test"] or False)
     out["adaptive"] = True if out["adaptive"] is None else bool(out["adaptive"])
@@ -230,8 +248,16 @@ def engine_settings(run_cfg: dict[str, Any], overrides: dict[str, Any] | None) -
         check_engine_options(str(out["method"]), float(out["tolerance"]), int(out["max_splits"]))
     except (TypeError, ValueError) as e:
         raise RecomputeError(str(e)) from None
-    if isinstance(out["chunk_size"], bool) or not isinstance(out["chunk_size"], int) or out["chunk_size"] < 1:
-        raise RecomputeError(f"lca.chunk_size must be an integer ≥ 1, got {out['chunk_size']!r}")
+    cs = out["chunk_size"]
+    if cs != "auto" and (isinstance(cs, bool) or not isinstance(cs, int) or cs < 1):
+        raise RecomputeError(f"lca.chunk_size must be an integer ≥ 1 or auto, got {cs!r}")
+    bp = out["batch_points"]
+    if bp is not None and (isinstance(bp, bool) or not isinstance(bp, int) or bp < 1):
+        raise RecomputeError(f"lca.batch_points must be an integer ≥ 1, got {bp!r}")
+    out["batch_points"] = bp
+    out["precision"] = out["precision"] or "fp32"
+    if out["precision"] not in PRECISIONS:
+        raise RecomputeError(f"lca.precision must be one of {list(PRECISIONS)}, got {out['precision']!r}")
     out["tolerance"], out["max_splits"] = float(out["tolerance"]), int(out["max_splits"])
     return out
 
@@ -290,15 +316,20 @@ def _build(rf, run_cfg: dict[str, Any], settings: dict[str, Any], device: torch.
     index = torch.cat(
         [torch.full((int(np.prod(s)),), int(li), dtype=torch.int64) for s, li in zip(shapes, layer_of)]
     ).to(device)
-    chunk = int(settings["chunk_size"])
+    chunk = settings["chunk_size"]
+    if chunk == "auto":  # as the training run resolved it (recorded), else as it would resolve here
+        chunk = int(rf.attrs.get("lca_chunk_size") or auto_chunk_size(model, len(data.train_x), device))
+    chunk = int(chunk)
+    set_matmul_precision(settings["precision"])
     per_class = settings["per_class"]
+    cl = device.type == "cuda" and any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
     fbl = FullBatchLoss(
         model, data.train_x, data.train_y, chunk, param_names=pnames,
-        n_classes=data.n_classes if per_class else None,
+        n_classes=data.n_classes if per_class else None, channels_last=cl,
     )  # fmt: skip
     test_fbl = None
     if settings["test"] and len(data.test_x) > 0:
-        test_fbl = FullBatchLoss(model, data.test_x, data.test_y, chunk, param_names=pnames)
+        test_fbl = FullBatchLoss(model, data.test_x, data.test_y, chunk, param_names=pnames, channels_last=cl)
     engine = LCAEngine(
         fbl, settings["method"], settings["tolerance"], settings["max_splits"], settings["adaptive"],
         per_class=per_class, test_loss=test_fbl,
@@ -399,7 +430,10 @@ def _write_shard_rows(writer, setup: _Setup, f, traj: Trajectory, lo, hi, per_pa
     first_grad = torch.zeros(K, dtype=torch.int8, device=dev)
     thetas = _ThetaReader(f, dev, setup.dtype, lo, hi)
     bar = tqdm(total=hi - lo, desc=desc, unit="it", dynamic_ncols=True, disable=not progress)
-    for r, st in recompute_range(setup.engine, thetas, lo, hi):
+    bp = setup.settings["batch_points"]
+    if bp is None:  # auto: batched where it pays (launch-bound GPU nets without BN: B× activations)
+        bp = 64 if dev.type == "cuda" and not setup.engine.loss.has_bn else 1
+    for r, st in recompute_range(setup.engine, thetas, lo, hi, bp):
         if r == lo:
             writer.write_initial(st.loss0)
             if st.class_loss0 is not None:

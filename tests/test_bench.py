@@ -32,7 +32,7 @@ def result(request):
     # in 2 chunks: a LeNet pass costs ~1.5 s per 512 examples on 2 cores.
     o = bench.BenchOptions(
         nets=[request.param], device="cpu", iters=3, warmup=1, n_train=N, chunk_size=N // 2, max_splits=2,
-        limit_repeats=1, naive_iters=3, keep_param=True,
+        limit_repeats=1, naive_iters=3, keep_param=True, methods=["rk4"], recompute_iters=6, batch_points=4,
     )  # fmt: skip
     return bench.run_bench(o)
 
@@ -52,6 +52,11 @@ def test_rows_have_the_fields_and_sane_values(result):
         assert r["speedup"] == pytest.approx(r["naive_s_per_it"] / r["engine_s_per_it"])
         assert r["L_end"] < r["L_start"]  # the teacher labels are learnable: SGD lowers L
         assert r["peak_mib"] is None  # CPU
+        # batched recompute of a stored trajectory (nets without BN): same totals as step by step
+        # two passes per step, plus the first point's gradient (not cached in a fresh engine) over 6 steps
+        assert r["recompute_batched_s_per_it"] > 0
+        assert r["recompute_batched_passes_per_it"] == pytest.approx(2.0 + 1 / 6)
+        assert r["recompute_max_abs_diff"] < 1e-6
     table = bench.format_table(result)
     assert net in table and "engine ms/it" in table
 
@@ -146,21 +151,24 @@ def test_bad_options_fail_before_compute_with_the_fix(argv, words, capsys):
 
 def test_cpu_defaults():
     o = bench.parse_args(["--device", "cpu"])
-    assert o.nets == ["fc", "lenet"] and o.precisions == ["fp32"] and o.methods == ["rk4"]
-    assert o.iters == 20 and o.warmup == 3 and o.chunk_size == 5000
+    assert o.nets == ["fc", "lenet"] and o.precisions == ["fp32"] and o.methods == ["rk4", "trapezoid"]
+    assert o.iters == 20 and o.warmup == 3 and o.chunk_size == "auto"
 
 
 def test_cli_smoke_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "lca_lab.bench", "--nets", "fc", "--n-train", "512", "--iters", "2",
-           "--warmup", "1", "--json", str(out), "--device", "cpu", "--limit-repeats", "1"]  # fmt: skip
+           "--warmup", "1", "--json", str(out), "--device", "cpu", "--limit-repeats", "1",
+           "--recompute-iters", "8", "--batch-points", "4"]  # fmt: skip
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
     assert p.returncode == 0, p.stderr
     assert "engine ms/it" in p.stdout and "fc" in p.stdout
     assert "[bench" in p.stderr  # progress on stderr, not in the table
     data = json.loads(out.read_text())
     assert data["torch"] == torch.__version__ and data["device"].startswith("cpu")
-    (row,) = data["rows"]
-    assert ROW_FIELDS <= set(row)
-    assert row["efficiency"] > 0 and row["speedup"] > 0 and row["n_train"] == 512
+    assert [r["method"] for r in data["rows"]] == ["rk4", "trapezoid"]  # the default methods
+    for row in data["rows"]:
+        assert ROW_FIELDS <= set(row)
+        assert row["efficiency"] > 0 and row["speedup"] > 0 and row["n_train"] == 512
+        assert row["recompute_batched_s_per_it"] > 0

@@ -26,10 +26,13 @@ def test_cuda_engine_matches_cpu_float64_reference():
     gpu = FullBatchLoss(copy.deepcopy(model).cuda(), x.cuda(), y.cuda(), chunk_size=128)
     t0 = ref.flat_params()
     t1 = t0 + 1e-3 * torch.randn_like(t0)
-    a = LCAEngine(gpu, tolerance=1e-5).step(t0.float().cuda(), t1.float().cuda())
+    from lca_lab.lca import matmul_precision
+
+    with matmul_precision("fp32"):  # PyTorch's default runs cuDNN convolutions in TF32
+        a = LCAEngine(gpu, tolerance=1e-5).step(t0.float().cuda(), t1.float().cuda())
     b = LCAEngine(ref, tolerance=1e-8).step(t0, t1)
     assert abs(float(a.total) - float(b.total)) < 1e-4
-    np.testing.assert_allclose(a.param.cpu().numpy(), b.param.numpy(), rtol=2e-2, atol=1e-6)
+    assert _rel(a.param, b.param) < REL  # see REL: ReLU kinks, not rounding, set this tolerance
 
 
 def test_resnet20_run_on_cuda_conserves(tmp_path):

@@ -376,3 +376,28 @@ def test_auto_chunk_size():
     assert auto_chunk_size(bn, 45000, "cuda") == 5000  # part of L's definition with BN
     assert auto_chunk_size(fc, 55000, "cpu") == 5000
     assert auto_chunk_size(fc, 300, "cpu") == 300
+
+
+def test_batched_points_halve_on_out_of_memory(monkeypatch):
+    """A batch of points that does not fit is split (and the fitting size remembered), same numbers."""
+    model, x, y = _tanh_problem()
+    fbl = FullBatchLoss(model, x, y, chunk_size=80)
+    th = _trajectory(fbl, 9, 0.02)
+    ref = list(LCAEngine(fbl, "rk4", tolerance=1e-5).steps(th, batch_points=1))
+    real = fbl.loss_and_grad_batch
+    sizes = []
+
+    def limited(thetas):
+        sizes.append(len(thetas))
+        if len(thetas) > 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(thetas)
+
+    monkeypatch.setattr(fbl, "loss_and_grad_batch", limited)
+    eng = LCAEngine(fbl, "rk4", tolerance=1e-5)
+    got = list(eng.steps(th, batch_points=8))
+    # the first block's 9 points (θ_0 uncached) fail, then 4 fail, then 2 fit and are kept for the rest
+    assert sizes[:3] == [9, 4, 2] and max(sizes[3:]) == 2 and eng._max_points == 2
+    for r, s in zip(ref, got):
+        assert (s.splits, s.passes) == (r.splits, r.passes)
+        torch.testing.assert_close(s.param, r.param, rtol=1e-9, atol=1e-13)
