@@ -144,8 +144,10 @@ def run(
     """Train one network with online LCA; write ``<run_dir>/lca.h5``; return the summary dict.
 
     ``extra_attrs`` go into the run file's attributes (the CLI stores the Hydra overrides there).
-    ``tracker`` (optional, e.g. ``tracking.WandbTracker``) gets ``log_iteration(it, **values)`` with
-    device tensors it must buffer (no host sync here) and ``log_eval(it, **values)``.
+    ``tracker`` (optional, e.g. ``tracking.WandbTracker``, or a zero-argument factory of one, called
+    once the start-up checks have passed; its ``attrs`` join the run file's) gets
+    ``log_iteration(it, **values)`` with device tensors it must buffer (no host sync here) and
+    ``log_eval(it, **values)``.
 
     The run directory is locked for the whole run (a second process is refused). If it holds a
     checkpoint of this config (or ``resume=true`` is set) the run continues from it; see
@@ -276,6 +278,10 @@ def _run(
             f"{run_dir}; free space or use store.per_param=false."
         )
 
+    if callable(tracker) and not hasattr(tracker, "log_iteration"):
+        # A tracker factory: its (W&B) run starts only now, after every start-up check has passed.
+        tracker = tracker()
+        extra_attrs = {**(extra_attrs or {}), **(getattr(tracker, "attrs", None) or {})}
     attrs = {
         "config": yaml.safe_dump(cfg, sort_keys=False),
         "lca_lab_version": __version__,

@@ -165,8 +165,8 @@ def test_batch_larger_than_real_training_set_fails_before_training(tmp_path):
     [
         (["experiment=nope"], "experiment=nope does not exist; choose one of: layer_interventions"),
         pytest.param(["-m", "net=fc,resnet21"], "net=resnet21 does not exist", marks=pytest.mark.slow),
-        pytest.param(["+layers.x.select=9", "+layers.x.freeze=true"], "layers.x.select: layer index",
-                     marks=pytest.mark.slow),  # fmt: skip
+        # regression: a layer index checked in run() once started a W&B run before failing
+        (["+layers.x.select=9", "+layers.x.freeze=true"], "layers.x.select: layer index"),
     ],
 )
 def test_cli_bad_input_is_one_line(tmp_path, args, needle):
@@ -181,3 +181,4 @@ def test_cli_bad_input_is_one_line(tmp_path, args, needle):
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], p.stderr
     assert time.time() - t0 < 300
     assert not (tmp_path / "run" / "lca.h5").exists()
+    assert not (tmp_path / "run" / "wandb").exists()  # no W&B run for a config that cannot run
