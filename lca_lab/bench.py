@@ -31,7 +31,6 @@ stderr.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import datetime as _dt
 import json
@@ -42,7 +41,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -51,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lca import FullBatchLoss, LCAEngine, auto_chunk_size, has_batchnorm
+from .lca import PRECISIONS, FullBatchLoss, LCAEngine, auto_chunk_size, has_batchnorm, matmul_precision
 from .nets import build_net, layer_groups
 
 # Per-net settings mirroring conf/net/*.yaml (kwargs of build_net, SGD learning rate) and train.py's batch
@@ -68,7 +67,6 @@ DATA_SHAPES: dict[str, tuple[int, tuple[int, int, int]]] = {
     "cifar10": (45_000, (3, 32, 32)),
 }
 N_CLASSES = 10
-PRECISIONS = ("fp32", "tf32")
 CONV_NETS = ("lenet", "resnet20", "allcnn")
 # Naive iterations when --naive-iters is not given: the naive path is several times slower than the
 # engine, so the big nets get few (enough for a median of a steady per-iteration cost).
@@ -254,17 +252,8 @@ def make_data(shape: str, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Te
     return x, y
 
 
-@contextlib.contextmanager
-def precision_mode(precision: str) -> Iterator[None]:
-    """Set cuBLAS and cuDNN TF32 flags for ``precision`` (``fp32``: both off; ``tf32``: both on); restore."""
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    on = precision == "tf32"
-    torch.backends.cuda.matmul.allow_tf32 = on
-    torch.backends.cudnn.allow_tf32 = on  # default True: fp32 must turn it off explicitly
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+# The engine's own switch (both cuBLAS and cuDNN TF32 flags, restored on exit).
+precision_mode = matmul_precision
 
 
 def _sync(device: torch.device) -> None:

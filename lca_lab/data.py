@@ -22,7 +22,9 @@ import functools
 import os
 import socket
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -403,3 +405,19 @@ def load_data(
                 )
                 bundle = _load_mnist5k(split_seed, normalize)
     return bundle.to(device)
+
+
+def load_data_config(dcfg: Mapping[str, Any], device: str | torch.device = "cpu") -> DataBundle:
+    """:func:`load_data` from the ``data`` section of a resolved config (a plain mapping), as a training
+    run and a recompute of it both need: the same keys must give the same data."""
+    return load_data(
+        dcfg["name"],
+        root=os.path.expanduser(str(dcfg["root"])),
+        split_seed=int(dcfg["split_seed"]),
+        fallback=dcfg.get("fallback"),
+        device=str(device),
+        synthetic_shape=dcfg.get("shape", "mnist"),
+        synthetic_size=int(dcfg.get("size", 1000)),
+        download=bool(dcfg.get("download", True)),
+        normalize=bool(dcfg.get("normalize", True)),
+    )

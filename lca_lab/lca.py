@@ -318,6 +318,10 @@ class StepLCA:
     test_error: torch.Tensor | None = None
     grad0: torch.Tensor | None = None  # [K] float64 ∇L(θ_t), for gradient-sign statistics
     delta: torch.Tensor | None = None  # [K] float64 θ_{t+1} − θ_t
+    # ``error`` and ``loss1`` as Python floats when the step already read them for its decision
+    # (integrated methods), so a caller needs no host sync of its own; None for first order.
+    host_error: float | None = None
+    host_loss1: float | None = None
 
 
 class LCAEngine:
@@ -415,10 +419,16 @@ class LCAEngine:
         # Gradients to integrate; with per-class, "g" is the sum of "gc" and need not be integrated twice.
         grads = ["gc" if self.per_class else "g"] + (["gt"] if self.test_loss is not None else [])
 
+        host_loss1 = None
+
         def residual(gbar: dict[str, torch.Tensor]) -> tuple[torch.Tensor, float]:
+            nonlocal host_loss1
             total_g = gbar["gc"].sum(0) if "gc" in gbar else gbar["g"]
             e = total_g @ delta - dloss
-            return e, float(e)  # the one host sync the adaptive decision needs
+            # The one host sync the adaptive decision needs; L(θ_{t+1}) rides along so that callers
+            # (the training loop's progress bar and divergence check) need no second one.
+            e_f, host_loss1 = torch.stack([e, p1["L"]]).tolist()
+            return e, e_f
 
         splits = 1
         if self.method == "first_order":
@@ -460,6 +470,8 @@ class LCAEngine:
         st = StepLCA(
             param, total, p0["L"], p1["L"], error, splits, converged, passes, grad0=p0["g"], delta=delta
         )
+        if err_t is not None:
+            st.host_error, st.host_loss1 = err, host_loss1
         if class_param is not None:
             st.class_param, st.class_loss0, st.class_loss1 = class_param, p0["Lc"], p1["Lc"]
         if "gt" in gbar:

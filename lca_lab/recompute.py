@@ -58,7 +58,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .config import ConfigError
-from .data import load_data
+from .data import load_data_config
 from .lca import (
     PRECISIONS,
     FullBatchLoss,
@@ -276,17 +276,7 @@ class _Setup:
 def _build(rf, run_cfg: dict[str, Any], settings: dict[str, Any], device: torch.device) -> _Setup:
     """Data, net and engine of the run, checked against the run file before any compute."""
     dcfg, ncfg = run_cfg["data"], run_cfg["net"]
-    data = load_data(
-        dcfg["name"],
-        root=os.path.expanduser(str(dcfg["root"])),
-        split_seed=int(dcfg["split_seed"]),
-        fallback=dcfg.get("fallback"),
-        device=str(device),
-        synthetic_shape=dcfg.get("shape", "mnist"),
-        synthetic_size=int(dcfg.get("size", 1000)),
-        download=bool(dcfg.get("download", True)),
-        normalize=bool(dcfg.get("normalize", True)),
-    )
+    data = load_data_config(dcfg, device)
     src = rf.attrs.get("data_source")
     if src is not None and data.source != src:
         raise RecomputeError(

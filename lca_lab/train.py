@@ -36,7 +36,7 @@ from .checkpoint import (
     set_rng_state,
 )
 from .config import ConfigError, validate
-from .data import load_data
+from .data import load_data_config
 from .lca import FullBatchLoss, LCAEngine, auto_chunk_size, layer_sums, set_matmul_precision
 from .nets import build_net, layer_groups
 from .optim import apply_freezes, build_optimizer, plan_layers
@@ -195,17 +195,7 @@ def _run(
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        data = load_data(
-            dcfg["name"],
-            root=os.path.expanduser(str(dcfg["root"])),
-            split_seed=int(dcfg["split_seed"]),
-            fallback=dcfg.get("fallback"),
-            device=str(device),
-            synthetic_shape=dcfg.get("shape", "mnist"),
-            synthetic_size=int(dcfg.get("size", 1000)),
-            download=bool(dcfg.get("download", True)),
-            normalize=bool(dcfg.get("normalize", True)),
-        )
+        data = load_data_config(dcfg, device)
     for w in caught:
         tqdm.write(f"WARNING: {w.message}")
 
@@ -458,8 +448,13 @@ def _run(
                 if do_lca:
                     theta1 = theta_next = flat()
                     st = engine.step(theta0, theta1)
-                    # One host read for the progress bar, the divergence check and the summary.
-                    loss_end, lca_total, err = torch.stack([st.loss1, st.total, st.error]).tolist()
+                    # The progress bar, the divergence check and the running sums need L and the error on
+                    # the host: the engine read them with its refinement decision; first order reads here.
+                    if st.host_error is not None:
+                        loss_end, err = st.host_loss1, st.host_error
+                    else:
+                        loss_end, err = torch.stack([st.loss1, st.error]).tolist()
+                    lca_total = st.total  # stays on the device: the writer and tracker batch it
                     if not math.isfinite(loss_end):
                         raise FloatingPointError(
                             f"training loss became {loss_end} at iteration {it}; lower opt.lr"

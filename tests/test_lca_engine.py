@@ -401,3 +401,18 @@ def test_batched_points_halve_on_out_of_memory(monkeypatch):
     for r, s in zip(ref, got):
         assert (s.splits, s.passes) == (r.splits, r.passes)
         torch.testing.assert_close(s.param, r.param, rtol=1e-9, atol=1e-13)
+
+
+@pytest.mark.parametrize("method", ["first_order", "trapezoid", "rk4"])
+def test_step_hands_back_the_floats_its_decision_read(method):
+    """The training loop uses these instead of a second host sync per iteration."""
+    model, x, y = _tanh_problem()
+    fbl = FullBatchLoss(model, x, y, chunk_size=80)
+    th = _trajectory(fbl, 3, 0.02)
+    eng = LCAEngine(fbl, method, tolerance=1e-5)
+    for a, b in zip(th[:-1], th[1:]):
+        st = eng.step(a, b)
+        if method == "first_order":  # no decision, nothing read
+            assert st.host_error is None and st.host_loss1 is None
+        else:
+            assert st.host_error == float(st.error) and st.host_loss1 == float(st.loss1)
