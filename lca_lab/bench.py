@@ -19,8 +19,12 @@ For every net × precision × method it measures, on synthetic data of the paper
   accumulated in float64 numpy, Simpson 1-4-1 with the endpoint gradient reused), replayed on the
   engine's own trajectory θ_t: time per iteration, speed-up = naive ÷ engine, and the largest difference
   between its LCA totals and the engine's (a correctness check: same L, same points, same weights).
-* **storage stall** (``--storage``): the engine loop again with per-parameter rows written through
-  :class:`lca_lab.store.RunWriter`; mean time per iteration with storage ÷ without − 1.
+* **storage stall** (``--storage``): the engine loop without and with per-parameter rows written through
+  :class:`lca_lab.store.RunWriter`, in ``--storage-repeats`` pairs of loops run alternately; the median
+  over pairs of (mean time per iteration with storage ÷ without − 1).
+* ``--cuda-graph on|both``: rows with each full-data pass replayed as one CUDA graph (``lca.cuda_graph``);
+  ``--profile DIR``: a ``torch.profiler`` table of 5 further engine iterations per row, for finding where
+  an iteration's time goes.
 
 Precision ``fp32`` turns TF32 off for both cuBLAS matmuls and cuDNN convolutions (cuDNN's default is on);
 ``tf32`` turns both on. Conv nets run channels-last on CUDA (``--channels-last auto``). Global flags are
@@ -113,7 +117,11 @@ class BenchOptions:
     whole_chunk: str = "auto"
     seed: int = 0
     recompute_iters: int = 128  # steps of a stored trajectory recomputed with batched points (0: skip)
-    batch_points: int = 64
+    batch_points: int | None = None  # None: 64 on a GPU, 1 on the CPU (as lca_lab.recompute)
+    cuda_graphs: list[bool] = field(default_factory=lambda: [False])  # rows with lca.cuda_graph off/on
+    cudnn_benchmark: bool = False
+    storage_repeats: int = 3  # on/off loop pairs for the storage stall
+    profile_dir: str | None = None  # write a torch.profiler table of a few engine iterations per row
     keep_param: bool = False  # keep per-iteration per-parameter LCA arrays in the result (tests)
 
 
@@ -153,7 +161,25 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchOptions:
         "--recompute-iters", type=int, default=128,
         help="steps of a stored trajectory recomputed with batched path points (nets without BN; 0: skip)",
     )  # fmt: skip
-    p.add_argument("--batch-points", type=int, default=64, help="points per vmap batch in the recompute")
+    p.add_argument(
+        "--batch-points", type=int, help="points per vmap batch in the recompute (default: GPU 64, CPU 1)"
+    )
+    p.add_argument(
+        "--cuda-graph", default="off", choices=["off", "on", "both"],
+        help="replay each full-data pass as a CUDA graph (lca.cuda_graph); both: a row for each",
+    )  # fmt: skip
+    p.add_argument(
+        "--cudnn-benchmark", action="store_true",
+        help="torch.backends.cudnn.benchmark on (cuDNN times its algorithms once per shape)",
+    )  # fmt: skip
+    p.add_argument(
+        "--storage-repeats", type=int, default=3,
+        help="with --storage: pairs of loops without/with the writer, run alternately",
+    )  # fmt: skip
+    p.add_argument(
+        "--profile", dest="profile_dir",
+        help="folder: write a torch.profiler table of 5 extra engine iterations per row",
+    )  # fmt: skip
     p.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"],
                    help="auto: on for conv nets on CUDA")  # fmt: skip
     p.add_argument("--tolerance", type=float, default=1e-3, help="engine tolerance, nats (default 1e-3)")
@@ -185,6 +211,8 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchOptions:
         flush_every=a.flush_every, chunk_size=chunk, channels_last=a.channels_last, tolerance=a.tolerance,
         max_splits=a.max_splits, limit_repeats=a.limit_repeats, whole_chunk=a.whole_chunk, seed=a.seed,
         recompute_iters=a.recompute_iters, batch_points=a.batch_points,
+        cuda_graphs={"off": [False], "on": [True], "both": [False, True]}[a.cuda_graph],
+        cudnn_benchmark=a.cudnn_benchmark, storage_repeats=a.storage_repeats, profile_dir=a.profile_dir,
     )  # fmt: skip
     try:
         check_options(opts)
@@ -228,10 +256,14 @@ def check_options(o: BenchOptions) -> None:
         not isinstance(o.chunk_size, int) and o.chunk_size != "auto"
     ):
         raise ValueError(f"--chunk-size must be a positive integer or auto (got {o.chunk_size})")
-    if o.recompute_iters < 0 or o.batch_points < 1:
+    if o.recompute_iters < 0 or (o.batch_points is not None and o.batch_points < 1):
         raise ValueError("--recompute-iters must be ≥ 0 and --batch-points ≥ 1")
-    if o.flush_every < 1 or o.limit_repeats < 1:
-        raise ValueError("--flush-every and --limit-repeats must be ≥ 1")
+    if o.flush_every < 1 or o.limit_repeats < 1 or o.storage_repeats < 1:
+        raise ValueError("--flush-every, --limit-repeats and --storage-repeats must be ≥ 1")
+    if any(o.cuda_graphs) and not str(o.device).startswith("cuda"):
+        raise ValueError("--cuda-graph on/both records CUDA graphs; use --cuda-graph off on the CPU")
+    if o.profile_dir is not None and not os.path.isdir(o.profile_dir):
+        raise ValueError(f"--profile {o.profile_dir}: not an existing folder")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -372,6 +404,8 @@ def engine_loop(
     o: BenchOptions,
     channels_last: bool,
     writer_dir: str | None = None,
+    cuda_graph: bool = False,
+    profile_path: str | None = None,
 ) -> dict[str, Any]:
     """Online LCA training loop as in ``train.py``: ``warmup + iters`` iterations, the last ``iters`` timed.
 
@@ -388,15 +422,18 @@ def engine_loop(
     named = dict(model.named_parameters())
     opt = torch.optim.SGD(model.parameters(), lr=spec["lr"], momentum=0.9)
     chunk = auto_chunk_size(model, len(x), device) if o.chunk_size == "auto" else int(o.chunk_size)
-    fbl = FullBatchLoss(model, x, y, chunk, param_names=pnames, channels_last=channels_last)
+    fbl = FullBatchLoss(
+        model, x, y, chunk, param_names=pnames, channels_last=channels_last, cuda_graph=cuda_graph
+    )
     engine = LCAEngine(fbl, method, tolerance=o.tolerance, max_splits=o.max_splits)
 
     def flat() -> torch.Tensor:
         return torch.cat([named[n].detach().reshape(-1) for n in pnames])
 
+    n_extra = 5 if profile_path else 0  # profiled after the measured iterations, not timed
     n_total = o.warmup + o.iters
     gen = torch.Generator().manual_seed(o.seed + 1)
-    batches = torch.randint(0, len(x), (n_total, spec["batch"]), generator=gen).to(device)
+    batches = torch.randint(0, len(x), (n_total + n_extra, spec["batch"]), generator=gen).to(device)
 
     writer = None
     if writer_dir is not None:
@@ -416,7 +453,7 @@ def engine_loop(
             attrs={"config": "bench", "device": str(device)},
             per_param=True,
             flush_every=o.flush_every,
-            expected_rows=n_total,
+            expected_rows=n_total + n_extra,
             background=device.type == "cuda",  # as train.py: rows leave the GPU without a blocking copy
         )
 
@@ -425,20 +462,17 @@ def engine_loop(
     loss_start = engine.prime(theta0)
     if writer is not None:
         writer.write_initial(loss_start)
-    times, steps, thetas = [], [], []
-    for i in range(n_total):
-        measured = i >= o.warmup
-        if measured and not thetas:
-            thetas.append(theta0)
-        _sync(device)
-        t = time.perf_counter()
+
+    def iteration(i: int, theta0: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """One online-LCA training iteration as in train.py → (θ_{t+1}, StepLCA)."""
         idx = batches[i]
         opt.zero_grad(set_to_none=True)
         F.cross_entropy(model(x[idx]), y[idx]).backward()
         opt.step()
         theta1 = flat()
         st = engine.step(theta0, theta1)
-        err = float(st.error)  # the one host read per iteration train.py makes
+        # The one host read per iteration train.py makes (the engine's own, for integrated methods).
+        err = st.host_error if st.host_error is not None else float(st.error)
         if not math.isfinite(err):
             raise FloatingPointError(
                 f"{net}: the loss diverged at iteration {i}; the benchmark needs a finite run"
@@ -448,6 +482,16 @@ def engine_loop(
                 0, index, st.param
             )
             writer.append(i, st.loss1, st.total, st.error, st.splits, st.converged, per_layer, st.param)
+        return theta1, st
+
+    times, steps, thetas = [], [], []
+    for i in range(n_total):
+        measured = i >= o.warmup
+        if measured and not thetas:
+            thetas.append(theta0)
+        _sync(device)
+        t = time.perf_counter()
+        theta1, st = iteration(i, theta0)
         _sync(device)
         dt = time.perf_counter() - t
         if measured:
@@ -455,6 +499,18 @@ def engine_loop(
             steps.append(st)
             thetas.append(theta1)
         theta0 = theta1
+    if profile_path:
+        acts = [torch.profiler.ProfilerActivity.CPU]
+        if device.type == "cuda":
+            acts.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=acts) as prof:
+            for i in range(n_total, n_total + n_extra):
+                theta0, _ = iteration(i, theta0)
+            _sync(device)
+        key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        with open(profile_path, "w") as f:
+            f.write(f"{n_extra} engine iterations ({net}, {method}, cuda_graph={cuda_graph}) on {device}\n")
+            f.write(prof.key_averages().table(sort_by=key, row_limit=40))
     if writer is not None:
         writer.close()
     res: dict[str, Any] = {
@@ -597,11 +653,12 @@ def recompute_rate(
         thetas.append(torch.cat([p.detach().reshape(-1) for p in params]))
     traj = torch.stack(thetas)
     fbl = FullBatchLoss(model, x, y, chunk, channels_last=cl)
-    B = o.batch_points
+    B = batch_points_for(o)
     warm = traj[: min(B, len(traj) - 1) + 1]
     list(LCAEngine(fbl, method, o.tolerance, o.max_splits).steps(warm, B))  # warm-up
     out: dict[str, Any] = {}
-    for name, b in (("batched", B), ("sequential", 1)):
+    # With B = 1 (the CPU default) the "batched" run is the sequential one: measured once.
+    for name, b in (("batched", B), ("sequential", 1))[: 2 if B > 1 else 1]:
         _sync(device)
         t = time.perf_counter()
         steps = list(LCAEngine(fbl, method, o.tolerance, o.max_splits).steps(traj, b))
@@ -611,9 +668,54 @@ def recompute_rate(
         out[f"recompute_{name}_passes_per_it"] = statistics.fmean(s.passes for s in steps)
         out[f"_tot_{name}"] = tot
     out["recompute_batch_points"] = B
+    if B == 1:
+        out["recompute_sequential_s_per_it"] = out["recompute_batched_s_per_it"]
+        out["recompute_sequential_passes_per_it"] = out["recompute_batched_passes_per_it"]
+        out["_tot_sequential"] = out["_tot_batched"]
     pairs = zip(out.pop("_tot_batched"), out.pop("_tot_sequential"))
     out["recompute_max_abs_diff"] = max(abs(a - b) for a, b in pairs)
     return out
+
+
+def batch_points_for(o: BenchOptions) -> int:
+    """``--batch-points``, or what ``lca_lab.recompute`` uses by default: 64 on a GPU, 1 on the CPU (where
+    batching the points saves no launches and only multiplies the activation memory)."""
+    if o.batch_points is not None:
+        return int(o.batch_points)
+    return 64 if str(o.device).startswith("cuda") else 1
+
+
+def storage_stall(
+    net: str, x: torch.Tensor, y: torch.Tensor, method: str, o: BenchOptions, cl: bool, cuda_graph: bool
+) -> dict[str, Any]:
+    """Cost of the run-file writer: the engine loop without and with it, alternately, ``o.storage_repeats``
+    times (without, with, without, with, …), so that drift of the machine (clocks, other jobs) falls on
+    both sides alike. Each loop is a fresh run of the same iterations; per pair, the stall is mean time per
+    iteration with the writer ÷ without − 1; the order alternates between pairs (off-on, on-off, …). Returns
+    the median stall over pairs and every pair's.
+    """
+
+    def loop(writer: bool) -> float:
+        with tempfile.TemporaryDirectory(prefix="lca_bench_") as tmp:
+            wd = tmp if writer else None
+            res = engine_loop(net, x, y, method, o, cl, writer_dir=wd, cuda_graph=cuda_graph)
+        return statistics.fmean(res["times"])
+
+    pairs = []
+    for j in range(o.storage_repeats):
+        if j % 2:  # on, off: with off, on before it, a linear drift cancels over two pairs
+            on = loop(True)
+            off = loop(False)
+        else:
+            off = loop(False)
+            on = loop(True)
+        pairs.append((off, on, 100 * (on / off - 1)))
+    return {
+        "storage_off_mean_s_per_it": statistics.median(p[0] for p in pairs),
+        "storage_on_mean_s_per_it": statistics.median(p[1] for p in pairs),
+        "storage_stall_pct": statistics.median(p[2] for p in pairs),
+        "storage_stall_pct_pairs": [p[2] for p in pairs],
+    }
 
 
 def run_case(
@@ -623,8 +725,14 @@ def run_case(
     data: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
     o: BenchOptions,
     limits: dict[tuple[str, str, int], dict[str, Any]],
+    cuda_graph: bool = False,
+    naive_cache: dict[tuple[str, str, str], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Measure one net × precision × method (limit cached per net × precision × chunk) → one result row."""
+    """Measure one net × precision × method × CUDA-graph setting → one result row.
+
+    The limit is cached per net × precision × chunk, and the naive baseline per net × precision × method
+    in ``naive_cache`` (it replays the trajectory, which does not depend on how the engine evaluates L).
+    """
     device = torch.device(o.device)
     x, y, x_cpu, y_cpu = data[NET_SPECS[net]["data"]]
     cl = o.channels_last == "on" or (o.channels_last == "auto" and device.type == "cuda" and net in CONV_NETS)
@@ -632,14 +740,19 @@ def run_case(
         x = x.contiguous(memory_format=torch.channels_last)
     row: dict[str, Any] = {
         "net": net, "precision": precision, "method": method, "channels_last": cl, "n_train": len(x),
-        "iters": o.iters, "warmup": o.warmup,
+        "iters": o.iters, "warmup": o.warmup, "cuda_graph": cuda_graph,
     }  # fmt: skip
     with precision_mode(precision):
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-        log(f"{net} {precision} {method}: engine, {o.warmup}+{o.iters} iterations")
-        eng = engine_loop(net, x, y, method, o, cl)
+        tag = f"{net} {precision} {method}" + (" cuda-graph" if cuda_graph else "")
+        log(f"{tag}: engine, {o.warmup}+{o.iters} iterations")
+        prof = None
+        if o.profile_dir:
+            name = f"{net}_{precision}_{method}" + ("_graph" if cuda_graph else "") + ".txt"
+            prof = os.path.join(o.profile_dir, name)
+        eng = engine_loop(net, x, y, method, o, cl, cuda_graph=cuda_graph, profile_path=prof)
         row["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
         chunk = eng["chunk_size"]
         row["chunk_size"] = chunk
@@ -663,7 +776,7 @@ def run_case(
         )
         row["engine_total"] = eng["total"]
         if o.recompute_iters and not has_batchnorm(eng["model"]):
-            log(f"{net} {precision} {method}: recompute of {o.recompute_iters} stored steps, vmap batches")
+            log(f"{tag}: recompute of {o.recompute_iters} stored steps, {batch_points_for(o)} points/pass")
             row.update(recompute_rate(eng["model"], x, y, chunk, method, o, cl))
         if o.keep_param:
             row["engine_param"] = eng["param"]
@@ -671,12 +784,15 @@ def run_case(
         if o.naive:
             k = min(o.naive_iters or DEFAULT_NAIVE_ITERS[net], o.iters)
             integ = "first_order" if method == "first_order" else "simpson"
-            log(
-                f"{net} {precision} {method}: naive baseline ({integ}), {k} iterations on the same trajectory"
-            )
-            nv = naive_replay(
-                eng["model"], eng["thetas"][: k + 1], x_cpu, y_cpu, chunk, integ, device, o.keep_param
-            )
+            nkey = (net, precision, method)
+            nv = (naive_cache or {}).get(nkey)
+            if nv is None:
+                log(f"{tag}: naive baseline ({integ}), {k} iterations on the same trajectory")
+                nv = naive_replay(
+                    eng["model"], eng["thetas"][: k + 1], x_cpu, y_cpu, chunk, integ, device, o.keep_param
+                )
+                if naive_cache is not None:
+                    naive_cache[nkey] = nv
             t_naive = statistics.median(nv["times"])
             diffs = [abs(a - b) for a, b in zip(nv["total"], eng["total"][:k])]
             # Same integrator, same points: first order always; RK4 where the engine did not refine beyond
@@ -698,13 +814,8 @@ def run_case(
                 row["naive_param"] = nv["param"]
 
         if o.storage:
-            log(f"{net} {precision} {method}: engine again with the run-file writer (storage stall)")
-            with tempfile.TemporaryDirectory(prefix="lca_bench_") as tmp:
-                on = engine_loop(net, x, y, method, o, cl, writer_dir=tmp)
-            row["storage_on_mean_s_per_it"] = statistics.fmean(on["times"])
-            row["storage_stall_pct"] = 100 * (
-                row["storage_on_mean_s_per_it"] / row["engine_mean_s_per_it"] - 1
-            )
+            log(f"{tag}: storage stall, {o.storage_repeats} pairs of loops without/with the writer")
+            row.update(storage_stall(net, x, y, method, o, cl, cuda_graph))
         del eng
     return row
 
@@ -720,11 +831,18 @@ def run_bench(o: BenchOptions) -> dict[str, Any]:
         x_cpu, y_cpu = make_data(shape, n, o.seed)
         data[shape] = (x_cpu.to(device), y_cpu.to(device), x_cpu, y_cpu)
     limits: dict[tuple[str, str, int], dict[str, Any]] = {}
+    naive_cache: dict[tuple[str, str, str], dict[str, Any]] = {}
     rows = []
-    for net in o.nets:
-        for precision in o.precisions:
-            for method in o.methods:
-                rows.append(run_case(net, precision, method, data, o, limits))
+    saved_benchmark = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = o.cudnn_benchmark
+    try:
+        for net in o.nets:
+            for precision in o.precisions:
+                for method in o.methods:
+                    for graph in o.cuda_graphs:
+                        rows.append(run_case(net, precision, method, data, o, limits, graph, naive_cache))
+    finally:
+        torch.backends.cudnn.benchmark = saved_benchmark
     return {
         "device": device_name(device),
         "torch": torch.__version__,
@@ -756,7 +874,13 @@ def _fmt(v: Any, scale: float = 1.0, spec: str = ".1f") -> str:
 
 COLUMNS: list[tuple[str, str, Callable[[dict[str, Any]], str]]] = [
     ("net", "<", lambda r: r["net"]),
-    ("prec", "<", lambda r: r["precision"] + ("/cl" if r["channels_last"] else "")),
+    (
+        "prec",
+        "<",
+        lambda r: r["precision"]
+        + ("/cl" if r["channels_last"] else "")
+        + ("/graph" if r.get("cuda_graph") else ""),
+    ),
     ("method", "<", lambda r: r["method"]),
     ("chunk", ">", lambda r: str(r["chunk_size"])),
     ("limit ms", ">", lambda r: _fmt(r["limit_s"], 1e3, ".2f")),
@@ -796,6 +920,7 @@ def format_table(result: dict[str, Any]) -> str:
     head = (
         f"lca_lab.bench on {result['device']}, torch {result['torch']}, {result['date']}; "
         f"{o['warmup']}+{o['iters']} iterations, tolerance {o['tolerance']}"
+        + (", cudnn.benchmark on" if o.get("cudnn_benchmark") else "")
     )
     return "\n".join(
         [head, line([h for h, _, _ in COLUMNS]), line(["-" * w for w in widths])] + [line(c) for c in cells]

@@ -104,6 +104,8 @@ def validate(cfg: Mapping[str, Any]) -> None:
             raise ConfigError(
                 f"lca.channels_last must be auto, true or false, got {lca.get('channels_last')!r}"
             )
+        if lca.get("cuda_graph", False) not in (True, False):
+            raise ConfigError(f"lca.cuda_graph must be true or false, got {lca.get('cuda_graph')!r}")
         window = lca.get("window")
         if window is not None:
             w = list(window)

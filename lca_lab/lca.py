@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -41,19 +42,22 @@ _DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Alpha
 
 
 @contextlib.contextmanager
-def lca_eval_mode(model: nn.Module):
+def lca_eval_mode(model: nn.Module, modules: Sequence[nn.Module] | None = None):
     """Put ``model`` in the mode that defines ``L(θ)``; restore every flag on exit.
 
     BatchNorm: train mode (batch statistics) with ``track_running_stats`` off, so the forward pass
-    neither reads nor updates running statistics. Dropout: eval (identity).
+    neither reads nor updates running statistics. Dropout: eval (identity). ``modules``: the model's
+    BatchNorm and dropout modules when the caller has listed them already (:func:`mode_modules`); the
+    per-pass cost is then that of those modules only, which matters for small, launch-bound nets.
     """
-    saved = [(m, m.training, getattr(m, "track_running_stats", None)) for m in model.modules()]
+    mods = mode_modules(model) if modules is None else modules
+    saved = [(m, m.training, getattr(m, "track_running_stats", None)) for m in mods]
     try:
-        for m in model.modules():
+        for m in mods:
             if isinstance(m, _BN_TYPES):
                 m.train()
                 m.track_running_stats = False
-            elif isinstance(m, _DROPOUT_TYPES):
+            else:
                 m.eval()
         yield model
     finally:
@@ -61,6 +65,11 @@ def lca_eval_mode(model: nn.Module):
             m.training = training
             if trs is not None:
                 m.track_running_stats = trs
+
+
+def mode_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules whose mode :func:`lca_eval_mode` sets (BatchNorm and dropout), in model order."""
+    return [m for m in model.modules() if isinstance(m, _BN_TYPES + _DROPOUT_TYPES)]
 
 
 def set_matmul_precision(mode: str) -> None:
@@ -122,6 +131,13 @@ class FullBatchLoss:
         channels_last: evaluate conv nets in the channels-last memory format (inputs [N, C, H, W] and
             4-d weights are laid out NHWC; shapes and values are unchanged). Faster with cuDNN on
             tensor-core GPUs; the numbers differ from NCHW only by float rounding.
+        cuda_graph: on a CUDA device, record one whole ``loss_and_grad`` pass (every chunk, forward and
+            backward) as a CUDA graph on first use and replay it afterwards: one launch per pass instead
+            of dozens per chunk, for small nets whose passes are bound by kernel launches. Same kernels,
+            same numbers. The graph holds one pass's activations in a private memory pool; it is
+            recorded again when the TF32 flags change. If recording fails (an op in the net or loss
+            that cannot be captured), a warning says why (``graph_error``) and the eager path is used.
+            Ignored on the CPU.
     """
 
     def __init__(
@@ -134,6 +150,7 @@ class FullBatchLoss:
         param_names: list[str] | None = None,
         n_classes: int | None = None,
         channels_last: bool = False,
+        cuda_graph: bool = False,
     ):
         if chunk_size <= 0:
             raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
@@ -161,6 +178,10 @@ class FullBatchLoss:
         self.n_evals = 0  # full passes made (for efficiency accounting)
         self.n_classes = n_classes
         self.has_bn = has_batchnorm(model)
+        self._mode_modules = mode_modules(model)
+        self.cuda_graph = bool(cuda_graph) and self.device.type == "cuda"
+        self.graph_error: str | None = None
+        self._graph: tuple | None = None  # (flags, graph, static θ, static L, static ∇L)
         self._segments: list[tuple[int, int, int]] | None = None
         if n_classes is not None:
             if self.has_bn:
@@ -199,7 +220,7 @@ class FullBatchLoss:
 
     def loss(self, theta: torch.Tensor) -> torch.Tensor:
         """``L(θ)`` as a float64 0-d tensor (mean loss per example)."""
-        with torch.no_grad(), lca_eval_mode(self.model):
+        with torch.no_grad(), lca_eval_mode(self.model, self._mode_modules):
             params = self.unflatten(theta)
             total = torch.zeros((), dtype=torch.float64, device=self.device)
             for xb, yb in self._chunks():
@@ -210,19 +231,70 @@ class FullBatchLoss:
     def loss_and_grad(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(L(θ), ∇L(θ))``: float64 0-d tensor and float64 flat gradient [K]."""
         self.n_evals += 1
-        grad = torch.zeros(self.n_params, dtype=torch.float64, device=self.device)
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
-        with torch.enable_grad(), lca_eval_mode(self.model):
-            leaf = theta.detach().clone().requires_grad_(True)
+        if self.cuda_graph:
+            out = self._replay(theta)
+            if out is not None:
+                return out
+        return self._loss_and_grad(theta)
+
+    def _replay(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``loss_and_grad`` through the recorded CUDA graph (recording it first); None if it cannot be."""
+        flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, theta.dtype)
+        if self._graph is None or self._graph[0] != flags:
+            self._graph = None
+            try:
+                self._graph = (flags, *self._record(theta))
+            except Exception as e:  # recording is an optimisation: fall back to the eager passes
+                self.cuda_graph = False
+                self.graph_error = f"{type(e).__name__}: {e}"
+                warnings.warn(
+                    f"lca.cuda_graph: recording the full-data pass as a CUDA graph failed "
+                    f"({self.graph_error}); continuing without it.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                return None
+        _, graph, static_theta, static_L, static_g = self._graph
+        static_theta.copy_(theta)
+        graph.replay()
+        # The graph's outputs are overwritten by the next replay; callers keep them across passes.
+        return static_L.clone(), static_g.clone()
+
+    def _record(self, theta: torch.Tensor) -> tuple:
+        """Record one ``_loss_and_grad`` pass → (graph, static θ [K], static L, static ∇L [K])."""
+        static_theta = theta.detach().clone()
+        with torch.cuda.device(self.device):
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                # Warm-up on a side stream, as capture requires: cuBLAS/cuDNN handles, workspaces and
+                # the autograd engine's device threads exist before recording starts.
+                for _ in range(2):
+                    self._loss_and_grad(static_theta)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: the run-file writer's thread may use CUDA (events) while this one records.
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                static_L, static_g = self._loss_and_grad(static_theta)
+        return graph, static_theta, static_L, static_g
+
+    def _loss_and_grad(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Few, in-place float64 ops: on a GPU small nets are bound by kernel launches, so every op
+        # of the per-pass bookkeeping costs about as much as a layer.
+        grad = None
+        sums = []
+        with torch.enable_grad(), lca_eval_mode(self.model, self._mode_modules):
+            leaf = theta.detach().requires_grad_(True)  # a new alias: θ itself is left untouched
             params = self.unflatten(leaf)
             for xb, yb in self._chunks():
                 out = functional_call(self.model, params, (xb,), strict=False)
                 loss_sum = self.loss_fn(out, yb, reduction="sum")
                 (g,) = torch.autograd.grad(loss_sum, leaf)
-                grad += g.double()
-                total += loss_sum.detach().double()
+                grad = g.double() if grad is None else grad.add_(g)
+                sums.append(loss_sum.detach())
         n = len(self.x)
-        return total / n, grad / n
+        total = sums[0].double() if len(sums) == 1 else torch.stack(sums).double().sum()
+        return total.div_(n), grad.div_(n)
 
     def loss_and_grad_batch(self, thetas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``L`` and ``∇L`` at B points at once with ``torch.func.vmap``: float64 ``[B]`` and ``[B, K]``.
@@ -238,7 +310,7 @@ class FullBatchLoss:
         vg = vmap(grad_and_value(chunk_loss), in_dims=(0, None, None))
         grad = torch.zeros(thetas.shape[0], self.n_params, dtype=torch.float64, device=self.device)
         total = torch.zeros(thetas.shape[0], dtype=torch.float64, device=self.device)
-        with torch.enable_grad(), lca_eval_mode(self.model):
+        with torch.enable_grad(), lca_eval_mode(self.model, self._mode_modules):
             for xb, yb in self._chunks():
                 g, loss_sum = vg(thetas.detach(), xb, yb)
                 grad += g.double()
@@ -259,7 +331,7 @@ class FullBatchLoss:
         C = self.n_classes
         grad = torch.zeros(C, self.n_params, dtype=torch.float64, device=self.device)
         loss = torch.zeros(C, dtype=torch.float64, device=self.device)
-        with torch.enable_grad(), lca_eval_mode(self.model):
+        with torch.enable_grad(), lca_eval_mode(self.model, self._mode_modules):
             leaf = theta.detach().clone().requires_grad_(True)
             params = self.unflatten(leaf)
             if self._segments is not None:
@@ -412,56 +484,71 @@ class LCAEngine:
         p0, passes = self._endpoint(theta0)
         p1 = self._eval(theta1)
         passes += 1
-        delta = theta1.double() - theta0.double()
+        delta = theta1.double() - theta0  # not in place: .double() of a float64 θ is θ itself
         dloss = p1["L"] - p0["L"]
-        err_t = None
-        err = 0.0
         # Gradients to integrate; with per-class, "g" is the sum of "gc" and need not be integrated twice.
-        grads = ["gc" if self.per_class else "g"] + (["gt"] if self.test_loss is not None else [])
-
+        gkey = "gc" if self.per_class else "g"
+        grads = [gkey] + (["gt"] if self.test_loss is not None else [])
         host_loss1 = None
 
-        def residual(gbar: dict[str, torch.Tensor]) -> tuple[torch.Tensor, float]:
+        def allocate(gbar: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, float]:
+            """Per-parameter LCA, its error, and the error on the host (the one sync the adaptive
+            decision needs; L(θ_{t+1}) rides along so that callers need no second one)."""
             nonlocal host_loss1
-            total_g = gbar["gc"].sum(0) if "gc" in gbar else gbar["g"]
-            e = total_g @ delta - dloss
-            # The one host sync the adaptive decision needs; L(θ_{t+1}) rides along so that callers
-            # (the training loop's progress bar and divergence check) need no second one.
+            param = gbar[gkey] * delta
+            if self.per_class:
+                param = param.sum(0)
+            e = param.sum() - dloss
             e_f, host_loss1 = torch.stack([e, p1["L"]]).tolist()
-            return e, e_f
+            return param, e, e_f
 
         splits = 1
+        err_t = None
+        err = 0.0
+        param = None
         if self.method == "first_order":
             gbar = {k: p0[k] for k in grads}
         else:
-            # Composite Simpson kept as three running sums so doubling reuses every gradient:
-            # ends = g(0)+g(1), odd = Σ g at odd grid points, even = Σ g at interior even points.
+            # Composite Simpson on 2^j sub-intervals: ḡ = (ends + 2·older + 4·newest) / (3·splits), where
+            # "newest" sums the gradients at the points added by the last doubling (odd grid points) and
+            # "older" all interior points before it; doubling reuses every gradient already computed.
             ends = {k: p0[k] + p1[k] for k in grads}
             done = False
             if self.method == "trapezoid":
-                gbar = {k: 0.5 * ends[k] for k in grads}
-                err_t, err = residual(gbar)
+                gbar = {k: ends[k].mul(0.5) for k in grads}
+                param, err_t, err = allocate(gbar)
                 done = not math.isfinite(err) or not self.adaptive or abs(err) <= self.tolerance
             if not done:
-                even = {k: torch.zeros_like(p0[k]) for k in grads}
-                odd = {k: torch.zeros_like(p0[k]) for k in grads}
+                older: dict[str, torch.Tensor] | None = None
+                newest: dict[str, torch.Tensor] | None = None
                 while True:
-                    even = {k: even[k] + odd[k] for k in grads}
-                    odd = {k: torch.zeros_like(p0[k]) for k in grads}
+                    if newest is not None:
+                        older = newest if older is None else {k: older[k].add_(newest[k]) for k in grads}
+                    newest = None
                     splits *= 2
                     for k_pt in range(1, splits, 2):
-                        pt = self._eval(_lerp(theta0, theta1, k_pt / splits))
-                        for k in grads:
-                            odd[k] += pt[k]
+                        pt = self._eval(_point(theta0, delta, k_pt / splits))
+                        newest = (
+                            {k: pt[k] for k in grads}
+                            if newest is None
+                            else {k: newest[k].add_(pt[k]) for k in grads}
+                        )
                         passes += 1
-                    gbar = {k: (ends[k] + 4.0 * odd[k] + 2.0 * even[k]) / (3.0 * splits) for k in grads}
-                    err_t, err = residual(gbar)
+                    if older is None:
+                        gbar = {k: ends[k].add(newest[k], alpha=4.0).div_(3.0 * splits) for k in grads}
+                    else:
+                        gbar = {
+                            k: ends[k].add(older[k], alpha=2.0).add_(newest[k], alpha=4.0).div_(3.0 * splits)
+                            for k in grads
+                        }
+                    param, err_t, err = allocate(gbar)
                     if not math.isfinite(err):  # a diverged step: refining cannot help, let the caller stop
                         break
                     if not self.adaptive or abs(err) <= self.tolerance or splits >= self.max_splits:
                         break
-        class_param = gbar["gc"] * delta if "gc" in gbar else None
-        param = class_param.sum(0) if class_param is not None else gbar["g"] * delta
+        class_param = gbar["gc"] * delta if self.per_class else None
+        if param is None:  # first order: never refined, no decision made
+            param = class_param.sum(0) if class_param is not None else gbar["g"] * delta
         self._cache = (theta1, p1)
         total = param.sum()
         # Integrated methods: the error the decision used (no second sync); first order: never refined.
@@ -522,8 +609,8 @@ class LCAEngine:
         if len(block) > 1:
             yield from self._block_steps(block)
 
-    def _eval_many(self, points: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """L [P] and ∇L [P, K] (float64) at P points, in batched passes.
+    def _eval_many(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """L [P] and ∇L [P, K] (float64) at P points ``[P, K]``, in batched passes.
 
         A batch that does not fit in GPU memory (B × one pass's activations) is halved, and the engine
         remembers the size that fits, so a too-large ``batch_points`` costs time once, not the run.
@@ -532,7 +619,7 @@ class LCAEngine:
         while i < len(points):
             n = min(self._max_points or len(points), len(points) - i)
             try:
-                L, G = self.loss.loss_and_grad_batch(torch.stack(points[i : i + n]))
+                L, G = self.loss.loss_and_grad_batch(points[i : i + n])
             except torch.cuda.OutOfMemoryError:
                 if n == 1:
                     raise
@@ -553,7 +640,7 @@ class LCAEngine:
             self._cache[0] is block[0] or torch.equal(self._cache[0], block[0])
         )
         start = 1 if cached else 0
-        L, G = self._eval_many(list(theta[start:]))
+        L, G = self._eval_many(theta[start:])
         passes0 = [0] * m
         if cached:
             L = torch.cat([self._cache[1]["L"].reshape(1), L])
@@ -589,13 +676,16 @@ class LCAEngine:
                 odd[idx] = 0.0
                 for i in todo:
                     splits[i] *= 2
-                pts, owner = [], []
+                owner, frac = [], []
                 for i in todo:
                     for k_pt in range(1, splits[i], 2):
-                        pts.append(_lerp(theta[i], theta[i + 1], k_pt / splits[i]))
                         owner.append(i)
+                        frac.append(k_pt / splits[i])
                         passes[i] += 1
                 own = torch.tensor(owner, device=ends.device)
+                fr = torch.tensor(frac, dtype=torch.float64, device=ends.device)
+                # All new points at once: θ_i + f·Δ_i in float64, then cast (as _point does one at a time).
+                pts = torch.addcmul(theta[own].double(), fr[:, None], delta[own]).to(theta.dtype)
                 for s0 in range(0, len(pts), m):
                     _, g = self._eval_many(pts[s0 : s0 + m])
                     odd.index_add_(0, own[s0 : s0 + m], g)
@@ -623,10 +713,9 @@ class LCAEngine:
             )  # fmt: skip
 
 
-def _lerp(theta0: torch.Tensor, theta1: torch.Tensor, frac: float) -> torch.Tensor:
-    """Point at fraction ``frac`` of the segment, computed in float64 then cast back."""
-    point = theta0.double() + frac * (theta1.double() - theta0.double())
-    return point.to(theta0.dtype)
+def _point(theta0: torch.Tensor, delta: torch.Tensor, frac: float) -> torch.Tensor:
+    """θ0 + frac·Δ for a float64 step Δ [K], computed in float64 and cast back to θ0's dtype."""
+    return torch.add(theta0, delta, alpha=frac).to(theta0.dtype)
 
 
 def check_engine_options(method: str, tolerance: float, max_splits: int) -> None:

@@ -192,6 +192,12 @@ def _run(
     set_determinism(int(cfg["seed"]), bool(cfg["deterministic"]))
     set_matmul_precision(str(cfg["lca"].get("precision", "fp32")))  # training and LCA alike
     dcfg, ncfg, ocfg, lcfg, scfg = cfg["data"], cfg["net"], cfg["opt"], cfg["lca"], cfg["store"]
+    cuda_graph = bool(lcfg.get("cuda_graph", False))
+    if cuda_graph and bool(lcfg.get("enabled", True)) and device.type != "cuda":
+        raise ConfigError(
+            f"lca.cuda_graph=true records the full-data pass as a CUDA graph, but this run is on {device}; "
+            "set lca.cuda_graph=false or run on a GPU (device=cuda)"
+        )
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -281,6 +287,7 @@ def _run(
         "data_source": data.source,
         "lca_chunk_size": chunk,  # resolved (lca.chunk_size=auto): part of L's definition for BN nets
         "lca_channels_last": channels_last,
+        "lca_cuda_graph": cuda_graph,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         **(extra_attrs or {}),
     }
@@ -291,10 +298,12 @@ def _run(
         fbl = FullBatchLoss(
             model, data.train_x, data.train_y, chunk, param_names=pnames,
             n_classes=data.n_classes if per_class else None, channels_last=channels_last,
+            cuda_graph=cuda_graph,
         )  # fmt: skip
         test_fbl = (
             FullBatchLoss(
-                model, data.test_x, data.test_y, chunk, param_names=pnames, channels_last=channels_last
+                model, data.test_x, data.test_y, chunk, param_names=pnames, channels_last=channels_last,
+                cuda_graph=cuda_graph,
             )
             if test_lca
             else None

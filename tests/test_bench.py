@@ -127,10 +127,32 @@ def test_precision_mode_sets_and_restores_both_flags():
 
 def test_storage_stall_is_measured(tmp_path):
     o = bench.BenchOptions(nets=["fc"], iters=3, warmup=1, n_train=N, chunk_size=N, naive=False,
-                           storage=True, flush_every=2, limit_repeats=1)  # fmt: skip
+                           storage=True, flush_every=2, limit_repeats=1, storage_repeats=3)  # fmt: skip
     r = bench.run_bench(o)["rows"][0]
     assert math.isfinite(r["storage_stall_pct"]) and r["storage_on_mean_s_per_it"] > 0
+    assert len(r["storage_stall_pct_pairs"]) == 3
+    assert r["storage_stall_pct"] == sorted(r["storage_stall_pct_pairs"])[1]  # the median pair
     assert "naive_s_per_it" not in r
+
+
+def test_engine_loop_with_a_writer_stores_every_row_it_timed(tmp_path):
+    import h5py
+
+    o = bench.BenchOptions(nets=["fc"], iters=4, warmup=1, n_train=N, chunk_size=N, flush_every=2)
+    x, y = bench.make_data("mnist", N, seed=0)
+    res = bench.engine_loop("fc", x, y, "rk4", o, channels_last=False, writer_dir=str(tmp_path))
+    with h5py.File(tmp_path / "lca.h5") as f:
+        assert f["lca/total"].shape == (5,) and f["lca/param"].shape[0] == 5
+        np.testing.assert_allclose(f["lca/total"][1:], res["total"], rtol=1e-12)
+
+
+def test_profile_writes_a_table_per_row(tmp_path):
+    o = bench.BenchOptions(nets=["fc"], iters=2, warmup=1, n_train=N, chunk_size=N, naive=False,
+                           limit_repeats=1, methods=["rk4"], recompute_iters=0,
+                           profile_dir=str(tmp_path))  # fmt: skip
+    bench.run_bench(o)
+    text = (tmp_path / "fc_fp32_rk4.txt").read_text()
+    assert "5 engine iterations" in text and "aten::addmm" in text
 
 
 @pytest.mark.parametrize(
@@ -141,6 +163,9 @@ def test_storage_stall_is_measured(tmp_path):
         (["--iters", "0"], "--iters must be"),
         (["--chunk-size", "0"], "--chunk-size must be a positive integer"),
         (["--naive-iters", "0"], "--no-naive"),
+        (["--cuda-graph", "both"], "use --cuda-graph off on the CPU"),
+        (["--storage-repeats", "0"], "--storage-repeats must be"),
+        (["--profile", "/nonexistent/folder"], "not an existing folder"),
     ],
 )
 def test_bad_options_fail_before_compute_with_the_fix(argv, words, capsys):
@@ -153,6 +178,9 @@ def test_cpu_defaults():
     o = bench.parse_args(["--device", "cpu"])
     assert o.nets == ["fc", "lenet"] and o.precisions == ["fp32"] and o.methods == ["rk4", "trapezoid"]
     assert o.iters == 20 and o.warmup == 3 and o.chunk_size == "auto"
+    assert o.cuda_graphs == [False] and not o.cudnn_benchmark
+    assert bench.batch_points_for(o) == 1  # as lca_lab.recompute on the CPU
+    assert bench.batch_points_for(bench.parse_args(["--device", "cpu", "--batch-points", "8"])) == 8
 
 
 def test_cli_smoke_writes_json(tmp_path):

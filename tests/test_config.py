@@ -45,6 +45,7 @@ def test_momentum_delay_from_command_line():
         ("lca.tolerance=-1e-3", "lca.tolerance"),
         ("lca.chunk_size=0", "lca.chunk_size"),
         ("lca.max_splits=12", "lca.max_splits"),
+        ("lca.cuda_graph=maybe", "lca.cuda_graph"),
         ("device=tpu", "device"),
         ("opt.lr=-0.1", "opt.lr"),
         ("opt.momentum=1.5", "opt.momentum"),

@@ -416,3 +416,49 @@ def test_step_hands_back_the_floats_its_decision_read(method):
             assert st.host_error is None and st.host_loss1 is None
         else:
             assert st.host_error == float(st.error) and st.host_loss1 == float(st.loss1)
+
+
+@pytest.mark.parametrize("method", ["first_order", "trapezoid", "rk4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_step_leaves_its_inputs_and_cached_gradients_untouched(method, dtype):
+    """Regression: the in-place bookkeeping that saves kernel launches once wrote Δ into θ1 for float64
+    parameters (``.double()`` of a float64 tensor is the tensor itself)."""
+    torch.manual_seed(0)
+    x = torch.randn(40, 4, dtype=dtype)
+    y = (x[:, 0] > 0).long()
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)).to(dtype)
+    fbl = FullBatchLoss(model, x, y, chunk_size=16)
+    engine = LCAEngine(fbl, method, tolerance=1e-9, max_splits=8)
+    theta0 = fbl.flat_params()
+    theta1 = theta0 + 0.2 * torch.randn_like(theta0)
+    theta2 = theta1 + 0.2 * torch.randn_like(theta0)
+    saved = [t.clone() for t in (theta0, theta1, theta2)]
+    engine.prime(theta0)
+    g0 = engine.cached_point["g"].clone()
+    st1 = engine.step(theta0, theta1)
+    g1 = engine.cached_point["g"].clone()
+    st2 = engine.step(theta1, theta2)
+    for t, s in zip((theta0, theta1, theta2), saved):
+        assert torch.equal(t, s)
+    assert torch.equal(st1.grad0, g0) and torch.equal(st2.grad0, g1)
+    for st, a, b in ((st1, saved[0], saved[1]), (st2, saved[1], saved[2])):
+        dl = fbl.loss(b) - fbl.loss(a)
+        torch.testing.assert_close(st.loss1 - st.loss0, dl, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(st.total - dl, st.error, rtol=1e-6, atol=1e-9)
+
+
+def test_cuda_graph_is_ignored_on_cpu_and_a_failed_recording_falls_back_with_a_warning():
+    torch.manual_seed(0)
+    x, y = torch.randn(50, 4), torch.randint(0, 3, (50,))
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    assert not FullBatchLoss(model, x, y, 20, cuda_graph=True).cuda_graph  # CPU: nothing to record
+    eager = FullBatchLoss(model, x, y, 20)
+    forced = FullBatchLoss(model, x, y, 20)
+    forced.cuda_graph = True  # as if on a GPU: recording fails here (no CUDA device / stream)
+    theta = eager.flat_params()
+    with pytest.warns(RuntimeWarning, match="continuing without it"):
+        L, g = forced.loss_and_grad(theta)
+    assert forced.graph_error and not forced.cuda_graph
+    L0, g0 = eager.loss_and_grad(theta)
+    assert torch.equal(L, L0) and torch.equal(g, g0)
+    assert forced.n_evals == 1  # warm-up passes of a recording are not counted as passes

@@ -135,6 +135,13 @@ def test_size_budget_refuses_before_training(tmp_path):
     assert not (tmp_path / "lca.h5").exists()
 
 
+def test_cuda_graph_on_cpu_is_refused_before_training(tmp_path):
+    with pytest.raises(ConfigError, match="lca.cuda_graph=false"):
+        cfg = _cfg("device=cpu", "data=synthetic", "data.size=200", "batch_size=20", "lca.cuda_graph=true")
+        run(cfg, tmp_path)
+    assert not (tmp_path / "lca.h5").exists()
+
+
 def test_unknown_layer_fails_before_training(tmp_path):
     with pytest.raises(ValueError, match="fc"):
         run(
