@@ -66,6 +66,7 @@ from .lca import (
     StepLCA,
     auto_chunk_size,
     check_engine_options,
+    has_batchnorm,
     layer_sums,
     set_matmul_precision,
 )
@@ -307,8 +308,14 @@ def _build(rf, run_cfg: dict[str, Any], settings: dict[str, Any], device: torch.
         [torch.full((int(np.prod(s)),), int(li), dtype=torch.int64) for s, li in zip(shapes, layer_of)]
     ).to(device)
     chunk = settings["chunk_size"]
-    if chunk == "auto":  # as the training run resolved it (recorded), else as it would resolve here
-        chunk = int(rf.attrs.get("lca_chunk_size") or auto_chunk_size(model, len(data.train_x), device))
+    if chunk == "auto":
+        # BatchNorm nets: the training run's chunk, part of L's definition. Otherwise only speed depends
+        # on it: resolve it for this device (a CPU run's small chunks would slow a GPU recompute down).
+        recorded = rf.attrs.get("lca_chunk_size")
+        if has_batchnorm(model) and recorded:
+            chunk = int(recorded)
+        else:
+            chunk = auto_chunk_size(model, len(data.train_x), device, data.train_x)
     chunk = int(chunk)
     set_matmul_precision(settings["precision"])
     per_class = settings["per_class"]

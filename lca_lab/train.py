@@ -216,7 +216,7 @@ def _run(
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     chunk = lcfg.get("chunk_size", 5000)
-    chunk = auto_chunk_size(model, len(data.train_x), device) if chunk == "auto" else int(chunk)
+    chunk = auto_chunk_size(model, len(data.train_x), device, data.train_x) if chunk == "auto" else int(chunk)
     groups = layer_groups(model)
     try:
         plans = plan_layers(groups, cfg.get("layers") or {})
