@@ -527,21 +527,22 @@ class LCAEngine:
         grads = [gkey] + (["gt"] if self.test_loss is not None else [])
         host_loss1 = None
 
-        def allocate(gbar: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, float]:
-            """Per-parameter LCA, its error, and the error on the host (the one sync the adaptive
+        def allocate(gbar: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+            """Per-parameter LCA, its sum, its error, and the error on the host (the one sync the adaptive
             decision needs; L(θ_{t+1}) rides along so that callers need no second one)."""
             nonlocal host_loss1
             param = gbar[gkey] * delta
             if self.per_class:
                 param = param.sum(0)
-            e = param.sum() - dloss
+            total = param.sum()
+            e = total - dloss
             e_f, host_loss1 = torch.stack([e, p1["L"]]).tolist()
-            return param, e, e_f
+            return param, total, e, e_f
 
         splits = 1
         err_t = None
         err = 0.0
-        param = None
+        param = total = None
         if self.method == "first_order":
             gbar = {k: p0[k] for k in grads}
         else:
@@ -552,7 +553,7 @@ class LCAEngine:
             done = False
             if self.method == "trapezoid":
                 gbar = {k: ends[k].mul(0.5) for k in grads}
-                param, err_t, err = allocate(gbar)
+                param, total, err_t, err = allocate(gbar)
                 done = not math.isfinite(err) or not self.adaptive or abs(err) <= self.tolerance
             if not done:
                 older: dict[str, torch.Tensor] | None = None
@@ -577,7 +578,7 @@ class LCAEngine:
                             k: ends[k].add(older[k], alpha=2.0).add_(newest[k], alpha=4.0).div_(3.0 * splits)
                             for k in grads
                         }
-                    param, err_t, err = allocate(gbar)
+                    param, total, err_t, err = allocate(gbar)
                     if not math.isfinite(err):  # a diverged step: refining cannot help, let the caller stop
                         break
                     if not self.adaptive or abs(err) <= self.tolerance or splits >= self.max_splits:
@@ -585,8 +586,8 @@ class LCAEngine:
         class_param = gbar["gc"] * delta if self.per_class else None
         if param is None:  # first order: never refined, no decision made
             param = class_param.sum(0) if class_param is not None else gbar["g"] * delta
+            total = param.sum()
         self._cache = (theta1, p1)
-        total = param.sum()
         # Integrated methods: the error the decision used (no second sync); first order: never refined.
         error = total - dloss if err_t is None else err_t
         converged = err_t is None or abs(err) <= self.tolerance
