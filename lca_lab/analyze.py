@@ -24,6 +24,7 @@ import yaml
 
 from . import figures as fg
 from . import stats
+from .jsonable import jsonable
 from .store import MalformedRunFileError, open_run
 from .sweep import FAILED_MARKER
 
@@ -359,7 +360,7 @@ def analyze(
                 gif = _animation(r0, out, f"g{gi}", animation_frames)
                 if gif:
                     report["figures"].append(gif)
-    (out / "report.json").write_text(json.dumps(_jsonable(report), indent=2))
+    (out / "report.json").write_text(json.dumps(jsonable(report), indent=2))
     md = render_markdown(report)
     (out / "report.md").write_text(md)
     return report
@@ -419,20 +420,6 @@ def _moments_figure(curves: np.ndarray, k: int, names: list[str], T: int):
     moms = [[stats.moments_of_learning(c, k).tolist() for c in cls] for cls in curves]
     sync = stats.synchronized_moments(curves, k)["iterations"]
     return fg.moments_of_learning(moms, T, names, synchronized=sync)
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    if isinstance(x, (np.floating, np.integer)):
-        return x.item()
-    if isinstance(x, float) and not math.isfinite(x):
-        return str(x)
-    return x
 
 
 def _pm(d: dict) -> str:

@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .jsonable import jsonable
 from .lca import PRECISIONS, FullBatchLoss, LCAEngine, auto_chunk_size, has_batchnorm, matmul_precision
 from .nets import build_net, layer_groups
 
@@ -929,18 +930,6 @@ def format_table(result: dict[str, Any]) -> str:
     )
 
 
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, dict):
-        return {k: _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, np.ndarray):
-        return v.tolist()
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     o = parse_args(argv)
     json_path = getattr(o, "json_path", None)
@@ -956,7 +945,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_table(result))
     if json_path:
         with open(json_path, "w") as f:
-            json.dump(_jsonable(result), f, indent=1)
+            json.dump(jsonable(result), f, indent=1)
         log(f"wrote {json_path}")
     return 0
 

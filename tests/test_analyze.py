@@ -119,3 +119,18 @@ def test_statistics_exist_without_per_parameter_rows(tmp_path):
     assert 0 < g["pct_helping"]["mean"] < 100 and np.isfinite(g["motion_period"]["mean"])
     assert "heavy_tails" not in g  # needs the per-parameter rows
     assert (tmp_path / "g0_helping_over_training.png").exists()
+
+
+def test_report_values_become_strict_json():
+    import math
+
+    import numpy as np
+
+    from lca_lab.jsonable import jsonable
+
+    report = {"p": np.float64(float("nan")), "t": (np.int64(3), float("inf")), "a": np.array([1.5, -np.inf])}
+    out = jsonable(report)
+    assert out == {"p": None, "t": [3, None], "a": [1.5, None]}
+    assert type(out["t"][0]) is int
+    text = json.dumps(out, allow_nan=False)  # raises on NaN/inf left over
+    assert not math.isnan(json.loads(text)["a"][0]) and json.loads(text)["p"] is None
