@@ -55,7 +55,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from .jsonable import jsonable
-from .lca import PRECISIONS, FullBatchLoss, LCAEngine, auto_chunk_size, has_batchnorm, matmul_precision
+from .lca import (
+    PRECISIONS,
+    FullBatchLoss,
+    LCAEngine,
+    auto_chunk_size,
+    has_batchnorm,
+    matmul_precision,
+    saved_activation_bytes,
+)
 from .nets import build_net, layer_groups
 
 # Per-net settings mirroring conf/net/*.yaml (kwargs of build_net, SGD learning rate) and train.py's batch
@@ -329,20 +337,6 @@ def time_full_pass(model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: in
     return min(times)
 
 
-def activation_bytes_per_example(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    """Bytes autograd saves for backward per example (measured on a 16-example forward)."""
-    total = 0
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        F.cross_entropy(model(x[:16]), y[:16], reduction="sum")
-    return total / min(16, len(x))
-
-
 def _mem_available_bytes() -> float:
     try:
         with open("/proc/meminfo") as f:
@@ -369,7 +363,7 @@ def measure_limit(
     n = len(x)
     try_whole = whole == "on" or (whole == "auto" and chunk < n)
     if try_whole and whole == "auto" and x.device.type == "cpu":
-        need = activation_bytes_per_example(m, x, y) * n * 3  # saved tensors + grads + temporaries
+        need = saved_activation_bytes(m, x[:16])[0] * n * 3  # saved tensors + grads + temporaries
         try_whole = need < 0.5 * _mem_available_bytes()
     if try_whole:
         try:

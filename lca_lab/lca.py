@@ -110,23 +110,24 @@ def has_batchnorm(model: nn.Module) -> bool:
 CPU_CHUNK_BYTES = 4 * 2**20
 
 
-def largest_activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
-    """Bytes per example of the largest tensor autograd saves in a forward pass of ``model`` on ``x``
-    (a few examples [B, ...]), not counting the parameters and views of the input itself."""
+def saved_activation_bytes(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
+    """Bytes per example that autograd saves in a forward pass of ``model`` on ``x`` (a few examples
+    [B, ...]), in L's mode: ``(total, largest single tensor)``, parameters and views of ``x`` not counted."""
     owned = {p.untyped_storage().data_ptr() for p in model.parameters()}
     owned.add(x.untyped_storage().data_ptr())
-    biggest = 0
+    total = biggest = 0
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        nonlocal biggest
+        nonlocal total, biggest
         if t.untyped_storage().data_ptr() not in owned:
+            total += t.numel() * t.element_size()
             biggest = max(biggest, t.numel() * t.element_size())
         return t
 
     hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
     with torch.enable_grad(), lca_eval_mode(model), hooks:
         model(x)
-    return -(-biggest // len(x))
+    return -(-total // len(x)), -(-biggest // len(x))
 
 
 def auto_chunk_size(
@@ -148,7 +149,7 @@ def auto_chunk_size(
         return min(n, 65536)
     if x is None or n == 0:
         return min(5000, n)
-    per_example = max(1, largest_activation_bytes(model, x[:4]))
+    per_example = max(1, saved_activation_bytes(model, x[:4])[1])
     return min(n, 5000, max(64, CPU_CHUNK_BYTES // per_example))
 
 

@@ -381,14 +381,15 @@ def test_auto_chunk_size():
 def test_auto_chunk_size_on_cpu_keeps_the_largest_activation_small():
     """CPU, no BatchNorm: the chunk keeps the largest saved activation under CPU_CHUNK_BYTES (big blocks are
     mmapped and page-faulted in again on every pass); small nets keep 5000; BN nets keep 5000 always."""
-    from lca_lab.lca import CPU_CHUNK_BYTES, auto_chunk_size, largest_activation_bytes
+    from lca_lab.lca import CPU_CHUNK_BYTES, auto_chunk_size, saved_activation_bytes
     from lca_lab.nets import build_net
 
     x = torch.randn(8, 1, 28, 28)
     lenet = build_net("lenet", (1, 28, 28), 10, padding=2)
-    per_example = largest_activation_bytes(lenet, x[:4])
+    total, per_example = saved_activation_bytes(lenet, x[:4])
     # conv1's output, 20 channels × 28 × 28 float32, is the largest tensor LeNet saves per example
     assert per_example == 20 * 28 * 28 * 4
+    assert total > per_example  # every saved activation, conv1's among them
     chunk = auto_chunk_size(lenet, 55000, "cpu", x)
     assert chunk * per_example <= CPU_CHUNK_BYTES < (chunk + 1) * per_example
     assert auto_chunk_size(build_net("fc", (1, 28, 28), 10), 55000, "cpu", x) == 5000  # 100 floats/example
