@@ -576,6 +576,8 @@ def _run(
                     "grad_passes_per_iter": passes / n_rows,
                 }
             )
+        if engine is not None and engine.loss.graph_error:  # asked for, but the eager path ran
+            summary["cuda_graph_error"] = engine.loss.graph_error
         for k, v in summary.items():
             if isinstance(v, (int, float, str)):
                 writer.set_attr(f"summary/{k}", v)

@@ -142,6 +142,26 @@ def test_cuda_graph_on_cpu_is_refused_before_training(tmp_path):
     assert not (tmp_path / "lca.h5").exists()
 
 
+def test_a_failed_cuda_graph_recording_is_recorded_and_the_run_completes(tmp_path, monkeypatch):
+    import lca_lab.train as train_mod
+
+    class Forced(train_mod.FullBatchLoss):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.cuda_graph = True  # as if on a GPU: recording fails on the CPU, the eager path runs
+
+    cfg = _cfg("device=cpu", "data=synthetic", "data.size=200", "batch_size=20")
+    plain = run(cfg, tmp_path / "plain")
+    monkeypatch.setattr(train_mod, "FullBatchLoss", Forced)
+    with pytest.warns(RuntimeWarning, match="continuing without it"):
+        s = run(cfg, tmp_path / "forced")
+    assert s["cuda_graph_error"] and "cuda_graph_error" not in plain
+    with h5py.File(tmp_path / "forced" / "lca.h5") as f, h5py.File(tmp_path / "plain" / "lca.h5") as g:
+        assert f.attrs["summary/cuda_graph_error"] == s["cuda_graph_error"]
+        assert f.attrs["status"] == "complete"
+        np.testing.assert_array_equal(f["lca/total"][:], g["lca/total"][:])  # the eager path, unchanged
+
+
 def test_unknown_layer_fails_before_training(tmp_path):
     with pytest.raises(ValueError, match="fc"):
         run(
