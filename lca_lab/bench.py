@@ -9,7 +9,8 @@ For every net × precision × method it measures, on synthetic data of the paper
 
 * **limit**: the best time of one full-data forward+backward pass of the plain model (a loop over chunks,
   no LCA machinery), both in the engine's chunk size and as one chunk of the whole set (where memory
-  allows); the faster of the two is the limit.
+  allows), and with ``--cuda-graph on|both`` also the pass replayed as one CUDA graph; the fastest is
+  the limit.
 * **engine**: an online-LCA training loop as in ``lca_lab/train.py`` (SGD step, ``LCAEngine.step``, one
   host read of the error per iteration); seconds per iteration (median after warm-up, optimizer step
   included), gradient passes per iteration, efficiency = mean passes × limit ÷ mean time per iteration,
@@ -348,18 +349,51 @@ def _mem_available_bytes() -> float:
     return float("inf")
 
 
+def time_graph_pass(fbl: FullBatchLoss, repeats: int) -> float | None:
+    """Best wall time (s) of one ``loss_and_grad`` replayed as a CUDA graph (``fbl`` built with
+    ``cuda_graph=True``) over ``repeats`` replays after the recording; None if recording failed."""
+    theta = fbl.flat_params()
+    fbl.loss_and_grad(theta)  # records the graph (and replays it once)
+    if fbl._graph is None:
+        log(f"  CUDA graph recording failed ({fbl.graph_error}); no graph limit")
+        return None
+    times = []
+    for _ in range(repeats):
+        _sync(theta.device)
+        t = time.perf_counter()
+        fbl.loss_and_grad(theta)
+        _sync(theta.device)
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
 def measure_limit(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int, repeats: int, whole: str
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    chunk: int,
+    repeats: int,
+    whole: str,
+    graph: bool = False,
+    channels_last: bool = False,
 ) -> dict[str, Any]:
     """Best full-pass time (s) in chunks of ``chunk`` and, where memory allows, as one chunk.
 
     ``whole``: ``on`` always tries one chunk, ``off`` never; ``auto`` tries it on CUDA (an out-of-memory
     error just skips it) and on the CPU only when the saved activations fit in half the free memory
     (a CPU out-of-memory kills the process instead of raising).
-    Returns ``limit_s`` (the best), ``limit_chunk_s``, ``limit_whole_s`` (None when not measured).
+    ``graph`` (CUDA): also the pass in chunks of ``chunk`` replayed as one CUDA graph, which removes the
+    launch cost that bounds small nets' eager passes: then the limit is what the hardware can do, and
+    rows without graphs are held to it too.
+    Returns ``limit_s`` (the best), ``limit_chunk_s``, ``limit_whole_s``, ``limit_graph_s`` (None when
+    not measured).
     """
     m = lca_mode_copy(model)
-    out: dict[str, Any] = {"limit_chunk_s": time_full_pass(m, x, y, chunk, repeats), "limit_whole_s": None}
+    out: dict[str, Any] = {
+        "limit_chunk_s": time_full_pass(m, x, y, chunk, repeats),
+        "limit_whole_s": None,
+        "limit_graph_s": None,
+    }
     n = len(x)
     try_whole = whole == "on" or (whole == "auto" and chunk < n)
     if try_whole and whole == "auto" and x.device.type == "cpu":
@@ -373,7 +407,12 @@ def measure_limit(
         m.zero_grad(set_to_none=True)
         if x.device.type == "cuda":
             torch.cuda.empty_cache()
-    out["limit_s"] = min(t for t in (out["limit_chunk_s"], out["limit_whole_s"]) if t is not None)
+    if graph:
+        fbl = FullBatchLoss(m, x, y, chunk, channels_last=channels_last, cuda_graph=True)
+        out["limit_graph_s"] = time_graph_pass(fbl, repeats)
+        del fbl  # frees the graph's memory pool
+        torch.cuda.empty_cache()
+    out["limit_s"] = min(t for k, t in out.items() if k.startswith("limit_") and t is not None)
     return out
 
 
@@ -627,13 +666,22 @@ def _cum_rel(errors: Sequence[float], l_start: float, l_end: float) -> float:
 
 
 def recompute_rate(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int, method: str, o: BenchOptions, cl: bool
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    chunk: int,
+    method: str,
+    o: BenchOptions,
+    cl: bool,
+    cuda_graph: bool = False,
 ) -> dict[str, Any]:
     """Time :meth:`LCAEngine.steps` (batched path points) on a stored trajectory vs step by step.
 
     The trajectory is ``o.recompute_iters`` further SGD steps of ``model`` (kept on the device, as a
     recompute reads them from the run file ahead of the computation). Returns seconds per iteration
-    for both, passes per iteration, and the largest difference between their totals.
+    for both, passes per iteration, and the largest difference between their totals. With
+    ``cuda_graph`` the step-by-step passes are replayed CUDA graphs (``lca.cuda_graph`` with
+    ``lca.batch_points=1`` in ``lca_lab.recompute``); the batched ``vmap`` passes are never graphed.
     """
     device = x.device
     params = [p for p in model.parameters() if p.requires_grad]
@@ -647,7 +695,7 @@ def recompute_rate(
         opt.step()
         thetas.append(torch.cat([p.detach().reshape(-1) for p in params]))
     traj = torch.stack(thetas)
-    fbl = FullBatchLoss(model, x, y, chunk, channels_last=cl)
+    fbl = FullBatchLoss(model, x, y, chunk, channels_last=cl, cuda_graph=cuda_graph)
     B = batch_points_for(o)
     warm = traj[: min(B, len(traj) - 1) + 1]
     list(LCAEngine(fbl, method, o.tolerance, o.max_splits).steps(warm, B))  # warm-up
@@ -754,7 +802,9 @@ def run_case(
         key = (net, precision, chunk)
         if key not in limits:
             log(f"{net} {precision}: limit (full passes, chunk {chunk} and whole set)")
-            limits[key] = measure_limit(eng["model"], x, y, chunk, o.limit_repeats, o.whole_chunk)
+            limits[key] = measure_limit(
+                eng["model"], x, y, chunk, o.limit_repeats, o.whole_chunk, any(o.cuda_graphs), cl
+            )
         row.update(limits[key])
         t_eng = statistics.median(eng["times"])
         passes = statistics.fmean(eng["passes"])
@@ -774,7 +824,7 @@ def run_case(
         row["engine_total"] = eng["total"]
         if o.recompute_iters and not has_batchnorm(eng["model"]):
             log(f"{tag}: recompute of {o.recompute_iters} stored steps, {batch_points_for(o)} points/pass")
-            row.update(recompute_rate(eng["model"], x, y, chunk, method, o, cl))
+            row.update(recompute_rate(eng["model"], x, y, chunk, method, o, cl, cuda_graph))
         if o.keep_param:
             row["engine_param"] = eng["param"]
 
@@ -869,6 +919,14 @@ def _fmt(v: Any, scale: float = 1.0, spec: str = ".1f") -> str:
     return format(v * scale, spec)
 
 
+def _recompute_cell(r: dict[str, Any]) -> str:
+    """Batched recompute ms/it, and "/step-by-step" where the two were measured separately (B > 1)."""
+    batched = _fmt(r.get("recompute_batched_s_per_it"), 1e3, ".2f")
+    if (r.get("recompute_batch_points") or 1) > 1:
+        return f"{batched}/{_fmt(r.get('recompute_sequential_s_per_it'), 1e3, '.2f')}"
+    return batched
+
+
 COLUMNS: list[tuple[str, str, Callable[[dict[str, Any]], str]]] = [
     ("net", "<", lambda r: r["net"]),
     (
@@ -884,7 +942,8 @@ COLUMNS: list[tuple[str, str, Callable[[dict[str, Any]], str]]] = [
     (
         "chunk/whole ms",
         ">",
-        lambda r: f"{_fmt(r['limit_chunk_s'], 1e3, '.2f')}/{_fmt(r['limit_whole_s'], 1e3, '.2f')}",
+        lambda r: f"{_fmt(r['limit_chunk_s'], 1e3, '.2f')}/{_fmt(r['limit_whole_s'], 1e3, '.2f')}"
+        + (f"/{_fmt(r['limit_graph_s'], 1e3, '.2f')}g" if r.get("limit_graph_s") else ""),
     ),
     ("engine ms/it", ">", lambda r: _fmt(r["engine_s_per_it"], 1e3, ".2f")),
     ("passes/it", ">", lambda r: _fmt(r["passes_per_it"], 1, ".2f")),
@@ -896,7 +955,7 @@ COLUMNS: list[tuple[str, str, Callable[[dict[str, Any]], str]]] = [
     ("max|err|", ">", lambda r: _fmt(r["max_abs_error"], 1, ".1e")),
     ("cum rel err", ">", lambda r: _fmt(r["cum_rel_error"], 100, ".3f") + "%"),
     ("peak MiB", ">", lambda r: _fmt(r["peak_mib"], 1, ".0f")),
-    ("recomp ms/it", ">", lambda r: _fmt(r.get("recompute_batched_s_per_it"), 1e3, ".2f")),
+    ("recomp ms/it", ">", lambda r: _recompute_cell(r)),
     (
         "stall",
         ">",

@@ -89,7 +89,7 @@ MERGED_NAME = "lca.h5"
 LOCK_NAME = ".merge.lock"
 ENGINE_KEYS = (
     "method", "tolerance", "max_splits", "adaptive", "chunk_size", "per_class", "test", "batch_points",
-    "precision",
+    "precision", "cuda_graph",
 )  # fmt: skip
 REDUCE_ROW = ("frac_helping", "frac_hurting", "frac_zero", "layer_frac_helping", "layer_frac_hurting")
 # Per-row series whose first row is the start point (T+1 rows): a later shard's first row repeats the
@@ -260,7 +260,27 @@ def engine_settings(run_cfg: dict[str, Any], overrides: dict[str, Any] | None) -
     if out["precision"] not in PRECISIONS:
         raise RecomputeError(f"lca.precision must be one of {list(PRECISIONS)}, got {out['precision']!r}")
     out["tolerance"], out["max_splits"] = float(out["tolerance"]), int(out["max_splits"])
+    cg = out["cuda_graph"]
+    if cg is not None and not isinstance(cg, bool):
+        raise RecomputeError(f"lca.cuda_graph must be true or false, got {cg!r}")
+    out["cuda_graph"] = bool(cg)
     return out
+
+
+def device_settings(settings: dict[str, Any], overrides: dict[str, Any] | None, device: torch.device) -> None:
+    """Fit ``settings`` to the device, in place: CUDA graphs only on a GPU.
+
+    A run trained with ``lca.cuda_graph=true`` may be recomputed on the CPU (the setting, a pure speed
+    choice there, is dropped); asking for it here on the CPU is refused (RecomputeError naming the fix).
+    """
+    if not settings["cuda_graph"] or device.type == "cuda":
+        return
+    if (overrides or {}).get("cuda_graph"):
+        raise RecomputeError(
+            f"lca.cuda_graph=true records CUDA graphs, but this recompute runs on {device}; "
+            "set lca.cuda_graph=false or device=cuda"
+        )
+    settings["cuda_graph"] = False
 
 
 @dataclass
@@ -320,13 +340,16 @@ def _build(rf, run_cfg: dict[str, Any], settings: dict[str, Any], device: torch.
     set_matmul_precision(settings["precision"])
     per_class = settings["per_class"]
     cl = device.type == "cuda" and any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+    cg = settings["cuda_graph"]
     fbl = FullBatchLoss(
         model, data.train_x, data.train_y, chunk, param_names=pnames,
-        n_classes=data.n_classes if per_class else None, channels_last=cl,
+        n_classes=data.n_classes if per_class else None, channels_last=cl, cuda_graph=cg,
     )  # fmt: skip
     test_fbl = None
     if settings["test"] and len(data.test_x) > 0:
-        test_fbl = FullBatchLoss(model, data.test_x, data.test_y, chunk, param_names=pnames, channels_last=cl)
+        test_fbl = FullBatchLoss(
+            model, data.test_x, data.test_y, chunk, param_names=pnames, channels_last=cl, cuda_graph=cg
+        )
     engine = LCAEngine(
         fbl, settings["method"], settings["tolerance"], settings["max_splits"], settings["adaptive"],
         per_class=per_class, test_loss=test_fbl,
@@ -381,6 +404,7 @@ def compute_shard(
     with open_run(traj.path) as rf:
         run_cfg = yaml.safe_load(rf.config)
         settings = engine_settings(run_cfg, lca)
+        device_settings(settings, lca, dev)
         store_pp = bool((run_cfg.get("store") or {}).get("per_param", True))
         pp = store_pp if per_param is None else bool(per_param)
         setup = _build(rf, run_cfg, settings, dev)
@@ -428,8 +452,10 @@ def _write_shard_rows(writer, setup: _Setup, f, traj: Trajectory, lo, hi, per_pa
     thetas = _ThetaReader(f, dev, setup.dtype, lo, hi)
     bar = tqdm(total=hi - lo, desc=desc, unit="it", dynamic_ncols=True, disable=not progress)
     bp = setup.settings["batch_points"]
-    if bp is None:  # auto: batched where it pays (launch-bound GPU nets without BN: B× activations)
-        bp = 64 if dev.type == "cuda" and not setup.engine.loss.has_bn else 1
+    if bp is None:  # auto: batched where it pays (launch-bound GPU nets without BN: B× activations),
+        # unless CUDA graphs were asked for: they replay the point-by-point passes, not the vmap ones
+        batched = dev.type == "cuda" and not setup.engine.loss.has_bn and not setup.settings["cuda_graph"]
+        bp = 64 if batched else 1
     for r, st in recompute_range(setup.engine, thetas, lo, hi, bp):
         if r == lo:
             writer.write_initial(st.loss0)
@@ -551,6 +577,17 @@ def merge_shards(
             rf.close()
 
 
+# Settings that change how fast L is evaluated, not its value (the same kernels): shards may differ in them.
+SPEED_ONLY = ("cuda_graph",)
+
+
+def _comparable(key: str, value: Any) -> Any:
+    """A shard attribute as the merge compares it (settings without the speed-only ones)."""
+    if key != "recompute/settings" or value is None:
+        return value
+    return {k: v for k, v in json.loads(value).items() if k not in SPEED_ONLY}
+
+
 def _merge(run: Path, out: Path, shards: list) -> Path:
     a0 = shards[0].attrs
     for i, rf in enumerate(shards):
@@ -561,7 +598,7 @@ def _merge(run: Path, out: Path, shards: list) -> Path:
             "recompute/n_steps",
             "recompute/source_created",
         ):
-            if a.get(key) != a0.get(key):
+            if _comparable(key, a.get(key)) != _comparable(key, a0.get(key)):
                 raise RecomputeError(
                     f"{rf.path.name} has {key}={a.get(key)!r} but {shards[0].path.name} has {a0.get(key)!r}: "
                     f"rerun it with the same settings ({_rerun_hint(run, i, len(shards), None, out)} ...)"

@@ -48,6 +48,7 @@ def test_rows_have_the_fields_and_sane_values(result):
         assert math.isfinite(r["efficiency"]) and r["efficiency"] > 0
         assert r["passes_per_it"] == 2.0  # midpoint + endpoint, the start gradient reused
         assert r["limit_s"] == min(r["limit_chunk_s"], r["limit_whole_s"])
+        assert r["limit_graph_s"] is None  # measured only with --cuda-graph on/both (CUDA)
         assert r["efficiency"] == pytest.approx(r["passes_per_it"] * r["limit_s"] / r["engine_mean_s_per_it"])
         assert r["speedup"] == pytest.approx(r["naive_s_per_it"] / r["engine_s_per_it"])
         assert r["L_end"] < r["L_start"]  # the teacher labels are learnable: SGD lowers L
@@ -59,6 +60,10 @@ def test_rows_have_the_fields_and_sane_values(result):
         assert r["recompute_max_abs_diff"] < 1e-6
     table = bench.format_table(result)
     assert net in table and "engine ms/it" in table
+    r = result["rows"][0]
+    # batch_points=4: batched and step-by-step recompute were timed separately, both shown
+    both = f"{r['recompute_batched_s_per_it'] * 1e3:.2f}/{r['recompute_sequential_s_per_it'] * 1e3:.2f}"
+    assert both in table
 
 
 def test_naive_totals_equal_engine_totals(result):

@@ -194,3 +194,21 @@ def test_cuda_graph_online_run_conserves_and_matches_eager(tmp_path):
     np.testing.assert_array_equal(files["true"][1], files["false"][1])
     # Training itself may differ by float rounding between the two runs (no deterministic mode here).
     np.testing.assert_allclose(files["true"][0], files["false"][0], rtol=1e-4, atol=1e-8)
+
+
+def test_bench_graph_rows_measure_a_graph_limit_and_graphed_recompute():
+    """`--cuda-graph both`: the limit includes a graph-replayed pass; graph rows give the same LCA totals
+    (same kernels) and their step-by-step recompute replays graphs."""
+    from lca_lab import bench
+
+    o = bench.BenchOptions(
+        nets=["fc"], device="cuda", iters=4, warmup=1, n_train=2000, limit_repeats=3, naive_iters=2,
+        methods=["rk4"], recompute_iters=8, batch_points=4, cuda_graphs=[False, True], precisions=["fp32"],
+    )  # fmt: skip
+    rows = bench.run_bench(o)["rows"]
+    assert [r["cuda_graph"] for r in rows] == [False, True]
+    for r in rows:
+        assert r["limit_graph_s"] is not None and r["limit_graph_s"] > 0
+        assert r["limit_s"] == min(r["limit_chunk_s"], r["limit_graph_s"], r["limit_whole_s"] or 1e9)
+        assert r["recompute_max_abs_diff"] < 1e-6
+    np.testing.assert_allclose(rows[1]["engine_total"], rows[0]["engine_total"], rtol=1e-5, atol=1e-9)

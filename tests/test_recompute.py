@@ -183,6 +183,43 @@ def test_settings_override_and_clear_errors(online, tmp_path):
         rc.compute_shard(tmp_path / "nowhere")
 
 
+def test_cuda_graph_setting_on_the_cpu(online, tmp_path):
+    """lca.cuda_graph: asked for on the CPU, refused before any output; inherited from a GPU run, dropped
+    (a pure speed setting); shards that differ only in it still merge."""
+    with pytest.raises(rc.RecomputeError, match=r"lca.cuda_graph=true records CUDA graphs, but this "
+                       r"recompute runs on cpu; set lca.cuda_graph=false or device=cuda"):  # fmt: skip
+        rc.recompute(online, out_dir=tmp_path / "no", lca={"cuda_graph": True}, device="cpu", progress=False)
+    assert not (tmp_path / "no").exists()
+    with pytest.raises(rc.RecomputeError, match="lca.cuda_graph must be true or false"):
+        rc.recompute(online, out_dir=tmp_path / "no", lca={"cuda_graph": "yes"}, progress=False)
+    # A run file as a GPU run with lca.cuda_graph=true writes it.
+    gpu_run = tmp_path / "gpu_run"
+    gpu_run.mkdir()
+    with h5py.File(online / "lca.h5", "r") as src, h5py.File(gpu_run / "lca.h5", "w") as dst:
+        for k, v in src.attrs.items():
+            dst.attrs[k] = v
+        for name in src:
+            src.copy(src[name], dst, name)
+        cfg = OmegaConf.create(src.attrs["config"])
+        cfg.lca.cuda_graph = True
+        dst.attrs["config"] = OmegaConf.to_yaml(cfg)
+    out = tmp_path / "rc"
+    rc.recompute(gpu_run, 0, 2, out_dir=out, device="cpu", progress=False)
+    with h5py.File(rc.shard_path(out, 0, 2), "r+") as f:
+        settings = json.loads(f.attrs["recompute/settings"])
+        assert settings["cuda_graph"] is False  # not used here, so not recorded as used
+        settings["cuda_graph"] = True  # as a shard computed on a GPU would record it
+        f.attrs["recompute/settings"] = json.dumps(settings, sort_keys=True)
+    res = rc.recompute(gpu_run, 1, 2, out_dir=out, device="cpu", progress=False)
+    _assert_same(online / "lca.h5", res["merged"], COMPARED + COMPARED_EXTRA)
+    # Any other setting that differs still refuses the merge.
+    with h5py.File(rc.shard_path(out, 0, 2), "r+") as f:
+        settings["tolerance"] = 1.0
+        f.attrs["recompute/settings"] = json.dumps(settings, sort_keys=True)
+    with pytest.raises(rc.RecomputeError, match="recompute/settings"):
+        rc.merge_shards(gpu_run, out_dir=out)
+
+
 def test_clear_error_without_trajectory(online, tmp_path):
     # A run file as store.trajectory=false writes it: everything but trajectory/theta.
     with h5py.File(online / "lca.h5", "r") as src, h5py.File(tmp_path / "lca.h5", "w") as dst:
