@@ -98,6 +98,20 @@ def matmul_precision(mode: str):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
+def tied_aliases(model: nn.Module, names: Sequence[str]) -> list[tuple[str, str]]:
+    """(alias, name) for every further name under which a parameter of ``names`` is registered (tied
+    weights: one Parameter in several modules; ``named_parameters()`` lists it under its first name)."""
+    first: dict[int, str] = {}
+    covered = set(names)
+    out = []
+    for n, p in model.named_parameters(remove_duplicate=False):
+        if id(p) not in first:
+            first[id(p)] = n
+        elif first[id(p)] in covered:
+            out.append((n, first[id(p)]))
+    return out
+
+
 def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, _BN_TYPES) for m in model.modules())
 
@@ -207,6 +221,7 @@ class FullBatchLoss:
         if unknown:
             raise ValueError(f"unknown parameter names {unknown}; valid: {list(named)}")
         self.param_names = list(param_names)
+        self._aliases = tied_aliases(model, self.param_names)
         self.shapes = [tuple(named[n].shape) for n in self.param_names]
         self.numels = [named[n].numel() for n in self.param_names]
         self.n_params = sum(self.numels)
@@ -243,13 +258,21 @@ class FullBatchLoss:
         return torch.cat([named[n].detach().reshape(-1) for n in self.param_names])
 
     def unflatten(self, theta: torch.Tensor, layout: bool = True) -> dict[str, torch.Tensor]:
-        """Flat [K] → {name: view of shape} (4-d weights copied to channels-last when that is on and
-        ``layout``; vmap cannot change memory formats, and cuDNN follows the input's layout anyway)."""
+        """Flat [K] → {name: view of shape}, tied parameters under each of their names (4-d weights
+        copied to channels-last when that is on and ``layout``; vmap cannot change memory formats, and
+        cuDNN follows the input's layout anyway)."""
         out = {n: t.view(s) for n, t, s in zip(self.param_names, theta.split(self.numels), self.shapes)}
         if self.channels_last and layout:
             cl = torch.channels_last
             out = {n: t.contiguous(memory_format=cl) if t.dim() == 4 else t for n, t in out.items()}
+        for alias, name in self._aliases:
+            out[alias] = out[name]
         return out
+
+    def _forward(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """The model on ``x`` with ``params`` (from :meth:`unflatten`, which lists tied parameters under
+        every name, so functional_call need not search the module tree for ties on every call)."""
+        return functional_call(self.model, params, (x,), strict=False, tie_weights=False)
 
     def _chunks(self):
         for start in range(0, len(self.x), self.chunk_size):
@@ -261,7 +284,7 @@ class FullBatchLoss:
             params = self.unflatten(theta)
             total = torch.zeros((), dtype=torch.float64, device=self.device)
             for xb, yb in self._chunks():
-                out = functional_call(self.model, params, (xb,), strict=False)
+                out = self._forward(params, xb)
                 total += self.loss_fn(out, yb, reduction="sum").double()
         return total / len(self.x)
 
@@ -324,7 +347,7 @@ class FullBatchLoss:
             leaf = theta.detach().requires_grad_(True)  # a new alias: θ itself is left untouched
             params = self.unflatten(leaf)
             for xb, yb in self._chunks():
-                out = functional_call(self.model, params, (xb,), strict=False)
+                out = self._forward(params, xb)
                 loss_sum = self.loss_fn(out, yb, reduction="sum")
                 (g,) = torch.autograd.grad(loss_sum, leaf)
                 grad = g.double() if grad is None else grad.add_(g)
@@ -341,7 +364,7 @@ class FullBatchLoss:
         """
 
         def chunk_loss(theta: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-            out = functional_call(self.model, self.unflatten(theta, layout=False), (xb,), strict=False)
+            out = self._forward(self.unflatten(theta, layout=False), xb)
             return self.loss_fn(out, yb, reduction="sum")
 
         vg = vmap(grad_and_value(chunk_loss), in_dims=(0, None, None))
@@ -373,14 +396,14 @@ class FullBatchLoss:
             params = self.unflatten(leaf)
             if self._segments is not None:
                 for s0, s1, c in self._segments:
-                    out = functional_call(self.model, params, (self.x[s0:s1],), strict=False)
+                    out = self._forward(params, self.x[s0:s1])
                     loss_sum = self.loss_fn(out, self.y[s0:s1], reduction="sum")
                     (g,) = torch.autograd.grad(loss_sum, leaf)
                     grad[c] += g.double()
                     loss[c] += loss_sum.detach().double()
             else:
                 for xb, yb in self._chunks():
-                    out = functional_call(self.model, params, (xb,), strict=False)
+                    out = self._forward(params, xb)
                     per_example = self.loss_fn(out, yb, reduction="none")
                     present = torch.unique(yb).tolist()  # one host sync per chunk, BN path only
                     for j, c in enumerate(present):

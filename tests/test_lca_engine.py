@@ -482,3 +482,45 @@ def test_cuda_graph_is_ignored_on_cpu_and_a_failed_recording_falls_back_with_a_w
     L0, g0 = eager.loss_and_grad(theta)
     assert torch.equal(L, L0) and torch.equal(g, g0)
     assert forced.n_evals == 1  # warm-up passes of a recording are not counted as passes
+
+
+class _Tied(nn.Module):
+    """Two layers that share one weight: named_parameters() lists it once, as ``a.weight``."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 6)
+        self.b = nn.Linear(6, 6)
+        self.b.weight = self.a.weight
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_tied_weights_take_theta_in_every_place_they_are_used(batched):
+    """A parameter registered under two names is one entry of θ and moves in both places: L, ∇L (the
+    sum over both uses) and the LCA equal the plain model's at the same values."""
+    torch.manual_seed(0)
+    model = _Tied().double()
+    x, y = torch.randn(40, 6, dtype=torch.float64), torch.randint(0, 3, (40,))
+    fbl = FullBatchLoss(model, x, y, chunk_size=16)
+    assert fbl.param_names == ["a.weight", "a.bias", "b.bias", "head.weight", "head.bias"]
+    theta = fbl.flat_params() + 0.3 * torch.randn(fbl.n_params, dtype=torch.float64)
+    if batched:
+        L, g = fbl.loss_and_grad_batch(theta[None])
+        L, g = L[0], g[0]
+    else:
+        L, g = fbl.loss_and_grad(theta)
+    plain = copy.deepcopy(model)  # the deep copy keeps the tie
+    with torch.no_grad():
+        for p, v in zip(plain.parameters(), theta.split(fbl.numels)):
+            p.copy_(v.view_as(p))
+    loss = F.cross_entropy(plain(x), y)
+    loss.backward()
+    assert float(L) == pytest.approx(loss.item(), rel=1e-12)
+    torch.testing.assert_close(g, torch.cat([p.grad.reshape(-1) for p in plain.parameters()]))
+    assert float(fbl.loss(theta)) == pytest.approx(loss.item(), rel=1e-12)
+    st = LCAEngine(fbl, tolerance=1e-8).step(fbl.flat_params(), theta)
+    assert st.converged and abs(float(st.total) - (float(st.loss1) - float(st.loss0))) < 1e-8
