@@ -354,7 +354,7 @@ def time_graph_pass(fbl: FullBatchLoss, repeats: int) -> float | None:
     ``cuda_graph=True``) over ``repeats`` replays after the recording; None if recording failed."""
     theta = fbl.flat_params()
     fbl.loss_and_grad(theta)  # records the graph (and replays it once)
-    if fbl._graph is None:
+    if fbl.graph_error is not None:
         log(f"  CUDA graph recording failed ({fbl.graph_error}); no graph limit")
         return None
     times = []
