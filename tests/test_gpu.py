@@ -1,6 +1,7 @@
 """CUDA checks (skipped without a GPU): the device path agrees with the float64 CPU reference."""
 
 import copy
+import json
 from pathlib import Path
 
 import h5py
@@ -194,6 +195,29 @@ def test_cuda_graph_online_run_conserves_and_matches_eager(tmp_path):
     np.testing.assert_array_equal(files["true"][1], files["false"][1])
     # Training itself may differ by float rounding between the two runs (no deterministic mode here).
     np.testing.assert_allclose(files["true"][0], files["false"][0], rtol=1e-4, atol=1e-8)
+
+
+def test_recompute_of_a_cuda_graph_run_replays_graphs_and_equals_online(tmp_path):
+    """A run trained with lca.cuda_graph=true, recomputed on the GPU: the setting is inherited, the
+    passes go point by point through the graph (batch_points defaults to 1), and the numbers are the
+    online run's (same θ, same recorded kernels)."""
+    from lca_lab import recompute as rc
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(
+            config_name="config",
+            overrides=[
+                "device=cuda", "net=fc", "data=synthetic", "data.size=2000", "batch_size=100",
+                "epochs=1", "logger=none", "figures=false", "lca.cuda_graph=true", "store.trajectory=true",
+            ],
+        )  # fmt: skip
+    run(OmegaConf.to_container(cfg, resolve=True), tmp_path)
+    res = rc.recompute(tmp_path, device="cuda", progress=False)
+    with h5py.File(tmp_path / "lca.h5") as a, h5py.File(res["merged"]) as b:
+        assert json.loads(b.attrs["recompute/settings"])["cuda_graph"] is True
+        np.testing.assert_array_equal(b["lca/splits"][:], a["lca/splits"][:])
+        np.testing.assert_allclose(b["lca/total"][:], a["lca/total"][:], rtol=1e-6, atol=1e-10)
+        np.testing.assert_allclose(b["train/loss"][:], a["train/loss"][:], rtol=1e-6)
 
 
 def test_bench_graph_rows_measure_a_graph_limit_and_graphed_recompute():
