@@ -58,12 +58,12 @@ def main(cfg: DictConfig) -> dict:
         import torch
 
         plain["device"] = job_device(str(plain["device"]), int(hc.job.num), torch.cuda.device_count())
-    tracker = None
-    made: list[Any] = []  # the tracker, once run() has created it
+    tracker = None  # set once run() has created it, for every exit path below
 
     def make_tracker():
-        made.append(_tracker(plain, hc, multirun, out, overrides))
-        return made[-1]
+        nonlocal tracker
+        tracker = _tracker(plain, hc, multirun, out, overrides)
+        return tracker
 
     code, message = 0, ""
     try:
@@ -71,7 +71,6 @@ def main(cfg: DictConfig) -> dict:
         # The W&B run is created by run() only after every start-up check has passed (no W&B run for
         # a config that cannot run).
         summary = run(plain, out, extra_attrs={"overrides": json.dumps(overrides)}, tracker=make_tracker)
-        tracker = made[0] if made else None
         print(format_summary(summary))
         if plain.get("figures", True) and summary.get("lca_rows"):
             # The run's own report and pictures next to its run file (the same code as the analyze command).
@@ -83,10 +82,8 @@ def main(cfg: DictConfig) -> dict:
             tracker.log_figures(out)
         return summary
     except (ConfigError, DatasetUnavailableError) as e:
-        tracker = made[0] if made else None
         code, message = 2, f"error: {e}"
     except KeyboardInterrupt:  # the writer has already flushed every completed row and set the status
-        tracker = made[0] if made else None
         code = 130
         if tracker is not None:
             tracker.finish(code)
@@ -98,7 +95,6 @@ def main(cfg: DictConfig) -> dict:
         )
         sys.exit(130)  # in a multirun too: Ctrl-C stops every job
     except RunPreempted as e:  # checkpoint saved, status "preempted: …"; the requeued job resumes
-        tracker = made[0] if made else None
         code = PREEMPTED_EXIT_CODE
         if tracker is not None:
             tracker.finish(code)
@@ -106,10 +102,8 @@ def main(cfg: DictConfig) -> dict:
         print(f"preempted: {e}", file=sys.stderr)
         sys.exit(code)
     except (FloatingPointError, StorageError) as e:  # the run file keeps every earlier row, "failed: …"
-        tracker = made[0] if made else None
         code, message = 1, f"error: {e}"
     except Exception as e:
-        tracker = made[0] if made else None
         code = 1
         if not multirun:
             raise  # a bug: Hydra prints the traceback
