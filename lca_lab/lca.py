@@ -550,13 +550,15 @@ class LCAEngine:
         gkey = "gc" if self.per_class else "g"
         grads = [gkey] + (["gt"] if self.test_loss is not None else [])
         host_loss1 = None
+        class_param = None  # [C, K] per-class LCA, kept from the last allocation when per-class
 
         def allocate(gbar: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
             """Per-parameter LCA, its sum, its error, and the error on the host (the one sync the adaptive
             decision needs; L(θ_{t+1}) rides along so that callers need no second one)."""
-            nonlocal host_loss1
+            nonlocal host_loss1, class_param
             param = gbar[gkey] * delta
             if self.per_class:
+                class_param = param
                 param = param.sum(0)
             total = param.sum()
             e = total - dloss
@@ -607,7 +609,8 @@ class LCAEngine:
                         break
                     if not self.adaptive or abs(err) <= self.tolerance or splits >= self.max_splits:
                         break
-        class_param = gbar["gc"] * delta if self.per_class else None
+        if self.per_class and class_param is None:  # first order: no allocation made
+            class_param = gbar["gc"] * delta
         if param is None:  # first order: never refined, no decision made
             param = class_param.sum(0) if class_param is not None else gbar["g"] * delta
             total = param.sum()

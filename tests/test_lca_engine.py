@@ -236,6 +236,24 @@ def test_per_class_lca_sums_to_total_and_conserves_per_class(with_bn):
     torch.testing.assert_close(st.param, ref_step.param, rtol=1e-7, atol=1e-12)
 
 
+@pytest.mark.parametrize("method", ["rk4", "trapezoid", "first_order"])
+def test_per_class_lca_of_every_method_is_the_class_split_of_its_lca(method):
+    """Per class, every method: the [C, K] rows add up to the step's per-parameter LCA, which equals the
+    plain engine's (the class split is of the same quadrature, whichever allocation made it)."""
+    torch.manual_seed(1)
+    x, y = torch.randn(90, 10, dtype=torch.float64), torch.randint(0, 3, (90,))
+    model = nn.Sequential(nn.Linear(10, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    fbl = FullBatchLoss(model, x, y, chunk_size=30, n_classes=3)
+    plain = FullBatchLoss(model, x, y, chunk_size=30)
+    t0 = plain.flat_params()
+    t1 = t0 + 0.3 * torch.randn_like(t0)  # large enough that rk4 and trapezoid refine
+    st = LCAEngine(fbl, method, tolerance=1e-6, per_class=True).step(t0, t1)
+    ref = LCAEngine(plain, method, tolerance=1e-6).step(t0, t1)
+    assert st.splits == ref.splits and (method == "first_order" or st.splits > 2)
+    torch.testing.assert_close(st.class_param.sum(0), st.param, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(st.param, ref.param, rtol=1e-7, atol=1e-12)
+
+
 def test_test_set_lca_conserves_on_held_out_loss():
     torch.manual_seed(0)
     x, y = torch.randn(200, 6, dtype=torch.float64), torch.randint(0, 3, (200,))
