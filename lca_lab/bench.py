@@ -294,10 +294,6 @@ def make_data(shape: str, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Te
     return x, y
 
 
-# The engine's own switch (both cuBLAS and cuDNN TF32 flags, restored on exit).
-precision_mode = matmul_precision
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -785,7 +781,7 @@ def run_case(
         "net": net, "precision": precision, "method": method, "channels_last": cl, "n_train": len(x),
         "iters": o.iters, "warmup": o.warmup, "cuda_graph": cuda_graph,
     }  # fmt: skip
-    with precision_mode(precision):
+    with matmul_precision(precision):  # the engine's switch: cuBLAS and cuDNN TF32 flags, restored
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)

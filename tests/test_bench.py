@@ -115,15 +115,15 @@ def test_net_specs_match_conf():
 
 
 @pytest.mark.skipif(not hasattr(torch.backends, "cudnn"), reason="no cudnn backend module")
-def test_precision_mode_sets_and_restores_both_flags():
+def test_bench_precision_switch_sets_and_restores_both_flags():
     saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     try:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = True, True
-        with bench.precision_mode("fp32"):
+        with bench.matmul_precision("fp32"):
             assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, False
-        with bench.precision_mode("tf32"):
+        with bench.matmul_precision("tf32"):
             assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
         assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
     finally:
