@@ -502,6 +502,59 @@ def test_cuda_graph_is_ignored_on_cpu_and_a_failed_recording_falls_back_with_a_w
     assert forced.n_evals == 1  # warm-up passes of a recording are not counted as passes
 
 
+class _StandInGraph:
+    """What ``torch.cuda.CUDAGraph`` does for ``FullBatchLoss``, on the CPU: ``replay`` writes the pass
+    at the static θ into the same static output tensors every time."""
+
+    def __init__(self, fbl, theta):
+        self.fbl, self.theta = fbl, theta
+        self.L, self.g = fbl._loss_and_grad(theta)
+        self.replays = 0
+
+    def replay(self):
+        L, g = self.fbl._loss_and_grad(self.theta)
+        self.L.copy_(L)
+        self.g.copy_(g)
+        self.replays += 1
+
+
+def test_graph_replay_feeds_theta_in_and_hands_out_copies_of_the_static_outputs(monkeypatch):
+    """The bookkeeping around a recorded pass, with a stand-in graph on the CPU: each replay sees the θ
+    it is given, results kept from one pass survive the next (the static outputs are overwritten), the
+    engine's LCA equals the eager engine's, and a change of the TF32 flags records again."""
+    from lca_lab.lca import matmul_precision
+
+    torch.manual_seed(0)
+    x, y = torch.randn(50, 4, dtype=torch.float64), torch.randint(0, 3, (50,))
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    eager = FullBatchLoss(model, x, y, 20)
+    graphed = FullBatchLoss(model, x, y, 20)
+    graphs = []
+
+    def record(theta):
+        static_theta = theta.detach().clone()
+        graphs.append(_StandInGraph(graphed, static_theta))
+        return graphs[-1], static_theta, graphs[-1].L, graphs[-1].g
+
+    monkeypatch.setattr(graphed, "_record", record)
+    graphed.cuda_graph = True  # as on a GPU
+    t0 = eager.flat_params()
+    thetas = [t0 + 0.3 * k * torch.randn_like(t0) for k in range(4)]
+    kept = [graphed.loss_and_grad(t) for t in thetas]
+    for t, (L, g) in zip(thetas, kept):
+        L0, g0 = eager.loss_and_grad(t)
+        assert torch.equal(L, L0) and torch.equal(g, g0)
+    assert len(graphs) == 1 and graphs[0].replays == 4 and graphed.n_evals == 4
+    assert not torch.equal(kept[0][1], kept[1][1])
+    a = LCAEngine(eager, "rk4", tolerance=1e-9).step(thetas[0], thetas[1])
+    b = LCAEngine(graphed, "rk4", tolerance=1e-9).step(thetas[0], thetas[1])
+    assert a.splits == b.splits > 1 and torch.equal(a.param, b.param) and torch.equal(a.error, b.error)
+    with matmul_precision("tf32" if not torch.backends.cuda.matmul.allow_tf32 else "fp32"):
+        L, g = graphed.loss_and_grad(thetas[2])
+    assert len(graphs) == 2 and torch.equal(g, kept[2][1])
+    assert graphed.graph_error is None
+
+
 class _Tied(nn.Module):
     """Two layers that share one weight: named_parameters() lists it once, as ``a.weight``."""
 
