@@ -20,6 +20,7 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def test_cuda_engine_matches_cpu_float64_reference():
+    """One step from a random perturbation: GPU float32 (fp32 convolutions) vs CPU float64."""
     torch.manual_seed(0)
     model = build_net("resnet20", (3, 32, 32), 10, width=8)
     x, y = torch.randn(512, 3, 32, 32), torch.randint(0, 10, (512,))
@@ -34,6 +35,29 @@ def test_cuda_engine_matches_cpu_float64_reference():
     b = LCAEngine(ref, tolerance=1e-8).step(t0, t1)
     assert abs(float(a.total) - float(b.total)) < 1e-4
     assert _rel(a.param, b.param) < REL  # see REL: ReLU kinks, not rounding, set this tolerance
+
+
+def test_resnet20_trajectory_on_cuda_matches_cpu_float64(device="cuda"):
+    """A short SGD trajectory of a (narrow) ResNet-20 with BatchNorm in chunks: the GPU engine in float32
+    (channels-last, fp32 convolutions, as train.py runs it) vs the CPU float64 reference, step by step:
+    same refinement decisions, per-parameter LCA within REL, totals within 2e-4 relative (float32
+    BatchNorm over chunks of 200: on the CPU, float32 against float64 gave up to 5e-5 relative)."""
+    from lca_lab.lca import matmul_precision
+
+    torch.manual_seed(0)
+    model = build_net("resnet20", (3, 32, 32), 10, width=8).to(device)
+    x, y = torch.randn(400, 3, 32, 32), torch.randint(0, 10, (400,))
+    with matmul_precision("fp32"):
+        th = _sgd_trajectory(model, x.to(device), y.to(device), 3, lr=0.02)
+        fbl = FullBatchLoss(model, x.to(device), y.to(device), 200, channels_last=True)
+        got = [LCAEngine(fbl, "rk4").step(a, b) for a, b in zip(th[:-1], th[1:])]
+    m64 = copy.deepcopy(model).double().cpu()
+    ref = LCAEngine(FullBatchLoss(m64, x.double(), y, 200), "rk4")
+    for a, b, s in zip(th[:-1], th[1:], got):
+        r = ref.step(a.double().cpu(), b.double().cpu())
+        assert s.splits == r.splits
+        assert abs(float(s.total) - float(r.total)) < 2e-4 * abs(float(r.total))
+        assert _rel(s.param, r.param) < REL
 
 
 def test_resnet20_run_on_cuda_conserves(tmp_path):
