@@ -928,9 +928,9 @@ COLUMNS: list[tuple[str, str, Callable[[dict[str, Any]], str]]] = [
     (
         "prec",
         "<",
-        lambda r: r["precision"]
-        + ("/cl" if r["channels_last"] else "")
-        + ("/graph" if r.get("cuda_graph") else ""),
+        lambda r: (
+            r["precision"] + ("/cl" if r["channels_last"] else "") + ("/graph" if r.get("cuda_graph") else "")
+        ),
     ),
     ("method", "<", lambda r: r["method"]),
     ("chunk", ">", lambda r: str(r["chunk_size"])),
@@ -938,8 +938,10 @@ COLUMNS: list[tuple[str, str, Callable[[dict[str, Any]], str]]] = [
     (
         "chunk/whole ms",
         ">",
-        lambda r: f"{_fmt(r['limit_chunk_s'], 1e3, '.2f')}/{_fmt(r['limit_whole_s'], 1e3, '.2f')}"
-        + (f"/{_fmt(r['limit_graph_s'], 1e3, '.2f')}g" if r.get("limit_graph_s") else ""),
+        lambda r: (
+            f"{_fmt(r['limit_chunk_s'], 1e3, '.2f')}/{_fmt(r['limit_whole_s'], 1e3, '.2f')}"
+            + (f"/{_fmt(r['limit_graph_s'], 1e3, '.2f')}g" if r.get("limit_graph_s") else "")
+        ),
     ),
     ("engine ms/it", ">", lambda r: _fmt(r["engine_s_per_it"], 1e3, ".2f")),
     ("passes/it", ">", lambda r: _fmt(r["passes_per_it"], 1, ".2f")),

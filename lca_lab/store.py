@@ -482,9 +482,11 @@ class RunWriter:
                 raise ValueError(f"cannot resume {self.path}: no committed rows recorded for {missing}")
             resizable: list[str] = []
             f.visititems(
-                lambda name, obj: resizable.append(name)
-                if isinstance(obj, h5py.Dataset) and obj.maxshape and obj.maxshape[0] is None
-                else None
+                lambda name, obj: (
+                    resizable.append(name)
+                    if isinstance(obj, h5py.Dataset) and obj.maxshape and obj.maxshape[0] is None
+                    else None
+                )
             )
             for name in resizable:
                 if name in counts:
@@ -516,9 +518,11 @@ class RunWriter:
         out: dict[str, int] = {}
         with h5py.File(self.path, "r", locking=False) as f:
             f.visititems(
-                lambda name, obj: out.__setitem__(name, int(obj.shape[0]))
-                if isinstance(obj, h5py.Dataset) and obj.maxshape and obj.maxshape[0] is None
-                else None
+                lambda name, obj: (
+                    out.__setitem__(name, int(obj.shape[0]))
+                    if isinstance(obj, h5py.Dataset) and obj.maxshape and obj.maxshape[0] is None
+                    else None
+                )
             )
         return out
 

@@ -203,7 +203,7 @@ class WandbTracker:
         n = 0
         for r, (_, values) in enumerate(self._buffer):
             for k, v in values.items():
-                for kk, vv in (v.items() if isinstance(v, dict) else [(None, v)]):
+                for kk, vv in v.items() if isinstance(v, dict) else [(None, v)]:
                     if isinstance(vv, torch.Tensor):
                         tensors.append(vv.detach().reshape(-1)[:1].to(torch.float64))
                         slots.append((r, k, kk, n))

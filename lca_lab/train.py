@@ -302,7 +302,12 @@ def _run(
         )  # fmt: skip
         test_fbl = (
             FullBatchLoss(
-                model, data.test_x, data.test_y, chunk, param_names=pnames, channels_last=channels_last,
+                model,
+                data.test_x,
+                data.test_y,
+                chunk,
+                param_names=pnames,
+                channels_last=channels_last,
                 cuda_graph=cuda_graph,
             )
             if test_lca
@@ -530,9 +535,7 @@ def _run(
                         bar.close()
                         name = signal.Signals(signals.signum).name
                         writer.close(f"preempted: {name} at iteration {it}; rerun to continue")
-                        raise RunPreempted(
-                            signals.signum, it, run_dir, signals.previous.get(signals.signum)
-                        )
+                        raise RunPreempted(signals.signum, it, run_dir, signals.previous.get(signals.signum))
         bar.close()
 
         train_loss, train_acc = evaluate(model, data.train_x, data.train_y, chunk_eval)

@@ -165,8 +165,9 @@ def test_wandb_sweep_matches_its_experiment_and_composes(path):
             node = OmegaConf.select(OmegaConf.create(cfg), k)
             if k in ("net", "opt"):
                 assert cfg[k]["name"] == v.replace("_nomomentum", "") and (
-                    v != "sgd_nomomentum" or cfg["opt"]["momentum"] == 0.0)
+                    v != "sgd_nomomentum" or cfg["opt"]["momentum"] == 0.0
+                )
             elif k == "layers":
-                assert (_compose([f"layers={v}"]).layers == cfg["layers"])
+                assert _compose([f"layers={v}"]).layers == cfg["layers"]
             else:
                 assert node == v, (k, node, v)

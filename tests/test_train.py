@@ -165,8 +165,13 @@ def test_a_failed_cuda_graph_recording_is_recorded_and_the_run_completes(tmp_pat
 def test_unknown_layer_fails_before_training(tmp_path):
     with pytest.raises(ValueError, match="fc"):
         run(
-            _cfg("data=synthetic", "data.size=200", "batch_size=50", "+layers.x.select=conv7",
-                 "+layers.x.freeze=true"),
+            _cfg(
+                "data=synthetic",
+                "data.size=200",
+                "batch_size=50",
+                "+layers.x.select=conv7",
+                "+layers.x.freeze=true",
+            ),
             tmp_path,
         )
     assert not (tmp_path / "lca.h5").exists()
