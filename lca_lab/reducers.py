@@ -36,11 +36,18 @@ class LCAReducer:
         self._last_motion = torch.zeros(K, dtype=torch.int8, device=dev)
         self._last_grad = torch.zeros(K, dtype=torch.int8, device=dev)
         self.iterations = 0
+        # Per-layer counting in one index_add_: entry i goes to slot 3·layer + sign(LCA_i) + 1, i.e. the
+        # columns of a [n_layers, 3] table are helping, zero, hurting.
+        self._slot = layer_index.long() * 3 + 1
+        self._ones = torch.ones(K, dtype=torch.float64, device=dev)
 
     @staticmethod
-    def _count_changes(sign: torch.Tensor, last: torch.Tensor, counter: torch.Tensor) -> None:
-        counter += ((sign != 0) & (last != 0) & (sign != last)).int()
-        last.copy_(torch.where(sign != 0, sign, last))
+    def _count_changes(x: torch.Tensor, last: torch.Tensor, counter: torch.Tensor) -> None:
+        """Count a change where sign(x) and the last non-zero sign are both non-zero and differ."""
+        sign = torch.sign(x).to(torch.int8)
+        # For signs in {−1, 0, 1} the product is −1 exactly when both are non-zero and differ.
+        counter += sign * last < 0
+        torch.where(sign != 0, sign, last, out=last)
 
     def update(
         self, param: torch.Tensor, delta: torch.Tensor, grad0: torch.Tensor
@@ -55,24 +62,23 @@ class LCAReducer:
         Returns (device tensors): ``frac_helping``, ``frac_hurting``, ``frac_zero`` (0-d, fractions of K)
         and ``layer_frac_helping``, ``layer_frac_hurting`` ([n_layers], fractions of each layer's entries).
         """
-        helping, hurting = param < 0, param > 0
-        self.helped += helping.int()
-        self.hurt += hurting.int()
-        self._count_changes(torch.sign(delta).to(torch.int8), self._last_motion, self.motion_changes)
-        self._count_changes(torch.sign(grad0).to(torch.int8), self._last_grad, self.grad_changes)
+        # Few, fused ops: on a GPU this runs every iteration and small nets are bound by kernel launches.
+        sign = torch.sign(param).to(torch.int8)
+        self.helped -= sign.clamp(max=0)
+        self.hurt += sign.clamp(min=0)
+        self._count_changes(delta, self._last_motion, self.motion_changes)
+        self._count_changes(grad0, self._last_grad, self.grad_changes)
         self.iterations += 1
-        K = param.numel()
-        lh = torch.zeros(self.n_layers, dtype=torch.float64, device=param.device)
-        lu = torch.zeros_like(lh)
-        lh.index_add_(0, self.index, helping.double())
-        lu.index_add_(0, self.index, hurting.double())
-        fh, fu = helping.sum().double() / K, hurting.sum().double() / K
+        table = torch.zeros(self.n_layers * 3, dtype=torch.float64, device=param.device)
+        table = table.index_add_(0, self._slot + sign, self._ones).view(self.n_layers, 3)
+        layer_frac = table / self.layer_size[:, None]
+        frac = table.sum(0) / param.numel()
         return {
-            "frac_helping": fh,
-            "frac_hurting": fu,
-            "frac_zero": (param == 0).sum().double() / K,
-            "layer_frac_helping": lh / self.layer_size,
-            "layer_frac_hurting": lu / self.layer_size,
+            "frac_helping": frac[0],
+            "frac_hurting": frac[2],
+            "frac_zero": frac[1],
+            "layer_frac_helping": layer_frac[:, 0],
+            "layer_frac_hurting": layer_frac[:, 2],
         }
 
     def result(self) -> dict[str, torch.Tensor]:

@@ -42,6 +42,12 @@ def test_reducer_counts_match_brute_force():
     np.testing.assert_allclose(lh[:, 1], (p[:, 5:] < 0).mean(1))
     fz = np.array([float(v["frac_zero"]) for v in views])
     np.testing.assert_allclose(fz, (p == 0).mean(1))
+    fu = np.array([float(v["frac_hurting"]) for v in views])
+    np.testing.assert_allclose(fu, (p > 0).mean(1))
+    lu = np.stack([v["layer_frac_hurting"].numpy() for v in views])
+    np.testing.assert_allclose(lh[:, 0], (p[:, :5] < 0).mean(1))
+    np.testing.assert_allclose(lu, np.stack([(p[:, :5] > 0).mean(1), (p[:, 5:] > 0).mean(1)], 1))
+    assert all(v.dtype == torch.int32 for v in red.result().values())  # the run file's dtype
 
 
 def test_run_file_reducers_match_stored_rows(tmp_path):
