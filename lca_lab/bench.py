@@ -48,6 +48,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -133,6 +134,7 @@ class BenchOptions:
     storage_repeats: int = 3  # on/off loop pairs for the storage stall
     profile_dir: str | None = None  # write a torch.profiler table of a few engine iterations per row
     keep_param: bool = False  # keep per-iteration per-parameter LCA arrays in the result (tests)
+    run: bool = True  # also time the real training loop (lca_lab.train.run) on synthetic data of the shape
 
 
 def _csv(text: str) -> list[str]:
@@ -190,6 +192,10 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchOptions:
         "--profile", dest="profile_dir",
         help="folder: write a torch.profiler table of 5 extra engine iterations per row",
     )  # fmt: skip
+    p.add_argument(
+        "--run", action=argparse.BooleanOptionalAction, default=True,
+        help="also time python -m lca_lab's training loop per LCA iteration (reducers, run file included)",
+    )  # fmt: skip
     p.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"],
                    help="auto: on for conv nets on CUDA")  # fmt: skip
     p.add_argument("--tolerance", type=float, default=1e-3, help="engine tolerance, nats (default 1e-3)")
@@ -223,6 +229,7 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchOptions:
         recompute_iters=a.recompute_iters, batch_points=a.batch_points,
         cuda_graphs={"off": [False], "on": [True], "both": [False, True]}[a.cuda_graph],
         cudnn_benchmark=a.cudnn_benchmark, storage_repeats=a.storage_repeats, profile_dir=a.profile_dir,
+        run=a.run,
     )  # fmt: skip
     try:
         check_options(opts)
@@ -757,6 +764,47 @@ def storage_stall(
     }
 
 
+def run_rate(
+    net: str, precision: str, method: str, n_train: int, o: BenchOptions, cuda_graph: bool
+) -> dict[str, Any]:
+    """The real online loop: ``lca_lab.train.run`` (as ``python -m lca_lab`` runs it, W&B and figures off)
+    on the bench's net, batch size and learning rate, with ``data=synthetic`` of the same shape and size
+    (random labels, not the bench's teacher) and LCA over the first ``warmup + iters`` iterations.
+
+    Returns ``run_s_per_it`` (median wall time of an LCA iteration: training step, LCA, reducers, per-layer
+    sums and the run file's rows, per-parameter rows included), ``run_passes_per_it``, ``run_iters``.
+    """
+    from hydra import compose, initialize_config_dir  # the run's own configuration, as the CLI composes it
+    from omegaconf import OmegaConf
+
+    from .train import run
+
+    spec = NET_SPECS[net]
+    n_lca = o.warmup + o.iters
+    batch = min(spec["batch"], n_train)
+    epochs = math.ceil(n_lca / math.ceil(n_train / batch))
+    cl = {"auto": "auto", "on": "true", "off": "false"}[o.channels_last]
+    overrides = [
+        f"device={o.device}", f"net={net}", "data=synthetic", f"data.shape={spec['data']}",
+        f"data.size={n_train}", f"batch_size={batch}", f"epochs={epochs}", f"opt.lr={spec['lr']}",
+        f"seed={o.seed}", "logger=none", "figures=false", "checkpoint.enabled=false",
+        f"eval_every={10**9}", f"lca={method}", f"lca.precision={precision}",
+        f"lca.cuda_graph={str(cuda_graph).lower()}", f"lca.tolerance={o.tolerance}",
+        f"lca.max_splits={o.max_splits}", f"lca.chunk_size={o.chunk_size}", f"lca.channels_last={cl}",
+        f"lca.window=[0,{n_lca}]", f"store.flush_every={o.flush_every}",
+    ]  # fmt: skip
+    conf = str(Path(__file__).resolve().parents[1] / "conf")
+    with initialize_config_dir(config_dir=conf, version_base="1.3"):
+        cfg = OmegaConf.to_container(compose(config_name="config", overrides=overrides), resolve=True)
+    with tempfile.TemporaryDirectory(prefix="lca_bench_run_") as tmp:
+        s = run(cfg, Path(tmp))
+    return {
+        "run_s_per_it": s["lca_s_per_iter"],
+        "run_passes_per_it": s["grad_passes_per_iter"],
+        "run_iters": s["lca_iters_timed"],
+    }
+
+
 def run_case(
     net: str,
     precision: str,
@@ -856,6 +904,10 @@ def run_case(
             if o.keep_param:
                 row["naive_param"] = nv["param"]
 
+        if o.run:
+            log(f"{tag}: the training loop of python -m lca_lab, {o.warmup}+{o.iters} LCA iterations")
+            row.update(run_rate(net, precision, method, len(x), o, cuda_graph))
+
         if o.storage:
             log(f"{tag}: storage stall, {o.storage_repeats} pairs of loops without/with the writer")
             row.update(storage_stall(net, x, y, method, o, cl, cuda_graph))
@@ -946,6 +998,7 @@ COLUMNS: list[tuple[str, str, Callable[[dict[str, Any]], str]]] = [
     ("engine ms/it", ">", lambda r: _fmt(r["engine_s_per_it"], 1e3, ".2f")),
     ("passes/it", ">", lambda r: _fmt(r["passes_per_it"], 1, ".2f")),
     ("eff", ">", lambda r: _fmt(r["efficiency"], 1, ".2f")),
+    ("run ms/it", ">", lambda r: _fmt(r.get("run_s_per_it"), 1e3, ".2f")),
     ("naive ms/it", ">", lambda r: _fmt(r.get("naive_s_per_it"), 1e3, ".2f")),
     ("speed-up", ">", lambda r: _fmt(r.get("speedup"), 1, ".1f")),
     ("x/pass", ">", lambda r: _fmt(r.get("speedup_per_pass"), 1, ".1f")),

@@ -58,8 +58,12 @@ def test_rows_have_the_fields_and_sane_values(result):
         assert r["recompute_batched_s_per_it"] > 0
         assert r["recompute_batched_passes_per_it"] == pytest.approx(2.0 + 1 / 6)
         assert r["recompute_max_abs_diff"] < 1e-6
+        # The real training loop (train.run) on synthetic data of the shape: every LCA iteration timed.
+        assert r["run_iters"] == 1 + 3 and 0 < r["run_s_per_it"] < 60
+        assert r["run_passes_per_it"] >= 2.0
     table = bench.format_table(result)
     assert net in table and "engine ms/it" in table
+    assert f"{result['rows'][0]['run_s_per_it'] * 1e3:.2f}" in table
     r = result["rows"][0]
     # batch_points=4: batched and step-by-step recompute were timed separately, both shown
     both = f"{r['recompute_batched_s_per_it'] * 1e3:.2f}/{r['recompute_sequential_s_per_it'] * 1e3:.2f}"

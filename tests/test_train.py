@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from lca_lab.config import ConfigError
-from lca_lab.train import run
+from lca_lab.train import format_summary, run
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -51,6 +51,9 @@ def test_conservation_on_real_digits(tmp_path):
     nonzero = (param != 0).sum(1)
     assert s["pct_helping_nonzero"] == pytest.approx(100 * np.mean((param < 0).sum(1) / nonzero), rel=1e-3)
     assert s["frac_zero"] == pytest.approx(np.mean(param == 0), abs=1e-3)
+    # Every LCA iteration timed (training step to stored row); the median is reported.
+    assert s["lca_iters_timed"] == s["lca_rows"] and 0 < s["lca_s_per_iter"] < 60
+    assert f"median {1e3 * s['lca_s_per_iter']:.2f} ms over {s['lca_rows']}" in format_summary(s)
 
 
 def test_lca_does_not_change_the_trajectory(tmp_path):
