@@ -39,7 +39,7 @@ class LCAReducer:
         # Per-layer counting in one index_add_: entry i goes to slot 3·layer + sign(LCA_i) + 1, i.e. the
         # columns of a [n_layers, 3] table are helping, zero, hurting.
         self._slot = layer_index.long() * 3 + 1
-        self._ones = torch.ones(K, dtype=torch.float64, device=dev)
+        self._ones = torch.ones((), dtype=torch.float64, device=dev).expand(K)  # no K-sized allocation
 
     @staticmethod
     def _count_changes(x: torch.Tensor, last: torch.Tensor, counter: torch.Tensor) -> None:
@@ -63,6 +63,7 @@ class LCAReducer:
         and ``layer_frac_helping``, ``layer_frac_hurting`` ([n_layers], fractions of each layer's entries).
         """
         # Few, fused ops: on a GPU this runs every iteration and small nets are bound by kernel launches.
+        # (A NaN entry has sign 0 after the cast, so it counts as zero.)
         sign = torch.sign(param).to(torch.int8)
         self.helped -= sign.clamp(max=0)
         self.hurt += sign.clamp(min=0)
