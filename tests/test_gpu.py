@@ -260,3 +260,23 @@ def test_bench_graph_rows_measure_a_graph_limit_and_graphed_recompute():
         assert r["limit_s"] == min(r["limit_chunk_s"], r["limit_graph_s"], r["limit_whole_s"] or 1e9)
         assert r["recompute_max_abs_diff"] < 1e-6
     np.testing.assert_allclose(rows[1]["engine_total"], rows[0]["engine_total"], rtol=1e-5, atol=1e-9)
+
+
+def test_reducer_on_cuda_equals_cpu():
+    """The per-iteration views and per-parameter counters, on the device and on the CPU, agree exactly."""
+    from lca_lab.reducers import LCAReducer
+
+    g = torch.Generator().manual_seed(0)
+    T, K = 12, 1000
+    param, delta, grad = (torch.randn(T, K, generator=g, dtype=torch.float64) for _ in range(3))
+    param[param.abs() < 0.3] = 0.0
+    delta[:, :10] = 0.0
+    index = torch.arange(K) * 4 // K
+    cpu, gpu = LCAReducer(index, 4), LCAReducer(index.cuda(), 4)
+    for t in range(T):
+        a = cpu.update(param[t], delta[t], grad[t])
+        b = gpu.update(param[t].cuda(), delta[t].cuda(), grad[t].cuda())
+        for k in a:
+            assert torch.equal(a[k], b[k].cpu()), k
+    for k, v in cpu.result().items():
+        assert torch.equal(v, gpu.result()[k].cpu()), k
