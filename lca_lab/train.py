@@ -628,7 +628,7 @@ def format_summary(s: dict[str, Any]) -> str:
     if s.get("lca_s_per_iter"):
         lines.append(
             f"time per LCA iteration         : median {1e3 * s['lca_s_per_iter']:.2f} ms over "
-            f"{s['lca_iters_timed']} (training step, LCA, reducers, storage)"
+            f"{s['lca_iters_timed']} in this process (training step, LCA, reducers, storage)"
         )
     lines.append(f"run file          : {s['run_file']}")
     return "\n".join(lines)

@@ -72,7 +72,9 @@ def _datasets(path):
     out = {}
     with h5py.File(path, "r") as f:
         f.visititems(lambda n, o: out.__setitem__(n, o[()]) if isinstance(o, h5py.Dataset) else None)
-        summary = {k: f.attrs[k] for k in f.attrs if k.startswith("summary/") and k != "summary/run_file"}
+        # Everything but the path and the wall-clock timing of this process's iterations.
+        skip = ("summary/run_file", "summary/lca_s_per_iter", "summary/lca_iters_timed")
+        summary = {k: f.attrs[k] for k in f.attrs if k.startswith("summary/") and k not in skip}
     return out, summary
 
 
