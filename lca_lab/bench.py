@@ -2,7 +2,8 @@
 
     python -m lca_lab.bench [--nets fc,lenet,resnet20,allcnn] [--device auto|cpu|cuda]
                             [--precision fp32,tf32] [--methods rk4,first_order] [--iters 20] [--warmup 3]
-                            [--n-train N] [--naive/--no-naive] [--storage] [--json PATH]
+                            [--n-train N] [--naive/--no-naive] [--run/--no-run] [--storage]
+                            [--json PATH]
 
 For every net × precision × method it measures, on synthetic data of the paper's shapes (MNIST-shaped
 55,000 × 1×28×28 for fc and lenet, CIFAR-shaped 45,000 × 3×32×32 for resnet20 and allcnn, 10 classes):
@@ -15,6 +16,9 @@ For every net × precision × method it measures, on synthetic data of the paper
   host read of the error per iteration); seconds per iteration (median after warm-up, optimizer step
   included), gradient passes per iteration, efficiency = mean passes × limit ÷ mean time per iteration,
   max |error|, cumulative relative error |Σ error| / |L_end − L_start|, peak GPU memory.
+* **run** (``--run``, on by default): the same number of LCA iterations in the real training loop,
+  ``lca_lab.train.run`` on ``data=synthetic`` of the same shape and size: the median wall time of an LCA
+  iteration with what the engine loop leaves out (reducers, per-layer sums, the run file's rows).
 * **naive**: the same integrator written as one first would (DataLoader over CPU tensors, a deep copy of
   the model in train mode with dropout off and BN batch statistics, gradients copied to the host and
   accumulated in float64 numpy, Simpson 1-4-1 with the endpoint gradient reused), replayed on the
