@@ -292,6 +292,18 @@ def _stack(items: Sequence[Any], dtype: Any = None, in_flight: bool = False) -> 
     return np.ascontiguousarray(stacked, dtype=dtype)
 
 
+def _row_counts(f: h5py.File) -> dict[str, int]:
+    """Rows of every dataset in ``f`` that grows by rows (first axis resizable without limit)."""
+    out: dict[str, int] = {}
+
+    def visit(name: str, obj: Any) -> None:
+        if isinstance(obj, h5py.Dataset) and obj.maxshape and obj.maxshape[0] is None:
+            out[name] = int(obj.shape[0])
+
+    f.visititems(visit)
+    return out
+
+
 def _check_len(name: str, x: Any, n: int) -> None:
     """Shape check that reads only metadata (no device sync)."""
     size = x.numel() if isinstance(x, torch.Tensor) else np.size(x)
@@ -480,14 +492,7 @@ class RunWriter:
             missing = [n for n in self._row_specs() if n not in f or n not in counts]
             if missing:
                 raise ValueError(f"cannot resume {self.path}: no committed rows recorded for {missing}")
-            resizable: list[str] = []
-            f.visititems(
-                lambda name, obj: (
-                    resizable.append(name)
-                    if isinstance(obj, h5py.Dataset) and obj.maxshape and obj.maxshape[0] is None
-                    else None
-                )
-            )
+            resizable = list(_row_counts(f))
             for name in resizable:
                 if name in counts:
                     if f[name].shape[0] < int(counts[name]):
@@ -515,16 +520,8 @@ class RunWriter:
         records so that :class:`RunWriter` with ``resume=`` can truncate the file back to this point."""
         self.flush()
         self._wait()  # with the writer thread: every queued row on disk before it is counted
-        out: dict[str, int] = {}
         with h5py.File(self.path, "r", locking=False) as f:
-            f.visititems(
-                lambda name, obj: (
-                    out.__setitem__(name, int(obj.shape[0]))
-                    if isinstance(obj, h5py.Dataset) and obj.maxshape and obj.maxshape[0] is None
-                    else None
-                )
-            )
-        return out
+            return _row_counts(f)
 
     # -- rows ---------------------------------------------------------------------------------------------
 
