@@ -10,8 +10,8 @@ For every net × precision × method it measures, on synthetic data of the paper
 
 * **limit**: the best time of one full-data forward+backward pass of the plain model (a loop over chunks,
   no LCA machinery), both in the engine's chunk size and as one chunk of the whole set (where memory
-  allows), and with ``--cuda-graph on|both`` also the pass replayed as one CUDA graph; the fastest is
-  the limit.
+  allows), with ``--cuda-graph on|both`` also the pass replayed as one CUDA graph, and with
+  ``--cudnn-benchmark both`` also with cuDNN's autotuner on; the fastest is the limit.
 * **engine**: an online-LCA training loop as in ``lca_lab/train.py`` (SGD step, ``LCAEngine.step``, one
   host read of the error per iteration); seconds per iteration (median after warm-up, optimizer step
   included), gradient passes per iteration, efficiency = mean passes × limit ÷ mean time per iteration,
@@ -28,6 +28,8 @@ For every net × precision × method it measures, on synthetic data of the paper
   :class:`lca_lab.store.RunWriter`, in ``--storage-repeats`` pairs of loops run alternately; the median
   over pairs of (mean time per iteration with storage ÷ without − 1).
 * ``--cuda-graph on|both``: rows with each full-data pass replayed as one CUDA graph (``lca.cuda_graph``);
+  ``--cudnn-benchmark on|both``: rows with cuDNN's autotuner on for the engine's passes
+  (``lca.cudnn_benchmark``; the naive baseline keeps PyTorch's default, off, as first written);
   ``--profile DIR``: a ``torch.profiler`` table of 5 further engine iterations per row, for finding where
   an iteration's time goes.
 
@@ -66,6 +68,7 @@ from .lca import (
     FullBatchLoss,
     LCAEngine,
     auto_chunk_size,
+    cudnn_benchmark,
     has_batchnorm,
     matmul_precision,
     saved_activation_bytes,
@@ -134,7 +137,7 @@ class BenchOptions:
     recompute_iters: int = 128  # steps of a stored trajectory recomputed with batched points (0: skip)
     batch_points: int | None = None  # None: 64 on a GPU, 1 on the CPU (as lca_lab.recompute)
     cuda_graphs: list[bool] = field(default_factory=lambda: [False])  # rows with lca.cuda_graph off/on
-    cudnn_benchmark: bool = False
+    cudnn_benchmarks: list[bool] = field(default_factory=lambda: [False])  # rows with lca.cudnn_benchmark
     storage_repeats: int = 3  # on/off loop pairs for the storage stall
     profile_dir: str | None = None  # write a torch.profiler table of a few engine iterations per row
     keep_param: bool = False  # keep per-iteration per-parameter LCA arrays in the result (tests)
@@ -185,8 +188,9 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchOptions:
         help="replay each full-data pass as a CUDA graph (lca.cuda_graph); both: a row for each",
     )  # fmt: skip
     p.add_argument(
-        "--cudnn-benchmark", action="store_true",
-        help="torch.backends.cudnn.benchmark on (cuDNN times its algorithms once per shape)",
+        "--cudnn-benchmark", default="off", nargs="?", const="on", choices=["off", "on", "both"],
+        help="cuDNN times its algorithms once per shape for the engine's passes (lca.cudnn_benchmark; "
+        "the naive baseline keeps PyTorch's default, off); both: a row for each",
     )  # fmt: skip
     p.add_argument(
         "--storage-repeats", type=int, default=3,
@@ -232,7 +236,8 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchOptions:
         max_splits=a.max_splits, limit_repeats=a.limit_repeats, whole_chunk=a.whole_chunk, seed=a.seed,
         recompute_iters=a.recompute_iters, batch_points=a.batch_points,
         cuda_graphs={"off": [False], "on": [True], "both": [False, True]}[a.cuda_graph],
-        cudnn_benchmark=a.cudnn_benchmark, storage_repeats=a.storage_repeats, profile_dir=a.profile_dir,
+        cudnn_benchmarks={"off": [False], "on": [True], "both": [False, True]}[a.cudnn_benchmark],
+        storage_repeats=a.storage_repeats, profile_dir=a.profile_dir,
         run=a.run,
     )  # fmt: skip
     try:
@@ -383,6 +388,7 @@ def measure_limit(
     whole: str,
     graph: bool = False,
     channels_last: bool = False,
+    benchmarks: Sequence[bool] = (False,),
 ) -> dict[str, Any]:
     """Best full-pass time (s) in chunks of ``chunk`` and, where memory allows, as one chunk.
 
@@ -392,15 +398,25 @@ def measure_limit(
     ``graph`` (CUDA): also the pass in chunks of ``chunk`` replayed as one CUDA graph, which removes the
     launch cost that bounds small nets' eager passes: then the limit is what the hardware can do, and
     rows without graphs are held to it too.
-    Returns ``limit_s`` (the best), ``limit_chunk_s``, ``limit_whole_s``, ``limit_graph_s`` (None when
-    not measured).
+    ``benchmarks``: the cuDNN autotuner settings of the rows (``cudnn.benchmark`` off/on); the pass in
+    chunks is timed with the first, and with both where there are two (``limit_chunk_bm_s``); the
+    whole-set and graph passes with the last (on, where any row uses it).
+    Returns ``limit_s`` (the best), ``limit_chunk_s``, ``limit_chunk_bm_s``, ``limit_whole_s``,
+    ``limit_graph_s`` (None when not measured).
     """
     m = lca_mode_copy(model)
+    bm = bool(benchmarks[-1])
+    with cudnn_benchmark(benchmarks[0]):
+        t_chunk = time_full_pass(m, x, y, chunk, repeats)
     out: dict[str, Any] = {
-        "limit_chunk_s": time_full_pass(m, x, y, chunk, repeats),
+        "limit_chunk_s": t_chunk,
+        "limit_chunk_bm_s": None,
         "limit_whole_s": None,
         "limit_graph_s": None,
     }
+    if len(benchmarks) > 1:
+        with cudnn_benchmark(True):
+            out["limit_chunk_bm_s"] = time_full_pass(m, x, y, chunk, repeats)
     n = len(x)
     try_whole = whole == "on" or (whole == "auto" and chunk < n)
     if try_whole and whole == "auto" and x.device.type == "cpu":
@@ -408,14 +424,15 @@ def measure_limit(
         try_whole = need < 0.5 * _mem_available_bytes()
     if try_whole:
         try:
-            out["limit_whole_s"] = time_full_pass(m, x, y, n, repeats)
+            with cudnn_benchmark(bm):
+                out["limit_whole_s"] = time_full_pass(m, x, y, n, repeats)
         except torch.cuda.OutOfMemoryError:
             log(f"  one chunk of {n} does not fit in GPU memory; limit from chunks of {chunk}")
         m.zero_grad(set_to_none=True)
         if x.device.type == "cuda":
             torch.cuda.empty_cache()
     if graph:
-        fbl = FullBatchLoss(m, x, y, chunk, channels_last=channels_last, cuda_graph=True)
+        fbl = FullBatchLoss(m, x, y, chunk, channels_last=channels_last, cuda_graph=True, cudnn_benchmark=bm)
         out["limit_graph_s"] = time_graph_pass(fbl, repeats)
         del fbl  # frees the graph's memory pool
         torch.cuda.empty_cache()
@@ -447,6 +464,7 @@ def engine_loop(
     writer_dir: str | None = None,
     cuda_graph: bool = False,
     profile_path: str | None = None,
+    cudnn_bm: bool = False,
 ) -> dict[str, Any]:
     """Online LCA training loop as in ``train.py``: ``warmup + iters`` iterations, the last ``iters`` timed.
 
@@ -464,8 +482,9 @@ def engine_loop(
     opt = torch.optim.SGD(model.parameters(), lr=spec["lr"], momentum=0.9)
     chunk = auto_chunk_size(model, len(x), device, x) if o.chunk_size == "auto" else int(o.chunk_size)
     fbl = FullBatchLoss(
-        model, x, y, chunk, param_names=pnames, channels_last=channels_last, cuda_graph=cuda_graph
-    )
+        model, x, y, chunk, param_names=pnames, channels_last=channels_last, cuda_graph=cuda_graph,
+        cudnn_benchmark=cudnn_bm,
+    )  # fmt: skip
     engine = LCAEngine(fbl, method, tolerance=o.tolerance, max_splits=o.max_splits)
 
     def flat() -> torch.Tensor:
@@ -550,7 +569,10 @@ def engine_loop(
             _sync(device)
         key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
         with open(profile_path, "w") as f:
-            f.write(f"{n_extra} engine iterations ({net}, {method}, cuda_graph={cuda_graph}) on {device}\n")
+            f.write(
+                f"{n_extra} engine iterations ({net}, {method}, cuda_graph={cuda_graph}, "
+                f"cudnn_benchmark={cudnn_bm}) on {device}\n"
+            )
             f.write(prof.key_averages().table(sort_by=key, row_limit=40))
     if writer is not None:
         writer.close()
@@ -611,7 +633,8 @@ def naive_replay(
     and endpoint, the endpoint reused as the next start) or ``first_order`` (ḡ = g_t, one pass). Points
     are formed in float64 on the host and cast to the parameters' dtype, as the engine does. L is the
     engine's: ``model`` is deep-copied into LCA mode (dropout off, BN batch statistics, running statistics
-    untouched), batches of ``chunk`` in order. Returns per-iteration ``times`` [T] (s; the first point,
+    untouched), batches of ``chunk`` in order, with PyTorch's defaults (NCHW layout, ``cudnn.benchmark``
+    off) whatever the engine uses. Returns per-iteration ``times`` [T] (s; the first point,
     θ_0, is primed untimed), ``total`` [T], ``loss0``/``loss1`` [T], ``error`` [T] (total − ΔL), the
     float64 running sums ``cum_param`` [K] and ``cum_total``, and ``param`` [T, K] with ``keep_param``.
     """
@@ -625,6 +648,21 @@ def naive_replay(
         torch.utils.data.TensorDataset(x_cpu.to(dtype), y_cpu), batch_size=chunk, shuffle=False
     )
     n = len(x_cpu)
+    with cudnn_benchmark(False):
+        return _naive_loop(m, thetas, loader, n, integrator, device, dtype, keep_param)
+
+
+def _naive_loop(
+    m: nn.Module,
+    thetas: Sequence[torch.Tensor],
+    loader: torch.utils.data.DataLoader,
+    n: int,
+    integrator: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    keep_param: bool,
+) -> dict[str, Any]:
+    """The body of :func:`naive_replay` (see there)."""
 
     def to_dev(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(a.astype(torch.empty((), dtype=dtype).numpy().dtype)).to(device)
@@ -681,6 +719,7 @@ def recompute_rate(
     o: BenchOptions,
     cl: bool,
     cuda_graph: bool = False,
+    cudnn_bm: bool = False,
 ) -> dict[str, Any]:
     """Time :meth:`LCAEngine.steps` (batched path points) on a stored trajectory vs step by step.
 
@@ -702,7 +741,7 @@ def recompute_rate(
         opt.step()
         thetas.append(torch.cat([p.detach().reshape(-1) for p in params]))
     traj = torch.stack(thetas)
-    fbl = FullBatchLoss(model, x, y, chunk, channels_last=cl, cuda_graph=cuda_graph)
+    fbl = FullBatchLoss(model, x, y, chunk, channels_last=cl, cuda_graph=cuda_graph, cudnn_benchmark=cudnn_bm)
     B = batch_points_for(o)
     warm = traj[: min(B, len(traj) - 1) + 1]
     list(LCAEngine(fbl, method, o.tolerance, o.max_splits).steps(warm, B))  # warm-up
@@ -736,7 +775,14 @@ def batch_points_for(o: BenchOptions) -> int:
 
 
 def storage_stall(
-    net: str, x: torch.Tensor, y: torch.Tensor, method: str, o: BenchOptions, cl: bool, cuda_graph: bool
+    net: str,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    method: str,
+    o: BenchOptions,
+    cl: bool,
+    cuda_graph: bool,
+    cudnn_bm: bool = False,
 ) -> dict[str, Any]:
     """Cost of the run-file writer: the engine loop without and with it, alternately, ``o.storage_repeats``
     times (without, with, without, with, …), so that drift of the machine (clocks, other jobs) falls on
@@ -748,7 +794,9 @@ def storage_stall(
     def loop(writer: bool) -> float:
         with tempfile.TemporaryDirectory(prefix="lca_bench_") as tmp:
             wd = tmp if writer else None
-            res = engine_loop(net, x, y, method, o, cl, writer_dir=wd, cuda_graph=cuda_graph)
+            res = engine_loop(
+                net, x, y, method, o, cl, writer_dir=wd, cuda_graph=cuda_graph, cudnn_bm=cudnn_bm
+            )
         return statistics.fmean(res["times"])
 
     pairs = []
@@ -769,7 +817,13 @@ def storage_stall(
 
 
 def run_rate(
-    net: str, precision: str, method: str, n_train: int, o: BenchOptions, cuda_graph: bool
+    net: str,
+    precision: str,
+    method: str,
+    n_train: int,
+    o: BenchOptions,
+    cuda_graph: bool,
+    cudnn_bm: bool = False,
 ) -> dict[str, Any]:
     """The real online loop: ``lca_lab.train.run`` (as ``python -m lca_lab`` runs it, W&B and figures off)
     on the bench's net, batch size and learning rate, with ``data=synthetic`` of the same shape and size
@@ -793,7 +847,8 @@ def run_rate(
         f"data.size={n_train}", f"batch_size={batch}", f"epochs={epochs}", f"opt.lr={spec['lr']}",
         f"seed={o.seed}", "logger=none", "figures=false", "checkpoint.enabled=false",
         f"eval_every={10**9}", f"lca={method}", f"lca.precision={precision}",
-        f"lca.cuda_graph={str(cuda_graph).lower()}", f"lca.tolerance={o.tolerance}",
+        f"lca.cuda_graph={str(cuda_graph).lower()}", f"lca.cudnn_benchmark={str(cudnn_bm).lower()}",
+        f"lca.tolerance={o.tolerance}",
         f"lca.max_splits={o.max_splits}", f"lca.chunk_size={o.chunk_size}", f"lca.channels_last={cl}",
         f"lca.window=[0,{n_lca}]", f"store.flush_every={o.flush_every}",
     ]  # fmt: skip
@@ -818,8 +873,9 @@ def run_case(
     limits: dict[tuple[str, str, int], dict[str, Any]],
     cuda_graph: bool = False,
     naive_cache: dict[tuple[str, str, str], dict[str, Any]] | None = None,
+    cudnn_bm: bool = False,
 ) -> dict[str, Any]:
-    """Measure one net × precision × method × CUDA-graph setting → one result row.
+    """Measure one net × precision × method × CUDA-graph × cuDNN-autotuner setting → one result row.
 
     The limit is cached per net × precision × chunk, and the naive baseline per net × precision × method
     in ``naive_cache`` (it replays the trajectory, which does not depend on how the engine evaluates L).
@@ -831,19 +887,28 @@ def run_case(
         x = x.contiguous(memory_format=torch.channels_last)
     row: dict[str, Any] = {
         "net": net, "precision": precision, "method": method, "channels_last": cl, "n_train": len(x),
-        "iters": o.iters, "warmup": o.warmup, "cuda_graph": cuda_graph,
+        "iters": o.iters, "warmup": o.warmup, "cuda_graph": cuda_graph, "cudnn_benchmark": cudnn_bm,
     }  # fmt: skip
     with matmul_precision(precision):  # the engine's switch: cuBLAS and cuDNN TF32 flags, restored
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-        tag = f"{net} {precision} {method}" + (" cuda-graph" if cuda_graph else "")
+        tag = (
+            f"{net} {precision} {method}"
+            + (" cuda-graph" if cuda_graph else "")
+            + (" bm" if cudnn_bm else "")
+        )
         log(f"{tag}: engine, {o.warmup}+{o.iters} iterations")
         prof = None
         if o.profile_dir:
-            name = f"{net}_{precision}_{method}" + ("_graph" if cuda_graph else "") + ".txt"
+            name = (
+                f"{net}_{precision}_{method}" + ("_graph" if cuda_graph else "") + ("_bm" if cudnn_bm else "")
+            )
+            name += ".txt"
             prof = os.path.join(o.profile_dir, name)
-        eng = engine_loop(net, x, y, method, o, cl, cuda_graph=cuda_graph, profile_path=prof)
+        eng = engine_loop(
+            net, x, y, method, o, cl, cuda_graph=cuda_graph, profile_path=prof, cudnn_bm=cudnn_bm
+        )
         row["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
         chunk = eng["chunk_size"]
         row["chunk_size"] = chunk
@@ -851,8 +916,9 @@ def run_case(
         if key not in limits:
             log(f"{net} {precision}: limit (full passes, chunk {chunk} and whole set)")
             limits[key] = measure_limit(
-                eng["model"], x, y, chunk, o.limit_repeats, o.whole_chunk, any(o.cuda_graphs), cl
-            )
+                eng["model"], x, y, chunk, o.limit_repeats, o.whole_chunk, any(o.cuda_graphs), cl,
+                o.cudnn_benchmarks,
+            )  # fmt: skip
         row.update(limits[key])
         t_eng = statistics.median(eng["times"])
         passes = statistics.fmean(eng["passes"])
@@ -872,7 +938,7 @@ def run_case(
         row["engine_total"] = eng["total"]
         if o.recompute_iters and not has_batchnorm(eng["model"]):
             log(f"{tag}: recompute of {o.recompute_iters} stored steps, {batch_points_for(o)} points/pass")
-            row.update(recompute_rate(eng["model"], x, y, chunk, method, o, cl, cuda_graph))
+            row.update(recompute_rate(eng["model"], x, y, chunk, method, o, cl, cuda_graph, cudnn_bm))
         if o.keep_param:
             row["engine_param"] = eng["param"]
 
@@ -910,11 +976,11 @@ def run_case(
 
         if o.run:
             log(f"{tag}: the training loop of python -m lca_lab, {o.warmup}+{o.iters} LCA iterations")
-            row.update(run_rate(net, precision, method, len(x), o, cuda_graph))
+            row.update(run_rate(net, precision, method, len(x), o, cuda_graph, cudnn_bm))
 
         if o.storage:
             log(f"{tag}: storage stall, {o.storage_repeats} pairs of loops without/with the writer")
-            row.update(storage_stall(net, x, y, method, o, cl, cuda_graph))
+            row.update(storage_stall(net, x, y, method, o, cl, cuda_graph, cudnn_bm))
         del eng
     return row
 
@@ -932,16 +998,15 @@ def run_bench(o: BenchOptions) -> dict[str, Any]:
     limits: dict[tuple[str, str, int], dict[str, Any]] = {}
     naive_cache: dict[tuple[str, str, str], dict[str, Any]] = {}
     rows = []
-    saved_benchmark = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = o.cudnn_benchmark
-    try:
+    # PyTorch's default, as in a fresh `python -m lca_lab`: the rows' setting applies to the engine's passes.
+    with cudnn_benchmark(False):
         for net in o.nets:
             for precision in o.precisions:
                 for method in o.methods:
                     for graph in o.cuda_graphs:
-                        rows.append(run_case(net, precision, method, data, o, limits, graph, naive_cache))
-    finally:
-        torch.backends.cudnn.benchmark = saved_benchmark
+                        for bm in o.cudnn_benchmarks:
+                            row = run_case(net, precision, method, data, o, limits, graph, naive_cache, bm)
+                            rows.append(row)
     return {
         "device": device_name(device),
         "torch": torch.__version__,
@@ -985,7 +1050,10 @@ COLUMNS: list[tuple[str, str, Callable[[dict[str, Any]], str]]] = [
         "prec",
         "<",
         lambda r: (
-            r["precision"] + ("/cl" if r["channels_last"] else "") + ("/graph" if r.get("cuda_graph") else "")
+            r["precision"]
+            + ("/cl" if r["channels_last"] else "")
+            + ("/graph" if r.get("cuda_graph") else "")
+            + ("/bm" if r.get("cudnn_benchmark") else "")
         ),
     ),
     ("method", "<", lambda r: r["method"]),
@@ -995,7 +1063,9 @@ COLUMNS: list[tuple[str, str, Callable[[dict[str, Any]], str]]] = [
         "chunk/whole ms",
         ">",
         lambda r: (
-            f"{_fmt(r['limit_chunk_s'], 1e3, '.2f')}/{_fmt(r['limit_whole_s'], 1e3, '.2f')}"
+            f"{_fmt(r['limit_chunk_s'], 1e3, '.2f')}"
+            + (f"/{_fmt(r['limit_chunk_bm_s'], 1e3, '.2f')}b" if r.get("limit_chunk_bm_s") else "")
+            + f"/{_fmt(r['limit_whole_s'], 1e3, '.2f')}"
             + (f"/{_fmt(r['limit_graph_s'], 1e3, '.2f')}g" if r.get("limit_graph_s") else "")
         ),
     ),
@@ -1031,7 +1101,6 @@ def format_table(result: dict[str, Any]) -> str:
     head = (
         f"lca_lab.bench on {result['device']}, torch {result['torch']}, {result['date']}; "
         f"{o['warmup']}+{o['iters']} iterations, tolerance {o['tolerance']}"
-        + (", cudnn.benchmark on" if o.get("cudnn_benchmark") else "")
     )
     return "\n".join(
         [head, line([h for h, _, _ in COLUMNS]), line(["-" * w for w in widths])] + [line(c) for c in cells]

@@ -35,6 +35,9 @@ FORMAT_VERSION = 1
 PREEMPTED_EXIT_CODE = 75
 # Config keys that may differ between a run and its continuation: they do not change its numbers.
 RESUME_IGNORED = ("resume", "checkpoint", "figures", "logger", "store.flush_every", "store.max_gb")
+# Config keys added after checkpoints existed, with the value that a checkpoint written before them ran
+# with: such a run continues under the new code with that value (and is refused with any other).
+IMPLIED_IN_OLDER = {"lca.cuda_graph": False, "lca.cudnn_benchmark": False}
 # Signals that ask a run to checkpoint and stop (SLURM sends SIGTERM, or --signal=USR1/USR2 before a
 # time limit; submitit uses SIGUSR2 by default).
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
@@ -201,9 +204,11 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def config_diff(stored: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    """Dotted keys whose values differ (``key: old → new``), ignoring :data:`RESUME_IGNORED`."""
+    """Dotted keys whose values differ (``key: old → new``), ignoring :data:`RESUME_IGNORED`; a key of
+    :data:`IMPLIED_IN_OLDER` missing from either side has its implied value (also train.py's default)."""
     # Round-trip the current config through YAML so both sides have the same types (tuples, floats).
     a, b = _flatten(stored), _flatten(yaml.safe_load(yaml.safe_dump(dict(current), sort_keys=False)))
+    a, b = {**IMPLIED_IN_OLDER, **a}, {**IMPLIED_IN_OLDER, **b}
 
     def ignored(k: str) -> bool:
         return any(k == p or k.startswith(p + ".") for p in RESUME_IGNORED)

@@ -106,6 +106,15 @@ def validate(cfg: Mapping[str, Any]) -> None:
             )
         if lca.get("cuda_graph", False) not in (True, False):
             raise ConfigError(f"lca.cuda_graph must be true or false, got {lca.get('cuda_graph')!r}")
+        if lca.get("cudnn_benchmark", False) not in (True, False):
+            raise ConfigError(
+                f"lca.cudnn_benchmark must be true or false, got {lca.get('cudnn_benchmark')!r}"
+            )
+        if lca.get("cudnn_benchmark", False) and _get(cfg, "deterministic"):
+            raise ConfigError(
+                "lca.cudnn_benchmark=true chooses cuDNN algorithms by timing them, which "
+                "deterministic=true rules out; set lca.cudnn_benchmark=false or deterministic=false"
+            )
         window = lca.get("window")
         if window is not None:
             w = list(window)

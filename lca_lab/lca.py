@@ -98,6 +98,21 @@ def matmul_precision(mode: str):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
+@contextlib.contextmanager
+def cudnn_benchmark(on: bool):
+    """Run a block with ``torch.backends.cudnn.benchmark`` set to ``on``; restored on exit.
+
+    On: cuDNN times its algorithms for each new convolution shape and keeps the fastest; off:
+    PyTorch's default, cuDNN's heuristics. No effect on the CPU.
+    """
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = bool(on)
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = saved
+
+
 def tied_aliases(model: nn.Module, names: Sequence[str]) -> list[tuple[str, str]]:
     """(alias, name) for every further name under which a parameter of ``names`` is registered (tied
     weights: one Parameter in several modules; ``named_parameters()`` lists it under its first name)."""
@@ -189,6 +204,11 @@ class FullBatchLoss:
             recorded again when the TF32 flags change. If recording fails (an op in the net or loss
             that cannot be captured), a warning says why (``graph_error``) and the eager path is used.
             Ignored on the CPU.
+        cudnn_benchmark: run the passes of L with ``torch.backends.cudnn.benchmark`` on (restored after
+            each pass): cuDNN times its convolution algorithms once per shape and keeps the fastest.
+            Every pass repeats the same chunk shapes, so the timing is paid once. The chosen algorithms
+            may differ from run to run, so the numbers agree between runs only to float rounding.
+            No effect without cuDNN (CPU, nets without convolutions).
     """
 
     def __init__(
@@ -202,6 +222,7 @@ class FullBatchLoss:
         n_classes: int | None = None,
         channels_last: bool = False,
         cuda_graph: bool = False,
+        cudnn_benchmark: bool = False,
     ):
         if chunk_size <= 0:
             raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
@@ -234,6 +255,7 @@ class FullBatchLoss:
         self.cuda_graph = bool(cuda_graph) and self.device.type == "cuda"
         self.graph_error: str | None = None
         self._graph: tuple | None = None  # (flags, graph, static θ, static L, static ∇L)
+        self.cudnn_benchmark = bool(cudnn_benchmark)
         self._segments: list[tuple[int, int, int]] | None = None
         if n_classes is not None:
             if self.has_bn:
@@ -278,9 +300,13 @@ class FullBatchLoss:
         for start in range(0, len(self.x), self.chunk_size):
             yield self.x[start : start + self.chunk_size], self.y[start : start + self.chunk_size]
 
+    def _flags(self):
+        """The cuDNN setting of this loss's passes (``cudnn_benchmark``), or nothing to change."""
+        return cudnn_benchmark(True) if self.cudnn_benchmark else contextlib.nullcontext()
+
     def loss(self, theta: torch.Tensor) -> torch.Tensor:
         """``L(θ)`` as a float64 0-d tensor (mean loss per example)."""
-        with torch.no_grad(), lca_eval_mode(self.model, self._mode_modules):
+        with torch.no_grad(), lca_eval_mode(self.model, self._mode_modules), self._flags():
             params = self.unflatten(theta)
             total = torch.zeros((), dtype=torch.float64, device=self.device)
             for xb, yb in self._chunks():
@@ -291,11 +317,12 @@ class FullBatchLoss:
     def loss_and_grad(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(L(θ), ∇L(θ))``: float64 0-d tensor and float64 flat gradient [K]."""
         self.n_evals += 1
-        if self.cuda_graph:
-            out = self._replay(theta)
-            if out is not None:
-                return out
-        return self._loss_and_grad(theta)
+        with self._flags():
+            if self.cuda_graph:
+                out = self._replay(theta)
+                if out is not None:
+                    return out
+            return self._loss_and_grad(theta)
 
     def _replay(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``loss_and_grad`` through the recorded CUDA graph (recording it first); None if it cannot be."""
@@ -370,7 +397,7 @@ class FullBatchLoss:
         vg = vmap(grad_and_value(chunk_loss), in_dims=(0, None, None))
         grad = torch.zeros(thetas.shape[0], self.n_params, dtype=torch.float64, device=self.device)
         total = torch.zeros(thetas.shape[0], dtype=torch.float64, device=self.device)
-        with torch.enable_grad(), lca_eval_mode(self.model, self._mode_modules):
+        with torch.enable_grad(), lca_eval_mode(self.model, self._mode_modules), self._flags():
             for xb, yb in self._chunks():
                 g, loss_sum = vg(thetas.detach(), xb, yb)
                 grad += g.double()
@@ -391,7 +418,7 @@ class FullBatchLoss:
         C = self.n_classes
         grad = torch.zeros(C, self.n_params, dtype=torch.float64, device=self.device)
         loss = torch.zeros(C, dtype=torch.float64, device=self.device)
-        with torch.enable_grad(), lca_eval_mode(self.model, self._mode_modules):
+        with torch.enable_grad(), lca_eval_mode(self.model, self._mode_modules), self._flags():
             leaf = theta.detach().clone().requires_grad_(True)
             params = self.unflatten(leaf)
             if self._segments is not None:

@@ -89,7 +89,7 @@ MERGED_NAME = "lca.h5"
 LOCK_NAME = ".merge.lock"
 ENGINE_KEYS = (
     "method", "tolerance", "max_splits", "adaptive", "chunk_size", "per_class", "test", "batch_points",
-    "precision", "cuda_graph",
+    "precision", "cuda_graph", "cudnn_benchmark",
 )  # fmt: skip
 REDUCE_ROW = ("frac_helping", "frac_hurting", "frac_zero", "layer_frac_helping", "layer_frac_hurting")
 # Per-row series whose first row is the start point (T+1 rows): a later shard's first row repeats the
@@ -264,6 +264,10 @@ def engine_settings(run_cfg: dict[str, Any], overrides: dict[str, Any] | None) -
     if cg is not None and not isinstance(cg, bool):
         raise RecomputeError(f"lca.cuda_graph must be true or false, got {cg!r}")
     out["cuda_graph"] = bool(cg)
+    bm = out["cudnn_benchmark"]
+    if bm is not None and not isinstance(bm, bool):
+        raise RecomputeError(f"lca.cudnn_benchmark must be true or false, got {bm!r}")
+    out["cudnn_benchmark"] = bool(bm)
     return out
 
 
@@ -340,16 +344,15 @@ def _build(rf, run_cfg: dict[str, Any], settings: dict[str, Any], device: torch.
     set_matmul_precision(settings["precision"])
     per_class = settings["per_class"]
     cl = device.type == "cuda" and any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
-    cg = settings["cuda_graph"]
+    # How L's passes run (layout, graphs, cuDNN autotuning): its value only to float rounding.
+    fast = {k: settings[k] for k in ("cuda_graph", "cudnn_benchmark")} | {"channels_last": cl}
     fbl = FullBatchLoss(
         model, data.train_x, data.train_y, chunk, param_names=pnames,
-        n_classes=data.n_classes if per_class else None, channels_last=cl, cuda_graph=cg,
+        n_classes=data.n_classes if per_class else None, **fast,
     )  # fmt: skip
     test_fbl = None
     if settings["test"] and len(data.test_x) > 0:
-        test_fbl = FullBatchLoss(
-            model, data.test_x, data.test_y, chunk, param_names=pnames, channels_last=cl, cuda_graph=cg
-        )
+        test_fbl = FullBatchLoss(model, data.test_x, data.test_y, chunk, param_names=pnames, **fast)
     engine = LCAEngine(
         fbl, settings["method"], settings["tolerance"], settings["max_splits"], settings["adaptive"],
         per_class=per_class, test_loss=test_fbl,

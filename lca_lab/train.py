@@ -194,6 +194,7 @@ def _run(
     set_matmul_precision(str(cfg["lca"].get("precision", "fp32")))  # training and LCA alike
     dcfg, ncfg, ocfg, lcfg, scfg = cfg["data"], cfg["net"], cfg["opt"], cfg["lca"], cfg["store"]
     cuda_graph = bool(lcfg.get("cuda_graph", False))
+    cudnn_bm = bool(lcfg.get("cudnn_benchmark", False))
     if cuda_graph and bool(lcfg.get("enabled", True)) and device.type != "cuda":
         raise ConfigError(
             f"lca.cuda_graph=true records the full-data pass as a CUDA graph, but this run is on {device}; "
@@ -289,6 +290,7 @@ def _run(
         "lca_chunk_size": chunk,  # resolved (lca.chunk_size=auto): part of L's definition for BN nets
         "lca_channels_last": channels_last,
         "lca_cuda_graph": cuda_graph,
+        "lca_cudnn_benchmark": cudnn_bm,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         **(extra_attrs or {}),
     }
@@ -299,7 +301,7 @@ def _run(
         fbl = FullBatchLoss(
             model, data.train_x, data.train_y, chunk, param_names=pnames,
             n_classes=data.n_classes if per_class else None, channels_last=channels_last,
-            cuda_graph=cuda_graph,
+            cuda_graph=cuda_graph, cudnn_benchmark=cudnn_bm,
         )  # fmt: skip
         test_fbl = (
             FullBatchLoss(
@@ -310,6 +312,7 @@ def _run(
                 param_names=pnames,
                 channels_last=channels_last,
                 cuda_graph=cuda_graph,
+                cudnn_benchmark=cudnn_bm,
             )
             if test_lca
             else None

@@ -134,6 +134,49 @@ def test_bench_precision_switch_sets_and_restores_both_flags():
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
+def test_cudnn_benchmark_rows_tune_the_engine_and_leave_the_naive_baseline_at_the_default(monkeypatch):
+    """`--cudnn-benchmark both`: a row per setting, the limit timed with both, the engine's passes with the
+    row's setting, the naive baseline with PyTorch's default (off) whatever the global flag, which is
+    left as it was."""
+    seen = {"naive": set(), "engine": []}
+    point = bench.naive_point
+
+    def spy(*a, **k):
+        seen["naive"].add(torch.backends.cudnn.benchmark)
+        return point(*a, **k)
+
+    monkeypatch.setattr(bench, "naive_point", spy)
+    loss = bench.FullBatchLoss.loss_and_grad
+
+    def engine_spy(self, theta):
+        with self._flags():
+            seen["engine"].append(torch.backends.cudnn.benchmark)
+        return loss(self, theta)
+
+    monkeypatch.setattr(bench.FullBatchLoss, "loss_and_grad", engine_spy)
+    o = bench.BenchOptions(nets=["fc"], iters=2, warmup=1, n_train=N, chunk_size=N, naive_iters=1,
+                           limit_repeats=1, methods=["rk4"], recompute_iters=0, run=False,
+                           cudnn_benchmarks=[False, True])  # fmt: skip
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        result = bench.run_bench(o)
+        assert torch.backends.cudnn.benchmark is True
+    finally:
+        torch.backends.cudnn.benchmark = saved
+    rows = result["rows"]
+    assert [r["cudnn_benchmark"] for r in rows] == [False, True]
+    assert seen["naive"] == {False}
+    assert seen["engine"][0] is False and False not in seen["engine"][-4:]  # first row off, last row on
+    for r in rows:
+        assert r["limit_chunk_bm_s"] > 0
+        assert r["limit_s"] == min(r["limit_chunk_s"], r["limit_chunk_bm_s"], r["limit_whole_s"] or 1e9)
+    assert rows[0]["engine_total"] == rows[1]["engine_total"]  # no cuDNN on the CPU: the same numbers
+    table = bench.format_table(result).splitlines()
+    assert "fp32/bm" in table[-1] and "/bm" not in table[-2]
+    assert f"{rows[0]['limit_chunk_bm_s'] * 1e3:.2f}b" in table[-1]
+
+
 def test_storage_stall_is_measured(tmp_path):
     o = bench.BenchOptions(nets=["fc"], iters=3, warmup=1, n_train=N, chunk_size=N, naive=False,
                            storage=True, flush_every=2, limit_repeats=1, storage_repeats=3)  # fmt: skip
@@ -187,7 +230,12 @@ def test_cpu_defaults():
     o = bench.parse_args(["--device", "cpu"])
     assert o.nets == ["fc", "lenet"] and o.precisions == ["fp32"] and o.methods == ["rk4", "trapezoid"]
     assert o.iters == 20 and o.warmup == 3 and o.chunk_size == "auto"
-    assert o.cuda_graphs == [False] and not o.cudnn_benchmark
+    assert o.cuda_graphs == [False] and o.cudnn_benchmarks == [False]
+    assert bench.parse_args(["--device", "cpu", "--cudnn-benchmark"]).cudnn_benchmarks == [True]
+    assert bench.parse_args(["--device", "cpu", "--cudnn-benchmark", "both"]).cudnn_benchmarks == [
+        False,
+        True,
+    ]
     assert bench.batch_points_for(o) == 1  # as lca_lab.recompute on the CPU
     assert bench.batch_points_for(bench.parse_args(["--device", "cpu", "--batch-points", "8"])) == 8
 

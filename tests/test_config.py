@@ -32,6 +32,12 @@ def test_every_config_file_composes(group, option):
     validate(cfg)
 
 
+def test_cudnn_benchmark_with_deterministic_names_both_fixes():
+    validate(_compose(["lca.cudnn_benchmark=true"]))
+    with pytest.raises(ConfigError, match="set lca.cudnn_benchmark=false or deterministic=false"):
+        validate(_compose(["lca.cudnn_benchmark=true", "deterministic=true"]))
+
+
 def test_momentum_delay_from_command_line():
     cfg = _compose(["layers=last_momentum_delay", "layers.last.momentum_delay=3"])
     assert cfg["layers"]["last"] == {"select": -1, "momentum_delay": 3}
@@ -46,6 +52,7 @@ def test_momentum_delay_from_command_line():
         ("lca.chunk_size=0", "lca.chunk_size"),
         ("lca.max_splits=12", "lca.max_splits"),
         ("lca.cuda_graph=maybe", "lca.cuda_graph"),
+        ("lca.cudnn_benchmark=maybe", "lca.cudnn_benchmark"),
         ("device=tpu", "device"),
         ("opt.lr=-0.1", "opt.lr"),
         ("opt.momentum=1.5", "opt.momentum"),

@@ -166,6 +166,46 @@ def test_channels_last_resnet_on_cuda_equals_nchw():
         assert abs(float(s.total) - float(t.total)) < 1e-12
 
 
+def test_cudnn_benchmark_resnet_on_cuda_equals_default():
+    """lca.cudnn_benchmark: cuDNN's autotuned algorithms give the numbers of its heuristic ones (float64,
+    where only rounding can differ), and the process's flag is back afterwards."""
+    from lca_lab.lca import matmul_precision
+
+    torch.manual_seed(0)
+    model = build_net("resnet20", (3, 32, 32), 10, width=8).double().cuda()
+    x, y = torch.randn(1000, 3, 32, 32).double().cuda(), torch.randint(0, 10, (1000,)).cuda()
+    saved = torch.backends.cudnn.benchmark
+    with matmul_precision("fp32"):
+        th = _sgd_trajectory(model, x, y, 3)
+        a = [LCAEngine(FullBatchLoss(model, x, y, 500), "rk4").step(p, q) for p, q in zip(th[:-1], th[1:])]
+        bm = FullBatchLoss(model, x, y, 500, channels_last=True, cudnn_benchmark=True)
+        b = [LCAEngine(bm, "rk4").step(p, q) for p, q in zip(th[:-1], th[1:])]
+    assert torch.backends.cudnn.benchmark == saved
+    for s, t in zip(a, b):
+        assert s.splits == t.splits
+        assert _rel(t.param, s.param) < 1e-9
+        assert abs(float(s.total) - float(t.total)) < 1e-12
+
+
+def test_bench_cudnn_benchmark_rows_on_resnet20():
+    """`--cudnn-benchmark both` on the GPU: the limit is timed with and without the autotuner, the naive
+    baseline once (PyTorch's default), and both rows integrate the same trajectory to float32 rounding."""
+    from lca_lab import bench
+
+    o = bench.BenchOptions(
+        nets=["resnet20"], device="cuda", iters=2, warmup=1, n_train=600, limit_repeats=2, naive_iters=1,
+        methods=["rk4"], recompute_iters=0, run=False, precisions=["fp32"], cudnn_benchmarks=[False, True],
+    )  # fmt: skip
+    rows = bench.run_bench(o)["rows"]
+    assert [r["cudnn_benchmark"] for r in rows] == [False, True]
+    for r in rows:
+        assert r["limit_chunk_bm_s"] > 0
+        assert r["limit_s"] == min(r["limit_chunk_s"], r["limit_chunk_bm_s"], r["limit_whole_s"] or 1e9)
+        assert r["naive_max_abs_diff"] < 1e-5
+    assert rows[0]["naive_total"] == rows[1]["naive_total"]  # measured once
+    np.testing.assert_allclose(rows[1]["engine_total"], rows[0]["engine_total"], rtol=1e-3, atol=1e-7)
+
+
 @pytest.mark.parametrize("net,shape,chunk", [("fc", (1, 28, 28), 4000), ("resnet20", (3, 32, 32), 500)])
 def test_cuda_graph_pass_equals_eager_and_rerecords_on_precision_change(net, shape, chunk):
     """The recorded pass replays the same kernels: equal to the eager pass (float64 on the device, several

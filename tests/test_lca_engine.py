@@ -385,6 +385,43 @@ def test_matmul_precision_sets_and_restores_flags():
             pass
 
 
+@pytest.mark.parametrize("start", [False, True])
+def test_cudnn_benchmark_is_on_in_every_pass_and_restored(start):
+    """FullBatchLoss(cudnn_benchmark=True): cuDNN's autotuner is on inside every kind of pass (seen from a
+    forward hook) and the caller's setting is back afterwards, also after an error; without it, passes
+    run under the caller's setting. On the CPU the numbers are the same."""
+    torch.manual_seed(0)
+    x, y = torch.randn(40, 3, 4, 4, dtype=torch.float64), torch.randint(0, 3, (40,))
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3)
+    ).double()
+    seen = []
+    model[0].register_forward_pre_hook(lambda m, a: seen.append(torch.backends.cudnn.benchmark))
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = start
+    try:
+        bm = FullBatchLoss(model, x, y, chunk_size=20, n_classes=3, cudnn_benchmark=True)
+        plain = FullBatchLoss(model, x, y, chunk_size=20, n_classes=3)
+        th = bm.flat_params()
+        pts = torch.stack([th, th + 0.01])
+        for f in (bm, plain):
+            seen.clear()
+            out = [f.loss(th), f.loss_and_grad(th), f.loss_and_grad_batch(pts), f.class_loss_and_grad(th)]
+            assert len(seen) == 2 + 2 + 2 + 2  # two chunks per pass
+            assert set(seen) == ({True} if f is bm else {start})
+            assert torch.backends.cudnn.benchmark is start
+            if f is bm:
+                got = out
+        for a, b in zip(got, out):
+            for u, v in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
+                torch.testing.assert_close(u, v, rtol=0, atol=0)
+        with pytest.raises(RuntimeError):
+            bm.loss(th[:-1])  # wrong length: fails inside the pass
+        assert torch.backends.cudnn.benchmark is start
+    finally:
+        torch.backends.cudnn.benchmark = saved
+
+
 def test_auto_chunk_size():
     from lca_lab.lca import auto_chunk_size
 

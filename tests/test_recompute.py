@@ -220,6 +220,22 @@ def test_cuda_graph_setting_on_the_cpu(online, tmp_path):
         rc.merge_shards(gpu_run, out_dir=out)
 
 
+def test_cudnn_benchmark_setting(online, tmp_path):
+    """lca.cudnn_benchmark: the run's value (false where an older run file lacks the key), overridable,
+    checked before any output."""
+    with pytest.raises(rc.RecomputeError, match="lca.cudnn_benchmark must be true or false"):
+        rc.recompute(online, out_dir=tmp_path / "no", lca={"cudnn_benchmark": "yes"}, progress=False)
+    assert not (tmp_path / "no").exists()
+    with h5py.File(online / "lca.h5", "r") as f:
+        run_cfg = OmegaConf.to_container(OmegaConf.create(f.attrs["config"]))
+    assert rc.engine_settings(run_cfg, None)["cudnn_benchmark"] is False
+    run_cfg["lca"].pop("cudnn_benchmark", None)
+    assert rc.engine_settings(run_cfg, None)["cudnn_benchmark"] is False
+    assert rc.engine_settings(run_cfg, {"cudnn_benchmark": True})["cudnn_benchmark"] is True
+    run_cfg["lca"]["cudnn_benchmark"] = True
+    assert rc.engine_settings(run_cfg, None)["cudnn_benchmark"] is True
+
+
 def test_clear_error_without_trajectory(online, tmp_path):
     # A run file as store.trajectory=false writes it: everything but trajectory/theta.
     with h5py.File(online / "lca.h5", "r") as src, h5py.File(tmp_path / "lca.h5", "w") as dst:

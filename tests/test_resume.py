@@ -180,6 +180,28 @@ def test_resume_refuses_a_changed_config_naming_the_keys(tmp_path, monkeypatch):
         assert r.is_complete and r.n_rows == T
 
 
+def test_a_checkpoint_from_before_a_new_speed_key_continues_with_its_implied_value(tmp_path, monkeypatch):
+    """Regression: a key added to the config after a checkpoint was written (lca.cudnn_benchmark) made
+    every such run refuse to continue ("None → False"). Missing there, it means the value the run used."""
+    import yaml
+
+    from lca_lab.checkpoint import IMPLIED_IN_OLDER, load_checkpoint, save_checkpoint
+
+    _preempted_run(tmp_path, monkeypatch)
+    ck = load_checkpoint(tmp_path / CHECKPOINT_NAME)
+    old = yaml.safe_load(ck["config"])
+    for key in IMPLIED_IN_OLDER:
+        section, name = key.split(".")
+        del old[section][name]
+    ck["config"] = yaml.safe_dump(old, sort_keys=False)
+    save_checkpoint(tmp_path, {k: v for k, v in ck.items() if k != "format_version"})
+    with pytest.raises(ConfigError, match=r"lca\.cudnn_benchmark: False → True"):
+        run(_cfg("lca.cudnn_benchmark=true", "deterministic=false"), tmp_path)
+    run(_cfg(), tmp_path)
+    with open_run(tmp_path) as r:
+        assert r.is_complete and r.n_rows == T
+
+
 def test_existing_file_without_checkpoint(tmp_path, monkeypatch):
     _preempted_run(tmp_path, monkeypatch)
     (tmp_path / CHECKPOINT_NAME).unlink()
