@@ -601,16 +601,18 @@ def naive_point(
     model: nn.Module, theta: torch.Tensor, loader: torch.utils.data.DataLoader, n: int, device: torch.device
 ) -> tuple[float, np.ndarray]:
     """``(L(θ), ∇L(θ))`` the straightforward way: parameters set from θ, batches moved from the CPU,
-    gradients accumulated in ``.grad``, then copied to the host as float64 numpy [K]."""
+    gradients accumulated in ``.grad``, then copied to the host as float64 numpy [K]. cuDNN at PyTorch's
+    default (no autotuner), whatever the engine uses."""
     with torch.no_grad():  # copy in place: keeps each parameter's memory format (channels-last)
         for p, v in zip(model.parameters(), theta.split([p.numel() for p in model.parameters()])):
             p.copy_(v.view_as(p))
     model.zero_grad(set_to_none=True)
     loss_sum = 0.0
-    for xb, yb in loader:
-        loss = F.cross_entropy(model(xb.to(device)), yb.to(device), reduction="sum")
-        loss.backward()
-        loss_sum += loss.item()
+    with cudnn_benchmark(False):
+        for xb, yb in loader:
+            loss = F.cross_entropy(model(xb.to(device)), yb.to(device), reduction="sum")
+            loss.backward()
+            loss_sum += loss.item()
     grad = np.concatenate(
         [p.grad.detach().cpu().numpy().astype(np.float64).ravel() for p in model.parameters()]
     )
@@ -648,21 +650,6 @@ def naive_replay(
         torch.utils.data.TensorDataset(x_cpu.to(dtype), y_cpu), batch_size=chunk, shuffle=False
     )
     n = len(x_cpu)
-    with cudnn_benchmark(False):
-        return _naive_loop(m, thetas, loader, n, integrator, device, dtype, keep_param)
-
-
-def _naive_loop(
-    m: nn.Module,
-    thetas: Sequence[torch.Tensor],
-    loader: torch.utils.data.DataLoader,
-    n: int,
-    integrator: str,
-    device: torch.device,
-    dtype: torch.dtype,
-    keep_param: bool,
-) -> dict[str, Any]:
-    """The body of :func:`naive_replay` (see there)."""
 
     def to_dev(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(a.astype(torch.empty((), dtype=dtype).numpy().dtype)).to(device)

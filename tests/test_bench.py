@@ -175,6 +175,20 @@ def test_cudnn_benchmark_rows_tune_the_engine_and_leave_the_naive_baseline_at_th
     table = bench.format_table(result).splitlines()
     assert "fp32/bm" in table[-1] and "/bm" not in table[-2]
     assert f"{rows[0]['limit_chunk_bm_s'] * 1e3:.2f}b" in table[-1]
+    # naive_point itself, called directly with the autotuner on in the process: its passes run without.
+    model = torch.nn.Linear(4, 3)
+    inside = []
+    model.register_forward_pre_hook(lambda m, a: inside.append(torch.backends.cudnn.benchmark))
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(torch.randn(8, 4), torch.randint(0, 3, (8,))), batch_size=4
+    )
+    torch.backends.cudnn.benchmark = True
+    try:
+        point(model, torch.zeros(15), loader, 8, torch.device("cpu"))
+        assert torch.backends.cudnn.benchmark is True
+    finally:
+        torch.backends.cudnn.benchmark = saved
+    assert inside == [False, False]
 
 
 def test_storage_stall_is_measured(tmp_path):
