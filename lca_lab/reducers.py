@@ -29,6 +29,9 @@ class LCAReducer:
         dev = layer_index.device
         K = layer_index.numel()
         self.layer_size = torch.bincount(layer_index, minlength=n_layers).double()
+        # K as a device tensor: CUDA divides by a Python scalar as a multiplication by its reciprocal,
+        # which can differ from the CPU's quotient in the last bit; a tensor divisor is a true division.
+        self._n = self.layer_size.sum()
         self.helped = torch.zeros(K, dtype=torch.int32, device=dev)
         self.hurt = torch.zeros(K, dtype=torch.int32, device=dev)
         self.motion_changes = torch.zeros(K, dtype=torch.int32, device=dev)
@@ -73,7 +76,7 @@ class LCAReducer:
         table = torch.zeros(self.n_layers * 3, dtype=torch.float64, device=param.device)
         table = table.index_add_(0, self._slot + sign, self._ones).view(self.n_layers, 3)
         layer_frac = table / self.layer_size[:, None]
-        frac = table.sum(0) / param.numel()
+        frac = table.sum(0) / self._n
         return {
             "frac_helping": frac[0],
             "frac_hurting": frac[2],

@@ -732,11 +732,13 @@ class RunWriter:
         n = len(r["iteration"])
         if n == 0:
             return {}
+        # Device scalars (train.py keeps Σ A on the GPU) leave it like the arrays: a blocking .cpu() here
+        # would wait for every kernel queued so far, once per flush.
         out = {
-            "total": _stack(r["total"], np.float64),
-            "error": _stack(r["error"], np.float64),
-            "splits": _stack(r["splits"], np.int32),
-            "converged": _stack(r["converged"], np.bool_),
+            "total": _stack(r["total"], np.float64, in_flight),
+            "error": _stack(r["error"], np.float64, in_flight),
+            "splits": _stack(r["splits"], np.int32, in_flight),
+            "converged": _stack(r["converged"], np.bool_, in_flight),
             "layer": _stack(r["layer"], np.float64, in_flight),
             "iteration": np.asarray(r["iteration"], dtype=np.int64),
         }

@@ -191,6 +191,33 @@ def test_cudnn_benchmark_rows_tune_the_engine_and_leave_the_naive_baseline_at_th
     assert inside == [False, False]
 
 
+def test_cached_naive_baseline_is_compared_only_on_its_own_trajectory(monkeypatch):
+    """Regression: on an H200 the second of two resnet20 rows trained another trajectory (cuDNN's backward
+    is not bitwise reproducible) and its |naive−eng| compared the naive totals of the first row's
+    trajectory against its own. A row whose trajectory differs from the cached baseline's reports no
+    comparison; its time ratio stays."""
+    real = bench.engine_loop
+    calls = []
+
+    def engine_loop(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:  # the second row's training went another way by one float32 step
+            out["thetas"] = [out["thetas"][0]] + [t.nextafter(t + 1) for t in out["thetas"][1:]]
+        return out
+
+    monkeypatch.setattr(bench, "engine_loop", engine_loop)
+    o = bench.BenchOptions(nets=["fc"], iters=2, warmup=1, n_train=N, chunk_size=N, naive_iters=2,
+                           limit_repeats=1, methods=["rk4"], recompute_iters=0, run=False,
+                           cudnn_benchmarks=[False, True])  # fmt: skip
+    rows = bench.run_bench(o)["rows"]
+    assert rows[0]["naive_same_trajectory"] is True
+    assert rows[0]["naive_max_abs_diff"] is not None and rows[0]["naive_vs_engine_max_abs"] is not None
+    assert rows[1]["naive_same_trajectory"] is False
+    assert rows[1]["naive_max_abs_diff"] is None and rows[1]["naive_vs_engine_max_abs"] is None
+    assert rows[1]["naive_total"] == rows[0]["naive_total"] and rows[1]["speedup"] > 0  # measured once
+
+
 def test_storage_stall_is_measured(tmp_path):
     o = bench.BenchOptions(nets=["fc"], iters=3, warmup=1, n_train=N, chunk_size=N, naive=False,
                            storage=True, flush_every=2, limit_repeats=1, storage_repeats=3)  # fmt: skip

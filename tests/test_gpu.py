@@ -189,7 +189,7 @@ def test_cudnn_benchmark_resnet_on_cuda_equals_default():
 
 def test_bench_cudnn_benchmark_rows_on_resnet20():
     """`--cudnn-benchmark both` on the GPU: the limit is timed with and without the autotuner, the naive
-    baseline once (PyTorch's default), and both rows integrate the same trajectory to float32 rounding."""
+    baseline once (PyTorch's default) and compared only on its own trajectory, and both rows conserve."""
     from lca_lab import bench
 
     o = bench.BenchOptions(
@@ -201,9 +201,21 @@ def test_bench_cudnn_benchmark_rows_on_resnet20():
     for r in rows:
         assert r["limit_chunk_bm_s"] > 0
         assert r["limit_s"] == min(r["limit_chunk_s"], r["limit_chunk_bm_s"], r["limit_whole_s"] or 1e9)
-        assert r["naive_max_abs_diff"] < 1e-5
+    # The naive baseline replayed the first row's trajectory. The second row trained its own, which on a
+    # GPU need not be bitwise the same (cuDNN's backward is not reproducible): the bench then reports no
+    # comparison for it. Where the trajectories coincide, the totals agree to float32 rounding of L
+    # (measured on an H200 on the same trajectory: 1.2e-6 … 1.2e-5, totals 0.02–0.3, L ≈ 2.5);
+    # 1e-4 is a tenth of the tolerance, while a wrong point or weight is off by the quadrature error.
+    assert rows[0]["naive_same_trajectory"] is True
+    for r in rows:
+        if r["naive_same_trajectory"]:
+            assert r["naive_max_abs_diff"] < 1e-4
+        else:
+            assert r["naive_max_abs_diff"] is None
+        # Each row's own trajectory is conserved within the tolerance (float64 equality of the autotuned
+        # passes is test_cudnn_benchmark_resnet_on_cuda_equals_default).
+        assert r["mean_splits"] < o.max_splits and r["max_abs_error"] <= o.tolerance
     assert rows[0]["naive_total"] == rows[1]["naive_total"]  # measured once
-    np.testing.assert_allclose(rows[1]["engine_total"], rows[0]["engine_total"], rtol=1e-3, atol=1e-7)
 
 
 @pytest.mark.parametrize("net,shape,chunk", [("fc", (1, 28, 28), 4000), ("resnet20", (3, 32, 32), 500)])
