@@ -221,11 +221,35 @@ def test_cached_naive_baseline_is_compared_only_on_its_own_trajectory(monkeypatc
 def test_storage_stall_is_measured(tmp_path):
     o = bench.BenchOptions(nets=["fc"], iters=3, warmup=1, n_train=N, chunk_size=N, naive=False,
                            storage=True, flush_every=2, limit_repeats=1, storage_repeats=3)  # fmt: skip
-    r = bench.run_bench(o)["rows"][0]
+    result = bench.run_bench(o)
+    r = result["rows"][0]
     assert math.isfinite(r["storage_stall_pct"]) and r["storage_on_mean_s_per_it"] > 0
     assert len(r["storage_stall_pct_pairs"]) == 3
     assert r["storage_stall_pct"] == sorted(r["storage_stall_pct_pairs"])[1]  # the median pair
+    assert r["storage_stall_median_pct"] == sorted(r["storage_stall_median_pct_pairs"])[1]
+    cell = f"{r['storage_stall_pct']:+.1f}/{r['storage_stall_median_pct']:+.1f}%"
+    assert cell in bench.format_table(result)
     assert "naive_s_per_it" not in r
+
+
+def test_storage_stall_separates_every_iteration_from_flush_spikes(monkeypatch):
+    """Mean-based stall counts the flush iterations; median-based only what every iteration pays."""
+    calls = []
+
+    def engine_loop(*args, writer_dir=None, **kwargs):
+        calls.append(writer_dir is not None)
+        # with the writer: every iteration 10 % slower, one flush iteration 3 s longer
+        return {"times": [1.1, 1.1, 1.1, 4.1] if writer_dir else [1.0, 1.0, 1.0, 1.0]}
+
+    monkeypatch.setattr(bench, "engine_loop", engine_loop)
+    o = bench.BenchOptions(nets=["fc"], storage=True, storage_repeats=2)
+    r = bench.storage_stall("fc", None, None, "rk4", o, False, False)
+    assert calls == [False, True, True, False]  # off-on, then on-off
+    assert r["storage_stall_pct"] == pytest.approx(85.0)  # mean 1.85 against 1.0
+    assert r["storage_stall_median_pct"] == pytest.approx(10.0)
+    assert r["storage_stall_ms"] == pytest.approx(850.0)
+    assert r["storage_stall_pct_pairs"] == pytest.approx([85.0, 85.0])
+    assert r["storage_stall_median_pct_pairs"] == pytest.approx([10.0, 10.0])
 
 
 def test_engine_loop_with_a_writer_stores_every_row_it_timed(tmp_path):
