@@ -137,6 +137,12 @@ def has_batchnorm(model: nn.Module) -> bool:
 # (3.5 s of it system time) vs 2.7 s in chunks of 250 (no system time); MNIST-FC, whose largest
 # activation is 100 floats per example, is fastest in chunks of 5000 (0.23 s vs 0.35 s at 250).
 CPU_CHUNK_BYTES = 4 * 2**20
+# On a GPU, all activations one chunk saves are kept under this size. Small launch-bound nets still get the
+# whole set (MNIST-FC saves 1.2 kB per example: 55,000 in one chunk, 0.9 ms per pass on an H200 against
+# 3.7 ms in chunks of 11,000), while a chunk of a conv net is large enough to fill the GPU long before
+# this: LeNet (158 kB per example) on 55,000 MNIST images in one chunk peaked at 41 GB on an H200, more
+# than most cards have; under this bound it takes chunks of 6,792 (the peak scales with the chunk: ≈ 5 GB).
+GPU_CHUNK_BYTES = 2**30
 
 
 def saved_activation_bytes(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
@@ -167,15 +173,19 @@ def auto_chunk_size(
     With BatchNorm the chunk is part of the definition of L: always 5000 (the paper-scale default).
     Without BatchNorm L does not depend on the chunking, so it is a pure speed choice: on a GPU small
     nets are bound by kernel launches, and the whole set in one chunk is several times faster
-    (MNIST-FC on an H200: 0.96 ms per full pass in one chunk of 55k vs 3.7 ms in chunks of 11k);
-    on the CPU, given the data ``x`` [N, ...], the largest chunk (≤ 5000, ≥ 64) whose largest activation
-    stays under ``CPU_CHUNK_BYTES`` (see there; without ``x``: 5000).
+    (MNIST-FC on an H200: 0.96 ms per full pass in one chunk of 55k vs 3.7 ms in chunks of 11k), so,
+    given the data ``x`` [N, ...], the largest chunk (≤ 65,536, ≥ 64) whose saved activations stay under
+    ``GPU_CHUNK_BYTES`` (see there; without ``x``: the whole set up to 65,536); on the CPU the largest
+    chunk (≤ 5000, ≥ 64) whose largest activation stays under ``CPU_CHUNK_BYTES`` (without ``x``: 5000).
     """
     n = int(n_examples)
     if has_batchnorm(model):
         return min(5000, n)
     if torch.device(device).type == "cuda":
-        return min(n, 65536)
+        if x is None or n == 0:
+            return min(n, 65536)
+        total = max(1, saved_activation_bytes(model, x[:4])[0])
+        return min(n, 65536, max(64, GPU_CHUNK_BYTES // total))
     if x is None or n == 0:
         return min(5000, n)
     per_example = max(1, saved_activation_bytes(model, x[:4])[1])

@@ -453,6 +453,25 @@ def test_auto_chunk_size_on_cpu_keeps_the_largest_activation_small():
     assert auto_chunk_size(lenet, 40, "cpu", x) == 40
 
 
+def test_auto_chunk_size_on_a_gpu_keeps_a_chunks_activations_under_the_bound():
+    """Regression: on a GPU, auto took the whole set for every net without BatchNorm, and LeNet on 55,000
+    MNIST images peaked at 41 GB on an H200 (out of memory on most cards). Now one chunk's saved
+    activations stay under GPU_CHUNK_BYTES; MNIST-FC, launch-bound, keeps the whole set."""
+    from lca_lab.lca import GPU_CHUNK_BYTES, auto_chunk_size, saved_activation_bytes
+    from lca_lab.nets import build_net
+
+    x = torch.randn(8, 1, 28, 28)  # the device only selects the rule; the estimate runs where x is
+    lenet = build_net("lenet", (1, 28, 28), 10, padding=2)
+    total, _ = saved_activation_bytes(lenet, x[:4])
+    chunk = auto_chunk_size(lenet, 55000, "cuda", x)
+    assert chunk * total <= GPU_CHUNK_BYTES < (chunk + 1) * total
+    assert 64 < chunk < 55000
+    assert auto_chunk_size(build_net("fc", (1, 28, 28), 10), 55000, "cuda", x) == 55000
+    assert auto_chunk_size(build_net("fc", (1, 28, 28), 10), 100000, "cuda", x) == 65536
+    bn = build_net("resnet20", (3, 32, 32), 10, width=4)
+    assert auto_chunk_size(bn, 45000, "cuda", torch.randn(4, 3, 32, 32)) == 5000  # L's definition
+
+
 def test_batched_points_halve_on_out_of_memory(monkeypatch):
     """A batch of points that does not fit is split (and the fitting size remembered), same numbers."""
     model, x, y = _tanh_problem()
