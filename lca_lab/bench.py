@@ -145,6 +145,10 @@ class BenchOptions:
     run: bool = True  # also time the real training loop (lca_lab.train.run) on synthetic data of the shape
 
 
+# --cuda-graph / --cudnn-benchmark: the setting of each row
+ROW_SETTINGS = {"off": [False], "on": [True], "both": [False, True]}
+
+
 def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
@@ -236,8 +240,7 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchOptions:
         flush_every=a.flush_every, chunk_size=chunk, channels_last=a.channels_last, tolerance=a.tolerance,
         max_splits=a.max_splits, limit_repeats=a.limit_repeats, whole_chunk=a.whole_chunk, seed=a.seed,
         recompute_iters=a.recompute_iters, batch_points=a.batch_points,
-        cuda_graphs={"off": [False], "on": [True], "both": [False, True]}[a.cuda_graph],
-        cudnn_benchmarks={"off": [False], "on": [True], "both": [False, True]}[a.cudnn_benchmark],
+        cuda_graphs=ROW_SETTINGS[a.cuda_graph], cudnn_benchmarks=ROW_SETTINGS[a.cudnn_benchmark],
         storage_repeats=a.storage_repeats, profile_dir=a.profile_dir,
         run=a.run,
     )  # fmt: skip
@@ -897,11 +900,7 @@ def run_case(
         log(f"{tag}: engine, {o.warmup}+{o.iters} iterations")
         prof = None
         if o.profile_dir:
-            name = (
-                f"{net}_{precision}_{method}" + ("_graph" if cuda_graph else "") + ("_bm" if cudnn_bm else "")
-            )
-            name += ".txt"
-            prof = os.path.join(o.profile_dir, name)
+            prof = os.path.join(o.profile_dir, tag.replace(" ", "_") + ".txt")
         eng = engine_loop(
             net, x, y, method, o, cl, cuda_graph=cuda_graph, profile_path=prof, cudnn_bm=cudnn_bm
         )

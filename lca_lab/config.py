@@ -104,12 +104,9 @@ def validate(cfg: Mapping[str, Any]) -> None:
             raise ConfigError(
                 f"lca.channels_last must be auto, true or false, got {lca.get('channels_last')!r}"
             )
-        if lca.get("cuda_graph", False) not in (True, False):
-            raise ConfigError(f"lca.cuda_graph must be true or false, got {lca.get('cuda_graph')!r}")
-        if lca.get("cudnn_benchmark", False) not in (True, False):
-            raise ConfigError(
-                f"lca.cudnn_benchmark must be true or false, got {lca.get('cudnn_benchmark')!r}"
-            )
+        for key in ("cuda_graph", "cudnn_benchmark"):
+            if lca.get(key, False) not in (True, False):
+                raise ConfigError(f"lca.{key} must be true or false, got {lca.get(key)!r}")
         if lca.get("cudnn_benchmark", False) and _get(cfg, "deterministic"):
             raise ConfigError(
                 "lca.cudnn_benchmark=true chooses cuDNN algorithms by timing them, which "

@@ -260,14 +260,11 @@ def engine_settings(run_cfg: dict[str, Any], overrides: dict[str, Any] | None) -
     if out["precision"] not in PRECISIONS:
         raise RecomputeError(f"lca.precision must be one of {list(PRECISIONS)}, got {out['precision']!r}")
     out["tolerance"], out["max_splits"] = float(out["tolerance"]), int(out["max_splits"])
-    cg = out["cuda_graph"]
-    if cg is not None and not isinstance(cg, bool):
-        raise RecomputeError(f"lca.cuda_graph must be true or false, got {cg!r}")
-    out["cuda_graph"] = bool(cg)
-    bm = out["cudnn_benchmark"]
-    if bm is not None and not isinstance(bm, bool):
-        raise RecomputeError(f"lca.cudnn_benchmark must be true or false, got {bm!r}")
-    out["cudnn_benchmark"] = bool(bm)
+    for key in ("cuda_graph", "cudnn_benchmark"):
+        v = out[key]
+        if v is not None and not isinstance(v, bool):
+            raise RecomputeError(f"lca.{key} must be true or false, got {v!r}")
+        out[key] = bool(v)
     return out
 
 

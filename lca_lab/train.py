@@ -298,22 +298,14 @@ def _run(
     per_class = bool(lcfg.get("per_class", False))
     test_lca = bool(lcfg.get("test", False)) and len(data.test_x) > 0
     if lca_on:
+        # How L's passes run (layout, graphs, cuDNN autotuning): its value only to float rounding.
+        fast = {"channels_last": channels_last, "cuda_graph": cuda_graph, "cudnn_benchmark": cudnn_bm}
         fbl = FullBatchLoss(
             model, data.train_x, data.train_y, chunk, param_names=pnames,
-            n_classes=data.n_classes if per_class else None, channels_last=channels_last,
-            cuda_graph=cuda_graph, cudnn_benchmark=cudnn_bm,
+            n_classes=data.n_classes if per_class else None, **fast,
         )  # fmt: skip
         test_fbl = (
-            FullBatchLoss(
-                model,
-                data.test_x,
-                data.test_y,
-                chunk,
-                param_names=pnames,
-                channels_last=channels_last,
-                cuda_graph=cuda_graph,
-                cudnn_benchmark=cudnn_bm,
-            )
+            FullBatchLoss(model, data.test_x, data.test_y, chunk, param_names=pnames, **fast)
             if test_lca
             else None
         )
