@@ -11,10 +11,12 @@ For every net × precision × method it measures, on synthetic data of the paper
 * **limit**: the best time of one full-data forward+backward pass of the plain model (a loop over chunks,
   no LCA machinery), both in the engine's chunk size and as one chunk of the whole set (where memory
   allows), with ``--cuda-graph on|both`` also the pass replayed as one CUDA graph, and with
-  ``--cudnn-benchmark both`` also with cuDNN's autotuner on; the fastest is the limit.
-* **engine**: an online-LCA training loop as in ``lca_lab/train.py`` (SGD step, ``LCAEngine.step``, one
-  host read of the error per iteration); seconds per iteration (median after warm-up, optimizer step
-  included), gradient passes per iteration, efficiency = mean passes × limit ÷ mean time per iteration,
+  ``--cudnn-benchmark both`` also with cuDNN's autotuner on, with ``--compile`` also through
+  ``torch.compile``; the fastest is the limit.
+* **engine**: an online-LCA training loop pipelined as ``lca_lab/train.py`` runs it (SGD step t and
+  ``LCAEngine.launch`` of its LCA, then step t−1's ``result()``, the one host read of the error per
+  iteration); seconds per iteration (median after warm-up, optimizer step included), gradient passes
+  per iteration, efficiency = mean passes × limit ÷ mean time per iteration,
   max |error|, cumulative relative error |Σ error| / |L_end − L_start|, peak GPU memory.
 * **run** (``--run``, on by default): the same number of LCA iterations in the real training loop,
   ``lca_lab.train.run`` on ``data=synthetic`` of the same shape and size: the median wall time of an LCA
@@ -31,6 +33,8 @@ For every net × precision × method it measures, on synthetic data of the paper
 * ``--cuda-graph on|both``: rows with each full-data pass replayed as one CUDA graph (``lca.cuda_graph``);
   ``--cudnn-benchmark on|both``: rows with cuDNN's autotuner on for the engine's passes
   (``lca.cudnn_benchmark``; the naive baseline keeps PyTorch's default, off, as first written);
+  ``--compile on|both``: rows with the engine's passes through ``torch.compile`` (``lca.compile``), and a
+  compiled pass in the limit;
   ``--profile DIR``: a ``torch.profiler`` table of 5 further engine iterations per row, for finding where
   an iteration's time goes.
 
@@ -139,13 +143,14 @@ class BenchOptions:
     batch_points: int | None = None  # None: 64 on a GPU, 1 on the CPU (as lca_lab.recompute)
     cuda_graphs: list[bool] = field(default_factory=lambda: [False])  # rows with lca.cuda_graph off/on
     cudnn_benchmarks: list[bool] = field(default_factory=lambda: [False])  # rows with lca.cudnn_benchmark
+    compiles: list[bool] = field(default_factory=lambda: [False])  # rows with lca.compile off/on
     storage_repeats: int = 3  # on/off loop pairs for the storage stall
     profile_dir: str | None = None  # write a torch.profiler table of a few engine iterations per row
     keep_param: bool = False  # keep per-iteration per-parameter LCA arrays in the result (tests)
     run: bool = True  # also time the real training loop (lca_lab.train.run) on synthetic data of the shape
 
 
-# --cuda-graph / --cudnn-benchmark: the setting of each row
+# --cuda-graph / --cudnn-benchmark / --compile: the setting of each row
 ROW_SETTINGS = {"off": [False], "on": [True], "both": [False, True]}
 
 
@@ -198,6 +203,11 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchOptions:
         "the naive baseline keeps PyTorch's default, off); both: a row for each",
     )  # fmt: skip
     p.add_argument(
+        "--compile", default="off", nargs="?", const="on", choices=["off", "on", "both"],
+        help="torch.compile the engine's passes (lca.compile); the limit then also times a compiled pass; "
+        "both: a row for each",
+    )  # fmt: skip
+    p.add_argument(
         "--storage-repeats", type=int, default=3,
         help="with --storage: pairs of loops without/with the writer, run alternately",
     )  # fmt: skip
@@ -241,6 +251,7 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchOptions:
         max_splits=a.max_splits, limit_repeats=a.limit_repeats, whole_chunk=a.whole_chunk, seed=a.seed,
         recompute_iters=a.recompute_iters, batch_points=a.batch_points,
         cuda_graphs=ROW_SETTINGS[a.cuda_graph], cudnn_benchmarks=ROW_SETTINGS[a.cudnn_benchmark],
+        compiles=ROW_SETTINGS[a.compile],
         storage_repeats=a.storage_repeats, profile_dir=a.profile_dir,
         run=a.run,
     )  # fmt: skip
@@ -292,6 +303,8 @@ def check_options(o: BenchOptions) -> None:
         raise ValueError("--flush-every, --limit-repeats and --storage-repeats must be ≥ 1")
     if any(o.cuda_graphs) and not str(o.device).startswith("cuda"):
         raise ValueError("--cuda-graph on/both records CUDA graphs; use --cuda-graph off on the CPU")
+    if any(o.compiles) and any(o.cuda_graphs):
+        raise ValueError("--compile and --cuda-graph are separate rows' settings; give one of them as off")
     if o.profile_dir is not None and not os.path.isdir(o.profile_dir):
         raise ValueError(f"--profile {o.profile_dir}: not an existing folder")
 
@@ -383,6 +396,26 @@ def time_graph_pass(fbl: FullBatchLoss, repeats: int) -> float | None:
     return min(times)
 
 
+def time_compiled_pass(fbl: FullBatchLoss, repeats: int) -> float | None:
+    """Best wall time (s) of one ``loss_and_grad`` through ``torch.compile`` (``fbl`` built with
+    ``compile=True``) over ``repeats`` passes after the compiling one; None if compiling failed."""
+    theta = fbl.flat_params()
+    t = time.perf_counter()
+    fbl.loss_and_grad(theta)  # compiles
+    log(f"  compiled the full-data pass in {time.perf_counter() - t:.0f} s")
+    if fbl.compile_error is not None:
+        log(f"  torch.compile failed ({fbl.compile_error}); no compiled limit")
+        return None
+    times = []
+    for _ in range(repeats):
+        _sync(theta.device)
+        t = time.perf_counter()
+        fbl.loss_and_grad(theta)
+        _sync(theta.device)
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
 def measure_limit(
     model: nn.Module,
     x: torch.Tensor,
@@ -393,6 +426,7 @@ def measure_limit(
     graph: bool = False,
     channels_last: bool = False,
     benchmarks: Sequence[bool] = (False,),
+    compiled: bool = False,
 ) -> dict[str, Any]:
     """Best full-pass time (s) in chunks of ``chunk`` and, where memory allows, as one chunk.
 
@@ -405,8 +439,10 @@ def measure_limit(
     ``benchmarks``: the cuDNN autotuner settings of the rows (``cudnn.benchmark`` off/on); the pass in
     chunks is timed with the first, and with both where there are two (``limit_chunk_bm_s``); the
     whole-set and graph passes with the last (on, where any row uses it).
+    ``compiled``: also the pass in chunks of ``chunk`` through ``torch.compile`` (``limit_compiled_s``,
+    after one untimed compiling pass), the limit of rows with ``lca.compile``.
     Returns ``limit_s`` (the best), ``limit_chunk_s``, ``limit_chunk_bm_s``, ``limit_whole_s``,
-    ``limit_graph_s`` (None when not measured).
+    ``limit_graph_s``, ``limit_compiled_s`` (None when not measured).
     """
     m = lca_mode_copy(model)
     bm = bool(benchmarks[-1])
@@ -417,6 +453,7 @@ def measure_limit(
         "limit_chunk_bm_s": None,
         "limit_whole_s": None,
         "limit_graph_s": None,
+        "limit_compiled_s": None,
     }
     if len(benchmarks) > 1:
         with cudnn_benchmark(True):
@@ -440,6 +477,10 @@ def measure_limit(
         out["limit_graph_s"] = time_graph_pass(fbl, repeats)
         del fbl  # frees the graph's memory pool
         torch.cuda.empty_cache()
+    if compiled:
+        fbl = FullBatchLoss(m, x, y, chunk, channels_last=channels_last, cudnn_benchmark=bm, compile=True)
+        out["limit_compiled_s"] = time_compiled_pass(fbl, repeats)
+        del fbl
     out["limit_s"] = min(t for k, t in out.items() if k.startswith("limit_") and t is not None)
     return out
 
@@ -469,6 +510,7 @@ def engine_loop(
     cuda_graph: bool = False,
     profile_path: str | None = None,
     cudnn_bm: bool = False,
+    compiled: bool = False,
 ) -> dict[str, Any]:
     """Online LCA training loop as in ``train.py``: ``warmup + iters`` iterations, the last ``iters`` timed.
 
@@ -487,7 +529,7 @@ def engine_loop(
     chunk = auto_chunk_size(model, len(x), device, x) if o.chunk_size == "auto" else int(o.chunk_size)
     fbl = FullBatchLoss(
         model, x, y, chunk, param_names=pnames, channels_last=channels_last, cuda_graph=cuda_graph,
-        cudnn_benchmark=cudnn_bm,
+        cudnn_benchmark=cudnn_bm, compile=compiled,
     )  # fmt: skip
     engine = LCAEngine(fbl, method, tolerance=o.tolerance, max_splits=o.max_splits)
 
@@ -527,17 +569,19 @@ def engine_loop(
     if writer is not None:
         writer.write_initial(loss_start)
 
-    def iteration(i: int, theta0: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        """One online-LCA training iteration as in train.py → (θ_{t+1}, StepLCA)."""
+    def train_and_launch(i: int, theta0: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """Training step i and the launch of its LCA, as in train.py → (θ_{i+1}, PendingStep)."""
         idx = batches[i]
         opt.zero_grad(set_to_none=True)
         F.cross_entropy(model(x[idx]), y[idx]).backward()
         opt.step()
         theta1 = flat()
-        st = engine.step(theta0, theta1)
-        # The one host read per iteration train.py makes (the engine's own, for integrated methods).
-        err = st.host_error if st.host_error is not None else float(st.error)
-        if not math.isfinite(err):
+        return theta1, engine.launch(theta0, theta1)
+
+    def record(i: int, pending: Any) -> Any:
+        """Step i's result (the one host read train.py makes) and its rows → StepLCA."""
+        st = pending.result()
+        if not math.isfinite(st.host_error):
             raise FloatingPointError(
                 f"{net}: the loss diverged at iteration {i}; the benchmark needs a finite run"
             )
@@ -545,31 +589,56 @@ def engine_loop(
             per_layer = torch.zeros(len(groups), dtype=torch.float64, device=device).index_add_(
                 0, index, st.param
             )
-            writer.append(i, st.loss1, st.total, st.error, st.splits, st.converged, per_layer, st.param)
-        return theta1, st
+            writer.append(
+                i, st.loss1, st.total, st.error, st.splits, st.converged, per_layer, st.param, copy=False
+            )  # as train.py: fresh tensors, buffered without a copy
+        return st
 
+    # Pipelined as in train.py: iteration i trains step i and launches its LCA, then records step i-1 (whose
+    # GPU work was queued first). Each iteration's wall time, without a sync of its own, is then the loop's
+    # throughput in the steady state. The clock starts once the warm-up's work is finished (recorded and
+    # synchronised: on a big net, its queued passes would otherwise fall into the first measured
+    # iterations) and stops once the last measured step's LCA is (added to the last iteration's time), so
+    # the measured times add up to exactly the measured iterations' work.
     times, steps, thetas = [], [], []
+    pending = None
+    _sync(device)
+    t = time.perf_counter()
     for i in range(n_total):
-        measured = i >= o.warmup
-        if measured and not thetas:
-            thetas.append(theta0)
-        _sync(device)
-        t = time.perf_counter()
-        theta1, st = iteration(i, theta0)
-        _sync(device)
-        dt = time.perf_counter() - t
-        if measured:
-            times.append(dt)
-            steps.append(st)
+        if i == o.warmup and pending is not None:
+            record(i - 1, pending)
+            pending = None
+            _sync(device)
+            t = time.perf_counter()
+        theta1, launched = train_and_launch(i, theta0)
+        if pending is not None:
+            st = record(i - 1, pending)
+            if i - 1 >= o.warmup:
+                steps.append(st)
+        pending = launched
+        now = time.perf_counter()
+        if i >= o.warmup:
+            if not thetas:
+                thetas.append(theta0)
+            times.append(now - t)
             thetas.append(theta1)
+        t = now
         theta0 = theta1
+    steps.append(record(n_total - 1, pending))
+    _sync(device)
+    times[-1] += time.perf_counter() - t
     if profile_path:
         acts = [torch.profiler.ProfilerActivity.CPU]
         if device.type == "cuda":
             acts.append(torch.profiler.ProfilerActivity.CUDA)
         with torch.profiler.profile(activities=acts) as prof:
+            pending = None
             for i in range(n_total, n_total + n_extra):
-                theta0, _ = iteration(i, theta0)
+                theta0, launched = train_and_launch(i, theta0)
+                if pending is not None:
+                    record(i - 1, pending)
+                pending = launched
+            record(n_total + n_extra - 1, pending)
             _sync(device)
         key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
         with open(profile_path, "w") as f:
@@ -587,6 +656,7 @@ def engine_loop(
         "thetas": thetas,
         "chunk_size": int(fbl.chunk_size),
         "model": model,
+        "compile_error": fbl.compile_error,
         "param_names": pnames,
     }
     # One host transfer for all measured scalars, after timing.
@@ -774,6 +844,7 @@ def storage_stall(
     cl: bool,
     cuda_graph: bool,
     cudnn_bm: bool = False,
+    compiled: bool = False,
 ) -> dict[str, Any]:
     """Cost of the run-file writer: the engine loop without and with it, alternately, ``o.storage_repeats``
     times (without, with, without, with, …), so that drift of the machine (clocks, other jobs) falls on
@@ -791,8 +862,9 @@ def storage_stall(
         with tempfile.TemporaryDirectory(prefix="lca_bench_") as tmp:
             wd = tmp if writer else None
             res = engine_loop(
-                net, x, y, method, o, cl, writer_dir=wd, cuda_graph=cuda_graph, cudnn_bm=cudnn_bm
-            )
+                net, x, y, method, o, cl, writer_dir=wd, cuda_graph=cuda_graph, cudnn_bm=cudnn_bm,
+                compiled=compiled,
+            )  # fmt: skip
         return statistics.fmean(res["times"]), statistics.median(res["times"])
 
     pairs = []
@@ -823,6 +895,7 @@ def run_rate(
     o: BenchOptions,
     cuda_graph: bool,
     cudnn_bm: bool = False,
+    compiled: bool = False,
 ) -> dict[str, Any]:
     """The real online loop: ``lca_lab.train.run`` (as ``python -m lca_lab`` runs it, W&B and figures off)
     on the bench's net, batch size and learning rate, with ``data=synthetic`` of the same shape and size
@@ -847,6 +920,7 @@ def run_rate(
         f"seed={o.seed}", "logger=none", "figures=false", "checkpoint.enabled=false",
         f"eval_every={10**9}", f"lca={method}", f"lca.precision={precision}",
         f"lca.cuda_graph={str(cuda_graph).lower()}", f"lca.cudnn_benchmark={str(cudnn_bm).lower()}",
+        f"lca.compile={str(compiled).lower()}",
         f"lca.tolerance={o.tolerance}",
         f"lca.max_splits={o.max_splits}", f"lca.chunk_size={o.chunk_size}", f"lca.channels_last={cl}",
         f"lca.window=[0,{n_lca}]", f"store.flush_every={o.flush_every}",
@@ -873,8 +947,9 @@ def run_case(
     cuda_graph: bool = False,
     naive_cache: dict[tuple[str, str, str], dict[str, Any]] | None = None,
     cudnn_bm: bool = False,
+    compiled: bool = False,
 ) -> dict[str, Any]:
-    """Measure one net × precision × method × CUDA-graph × cuDNN-autotuner setting → one result row.
+    """Measure one net × precision × method × CUDA-graph × cuDNN-autotuner × compile setting → one row.
 
     The limit is cached per net × precision × chunk, and the naive baseline per net × precision × method
     in ``naive_cache`` (it replays the trajectory, which does not depend on how the engine evaluates L).
@@ -887,6 +962,7 @@ def run_case(
     row: dict[str, Any] = {
         "net": net, "precision": precision, "method": method, "channels_last": cl, "n_train": len(x),
         "iters": o.iters, "warmup": o.warmup, "cuda_graph": cuda_graph, "cudnn_benchmark": cudnn_bm,
+        "compile": compiled,
     }  # fmt: skip
     with matmul_precision(precision):  # the engine's switch: cuBLAS and cuDNN TF32 flags, restored
         if device.type == "cuda":
@@ -896,14 +972,17 @@ def run_case(
             f"{net} {precision} {method}"
             + (" cuda-graph" if cuda_graph else "")
             + (" bm" if cudnn_bm else "")
+            + (" compile" if compiled else "")
         )
         log(f"{tag}: engine, {o.warmup}+{o.iters} iterations")
         prof = None
         if o.profile_dir:
             prof = os.path.join(o.profile_dir, tag.replace(" ", "_") + ".txt")
         eng = engine_loop(
-            net, x, y, method, o, cl, cuda_graph=cuda_graph, profile_path=prof, cudnn_bm=cudnn_bm
-        )
+            net, x, y, method, o, cl, cuda_graph=cuda_graph, profile_path=prof, cudnn_bm=cudnn_bm,
+            compiled=compiled,
+        )  # fmt: skip
+        row["compile_error"] = eng["compile_error"]
         row["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
         chunk = eng["chunk_size"]
         row["chunk_size"] = chunk
@@ -912,7 +991,7 @@ def run_case(
             log(f"{net} {precision}: limit (full passes, chunk {chunk} and whole set)")
             limits[key] = measure_limit(
                 eng["model"], x, y, chunk, o.limit_repeats, o.whole_chunk, any(o.cuda_graphs), cl,
-                o.cudnn_benchmarks,
+                o.cudnn_benchmarks, any(o.compiles),
             )  # fmt: skip
         row.update(limits[key])
         t_eng = statistics.median(eng["times"])
@@ -920,6 +999,7 @@ def run_case(
         row.update(
             engine_s_per_it=t_eng,
             engine_mean_s_per_it=statistics.fmean(eng["times"]),
+            engine_times_s=eng["times"],
             passes_per_it=passes,
             mean_splits=statistics.fmean(eng["splits"]),
             # Mean time with mean passes: where passes vary (trapezoid, refinement) the median iteration
@@ -979,11 +1059,11 @@ def run_case(
 
         if o.run:
             log(f"{tag}: the training loop of python -m lca_lab, {o.warmup}+{o.iters} LCA iterations")
-            row.update(run_rate(net, precision, method, len(x), o, cuda_graph, cudnn_bm))
+            row.update(run_rate(net, precision, method, len(x), o, cuda_graph, cudnn_bm, compiled))
 
         if o.storage:
             log(f"{tag}: storage stall, {o.storage_repeats} pairs of loops without/with the writer")
-            row.update(storage_stall(net, x, y, method, o, cl, cuda_graph, cudnn_bm))
+            row.update(storage_stall(net, x, y, method, o, cl, cuda_graph, cudnn_bm, compiled))
         del eng
     return row
 
@@ -1008,8 +1088,11 @@ def run_bench(o: BenchOptions) -> dict[str, Any]:
                 for method in o.methods:
                     for graph in o.cuda_graphs:
                         for bm in o.cudnn_benchmarks:
-                            row = run_case(net, precision, method, data, o, limits, graph, naive_cache, bm)
-                            rows.append(row)
+                            for tc in o.compiles:
+                                row = run_case(
+                                    net, precision, method, data, o, limits, graph, naive_cache, bm, tc
+                                )
+                                rows.append(row)
     return {
         "device": device_name(device),
         "torch": torch.__version__,
@@ -1057,6 +1140,7 @@ COLUMNS: list[tuple[str, str, Callable[[dict[str, Any]], str]]] = [
             + ("/cl" if r["channels_last"] else "")
             + ("/graph" if r.get("cuda_graph") else "")
             + ("/bm" if r.get("cudnn_benchmark") else "")
+            + ("/tc" if r.get("compile") else "")
         ),
     ),
     ("method", "<", lambda r: r["method"]),
@@ -1070,6 +1154,7 @@ COLUMNS: list[tuple[str, str, Callable[[dict[str, Any]], str]]] = [
             + (f"/{_fmt(r['limit_chunk_bm_s'], 1e3, '.2f')}b" if r.get("limit_chunk_bm_s") else "")
             + f"/{_fmt(r['limit_whole_s'], 1e3, '.2f')}"
             + (f"/{_fmt(r['limit_graph_s'], 1e3, '.2f')}g" if r.get("limit_graph_s") else "")
+            + (f"/{_fmt(r['limit_compiled_s'], 1e3, '.2f')}c" if r.get("limit_compiled_s") else "")
         ),
     ),
     ("engine ms/it", ">", lambda r: _fmt(r["engine_s_per_it"], 1e3, ".2f")),

@@ -37,7 +37,7 @@ PREEMPTED_EXIT_CODE = 75
 RESUME_IGNORED = ("resume", "checkpoint", "figures", "logger", "store.flush_every", "store.max_gb")
 # Config keys added after checkpoints existed, with the value that a checkpoint written before them ran
 # with: such a run continues under the new code with that value (and is refused with any other).
-IMPLIED_IN_OLDER = {"lca.cuda_graph": False, "lca.cudnn_benchmark": False}
+IMPLIED_IN_OLDER = {"lca.cuda_graph": False, "lca.cudnn_benchmark": False, "lca.compile": False}
 # Signals that ask a run to checkpoint and stop (SLURM sends SIGTERM, or --signal=USR1/USR2 before a
 # time limit; submitit uses SIGUSR2 by default).
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)

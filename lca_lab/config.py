@@ -104,7 +104,7 @@ def validate(cfg: Mapping[str, Any]) -> None:
             raise ConfigError(
                 f"lca.channels_last must be auto, true or false, got {lca.get('channels_last')!r}"
             )
-        for key in ("cuda_graph", "cudnn_benchmark"):
+        for key in ("cuda_graph", "cudnn_benchmark", "compile"):
             if lca.get(key, False) not in (True, False):
                 raise ConfigError(f"lca.{key} must be true or false, got {lca.get(key)!r}")
         if lca.get("cudnn_benchmark", False) and _get(cfg, "deterministic"):

@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -219,6 +219,12 @@ class FullBatchLoss:
             Every pass repeats the same chunk shapes, so the timing is paid once. The chosen algorithms
             may differ from run to run, so the numbers agree between runs only to float rounding.
             No effect without cuDNN (CPU, nets without convolutions).
+        compile: run each chunk's forward and loss (and so its backward) through ``torch.compile``
+            (TorchInductor, static shapes): elementwise layers such as BatchNorm and ReLU are fused into
+            fewer kernels, which reads activations fewer times. The first pass compiles (tens of seconds
+            to minutes); a chunk of a new size compiles again. Same function, other kernels: the numbers
+            agree with the eager pass to float rounding. If compiling fails, a warning says why
+            (``compile_error``) and the eager path is used.
     """
 
     def __init__(
@@ -233,6 +239,7 @@ class FullBatchLoss:
         channels_last: bool = False,
         cuda_graph: bool = False,
         cudnn_benchmark: bool = False,
+        compile: bool = False,
     ):
         if chunk_size <= 0:
             raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
@@ -266,6 +273,10 @@ class FullBatchLoss:
         self.graph_error: str | None = None
         self._graph: tuple | None = None  # (flags, graph, static θ, static L, static ∇L)
         self.cudnn_benchmark = bool(cudnn_benchmark)
+        self.compile = bool(compile)
+        self.compile_error: str | None = None
+        self._compiled: Callable[..., torch.Tensor] | None = None
+        self._compile_ok = False  # one compiled pass has run
         self._segments: list[tuple[int, int, int]] | None = None
         if n_classes is not None:
             if self.has_bn:
@@ -375,7 +386,35 @@ class FullBatchLoss:
                 static_L, static_g = self._loss_and_grad(static_theta)
         return graph, static_theta, static_L, static_g
 
+    def _chunk_loss(self, params: dict[str, torch.Tensor], xb: torch.Tensor, yb: torch.Tensor):
+        """Summed loss of one chunk (the function ``compile`` hands to ``torch.compile``)."""
+        return self.loss_fn(self._forward(params, xb), yb, reduction="sum")
+
     def _loss_and_grad(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.compile:
+            if self._compiled is None:
+                self._compiled = torch.compile(self._chunk_loss, dynamic=False)
+            if self._compile_ok:
+                return self._passes(theta, self._compiled)
+            try:
+                out = self._passes(theta, self._compiled)
+            except Exception as e:  # compiling is an optimisation: fall back to the eager passes
+                self.compile, self._compiled = False, None
+                self.compile_error = f"{type(e).__name__}: {e}"
+                warnings.warn(
+                    f"lca.compile: compiling the full-data pass failed ({self.compile_error}); "
+                    "continuing without it.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+            else:
+                self._compile_ok = True
+                return out
+        return self._passes(theta, self._chunk_loss)
+
+    def _passes(
+        self, theta: torch.Tensor, chunk_loss: Callable[..., torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         # Few, in-place float64 ops: on a GPU small nets are bound by kernel launches, so every op
         # of the per-pass bookkeeping costs about as much as a layer.
         grad = None
@@ -384,8 +423,7 @@ class FullBatchLoss:
             leaf = theta.detach().requires_grad_(True)  # a new alias: θ itself is left untouched
             params = self.unflatten(leaf)
             for xb, yb in self._chunks():
-                out = self._forward(params, xb)
-                loss_sum = self.loss_fn(out, yb, reduction="sum")
+                loss_sum = chunk_loss(params, xb, yb)
                 (g,) = torch.autograd.grad(loss_sum, leaf)
                 grad = g.double() if grad is None else grad.add_(g)
                 sums.append(loss_sum.detach())
@@ -487,10 +525,51 @@ class StepLCA:
     test_error: torch.Tensor | None = None
     grad0: torch.Tensor | None = None  # [K] float64 ∇L(θ_t), for gradient-sign statistics
     delta: torch.Tensor | None = None  # [K] float64 θ_{t+1} − θ_t
-    # ``error`` and ``loss1`` as Python floats when the step already read them for its decision
-    # (integrated methods), so a caller needs no host sync of its own; None for first order.
+    # ``error`` and ``loss1`` as Python floats, read by the step itself (for its refinement decision), so a
+    # caller needs no host sync of its own; None for steps of :meth:`LCAEngine.steps` in batched blocks.
     host_error: float | None = None
     host_loss1: float | None = None
+
+
+class _HostPair:
+    """Two float64 device scalars [2] on their way to the host: a non-blocking copy into pinned memory and
+    an event on CUDA (``read`` waits for that event only, not for work queued after it); on the CPU the
+    values are read at once."""
+
+    def __init__(self, pair: torch.Tensor):
+        if pair.device.type == "cuda":
+            self._buf = torch.empty(pair.shape, dtype=pair.dtype, pin_memory=True)
+            self._buf.copy_(pair, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+            self._vals = None
+        else:
+            self._vals = pair.tolist()
+
+    def read(self) -> list[float]:
+        if self._vals is None:
+            self._event.synchronize()
+            self._vals = self._buf.tolist()
+        return self._vals
+
+
+class PendingStep:
+    """A step launched by :meth:`LCAEngine.launch`; ``result()`` finishes it (once) → :class:`StepLCA`."""
+
+    def __init__(self, gen: Generator[None, None, StepLCA]):
+        self._gen: Generator[None, None, StepLCA] | None = gen
+        self._result: StepLCA | None = None
+
+    def result(self) -> StepLCA:
+        if self._gen is not None:
+            gen, self._gen = self._gen, None
+            try:
+                next(gen)
+            except StopIteration as stop:
+                self._result = stop.value
+            else:  # the generator yields exactly once
+                raise RuntimeError("LCAEngine step generator yielded twice")
+        return self._result
 
 
 class LCAEngine:
@@ -578,45 +657,68 @@ class LCAEngine:
 
     def step(self, theta0: torch.Tensor, theta1: torch.Tensor) -> StepLCA:
         """LCA of the straight segment θ0 → θ1 (flat [K] tensors in the parameters' dtype)."""
+        return self.launch(theta0, theta1).result()
+
+    def launch(self, theta0: torch.Tensor, theta1: torch.Tensor) -> PendingStep:
+        """Start the LCA of θ0 → θ1 without waiting for the GPU; ``.result()`` finishes it.
+
+        Launches the passes at θ1 and at the first quadrature points, the allocation and a non-blocking
+        copy of its error to the host, then returns. ``result()`` reads the error (the one host sync the
+        adaptive decision needs), refines if it must, and returns the :class:`StepLCA`: the numbers are
+        those of :meth:`step`. Between the two the host is free, e.g. to launch the next training step,
+        so that its work overlaps the GPU's passes instead of waiting for them. The endpoint cache is
+        updated at launch, so the next step may be launched before this one's ``result()``.
+        """
+        gen = self._step_gen(theta0, theta1)
+        next(gen)  # runs up to the first host read
+        return PendingStep(gen)
+
+    def _step_gen(self, theta0: torch.Tensor, theta1: torch.Tensor) -> Generator[None, None, StepLCA]:
+        """:meth:`step` as a generator: yields once, before its first host read; returns the StepLCA."""
         p0, passes = self._endpoint(theta0)
         p1 = self._eval(theta1)
+        self._cache = (theta1, p1)
         passes += 1
         delta = theta1.double() - theta0  # not in place: .double() of a float64 θ is θ itself
         dloss = p1["L"] - p0["L"]
         # Gradients to integrate; with per-class, "g" is the sum of "gc" and need not be integrated twice.
         gkey = "gc" if self.per_class else "g"
         grads = [gkey] + (["gt"] if self.test_loss is not None else [])
-        host_loss1 = None
         class_param = None  # [C, K] per-class LCA, kept from the last allocation when per-class
 
-        def allocate(gbar: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
-            """Per-parameter LCA, its sum, its error, and the error on the host (the one sync the adaptive
-            decision needs; L(θ_{t+1}) rides along so that callers need no second one)."""
-            nonlocal host_loss1, class_param
+        def allocate(
+            gbar: dict[str, torch.Tensor],
+        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, _HostPair]:
+            """Per-parameter LCA, its sum, its error, and the error with L(θ_{t+1}) on their way to the host
+            (the adaptive decision reads them; L rides along so that callers need no second read)."""
+            nonlocal class_param
             param = gbar[gkey] * delta
             if self.per_class:
                 class_param = param
                 param = param.sum(0)
             total = param.sum()
             e = total - dloss
-            e_f, host_loss1 = torch.stack([e, p1["L"]]).tolist()
-            return param, total, e, e_f
+            return param, total, e, _HostPair(torch.stack([e, p1["L"]]))
 
         splits = 1
-        err_t = None
-        err = 0.0
-        param = total = None
         if self.method == "first_order":
             gbar = {k: p0[k] for k in grads}
+            param, total, err_t, host = allocate(gbar)
+            yield
+            err, host_loss1 = host.read()
         else:
             # Composite Simpson on 2^j sub-intervals: ḡ = (ends + 2·older + 4·newest) / (3·splits), where
             # "newest" sums the gradients at the points added by the last doubling (odd grid points) and
             # "older" all interior points before it; doubling reuses every gradient already computed.
             ends = {k: p0[k] + p1[k] for k in grads}
             done = False
+            first = True
             if self.method == "trapezoid":
                 gbar = {k: ends[k].mul(0.5) for k in grads}
-                param, total, err_t, err = allocate(gbar)
+                param, total, err_t, host = allocate(gbar)
+                yield
+                first = False
+                err, host_loss1 = host.read()
                 done = not math.isfinite(err) or not self.adaptive or abs(err) <= self.tolerance
             if not done:
                 older: dict[str, torch.Tensor] | None = None
@@ -641,25 +743,21 @@ class LCAEngine:
                             k: ends[k].add(older[k], alpha=2.0).add_(newest[k], alpha=4.0).div_(3.0 * splits)
                             for k in grads
                         }
-                    param, total, err_t, err = allocate(gbar)
+                    param, total, err_t, host = allocate(gbar)
+                    if first:
+                        yield
+                        first = False
+                    err, host_loss1 = host.read()
                     if not math.isfinite(err):  # a diverged step: refining cannot help, let the caller stop
                         break
                     if not self.adaptive or abs(err) <= self.tolerance or splits >= self.max_splits:
                         break
-        if self.per_class and class_param is None:  # first order: no allocation made
-            class_param = gbar["gc"] * delta
-        if param is None:  # first order: never refined, no decision made
-            param = class_param.sum(0) if class_param is not None else gbar["g"] * delta
-            total = param.sum()
-        self._cache = (theta1, p1)
-        # Integrated methods: the error the decision used (no second sync); first order: never refined.
-        error = total - dloss if err_t is None else err_t
-        converged = err_t is None or abs(err) <= self.tolerance
+        # First order never refines; the integrated methods stop within tolerance or at max_splits.
+        converged = self.method == "first_order" or abs(err) <= self.tolerance
         st = StepLCA(
-            param, total, p0["L"], p1["L"], error, splits, converged, passes, grad0=p0["g"], delta=delta
+            param, total, p0["L"], p1["L"], err_t, splits, converged, passes, grad0=p0["g"], delta=delta
         )
-        if err_t is not None:
-            st.host_error, st.host_loss1 = err, host_loss1
+        st.host_error, st.host_loss1 = err, host_loss1
         if class_param is not None:
             st.class_param, st.class_loss0, st.class_loss1 = class_param, p0["Lc"], p1["Lc"]
         if "gt" in gbar:

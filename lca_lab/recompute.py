@@ -89,7 +89,7 @@ MERGED_NAME = "lca.h5"
 LOCK_NAME = ".merge.lock"
 ENGINE_KEYS = (
     "method", "tolerance", "max_splits", "adaptive", "chunk_size", "per_class", "test", "batch_points",
-    "precision", "cuda_graph", "cudnn_benchmark",
+    "precision", "cuda_graph", "cudnn_benchmark", "compile",
 )  # fmt: skip
 REDUCE_ROW = ("frac_helping", "frac_hurting", "frac_zero", "layer_frac_helping", "layer_frac_hurting")
 # Per-row series whose first row is the start point (T+1 rows): a later shard's first row repeats the
@@ -260,7 +260,7 @@ def engine_settings(run_cfg: dict[str, Any], overrides: dict[str, Any] | None) -
     if out["precision"] not in PRECISIONS:
         raise RecomputeError(f"lca.precision must be one of {list(PRECISIONS)}, got {out['precision']!r}")
     out["tolerance"], out["max_splits"] = float(out["tolerance"]), int(out["max_splits"])
-    for key in ("cuda_graph", "cudnn_benchmark"):
+    for key in ("cuda_graph", "cudnn_benchmark", "compile"):
         v = out[key]
         if v is not None and not isinstance(v, bool):
             raise RecomputeError(f"lca.{key} must be true or false, got {v!r}")
@@ -342,7 +342,7 @@ def _build(rf, run_cfg: dict[str, Any], settings: dict[str, Any], device: torch.
     per_class = settings["per_class"]
     cl = device.type == "cuda" and any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
     # How L's passes run (layout, graphs, cuDNN autotuning): its value only to float rounding.
-    fast = {k: settings[k] for k in ("cuda_graph", "cudnn_benchmark")} | {"channels_last": cl}
+    fast = {k: settings[k] for k in ("cuda_graph", "cudnn_benchmark", "compile")} | {"channels_last": cl}
     fbl = FullBatchLoss(
         model, data.train_x, data.train_y, chunk, param_names=pnames,
         n_classes=data.n_classes if per_class else None, **fast,

@@ -6,6 +6,7 @@ called from tests and notebooks as well as from ``python -m lca_lab``.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import errno
 import math
@@ -38,7 +39,7 @@ from .checkpoint import (
 )
 from .config import ConfigError, validate
 from .data import load_data_config
-from .lca import FullBatchLoss, LCAEngine, auto_chunk_size, layer_sums, set_matmul_precision
+from .lca import FullBatchLoss, LCAEngine, PendingStep, auto_chunk_size, layer_sums, set_matmul_precision
 from .nets import build_net, layer_groups
 from .optim import apply_freezes, build_optimizer, plan_layers
 from .reducers import LCAReducer
@@ -195,6 +196,7 @@ def _run(
     dcfg, ncfg, ocfg, lcfg, scfg = cfg["data"], cfg["net"], cfg["opt"], cfg["lca"], cfg["store"]
     cuda_graph = bool(lcfg.get("cuda_graph", False))
     cudnn_bm = bool(lcfg.get("cudnn_benchmark", False))
+    compile_passes = bool(lcfg.get("compile", False))
     if cuda_graph and bool(lcfg.get("enabled", True)) and device.type != "cuda":
         raise ConfigError(
             f"lca.cuda_graph=true records the full-data pass as a CUDA graph, but this run is on {device}; "
@@ -291,6 +293,7 @@ def _run(
         "lca_channels_last": channels_last,
         "lca_cuda_graph": cuda_graph,
         "lca_cudnn_benchmark": cudnn_bm,
+        "lca_compile": compile_passes,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         **(extra_attrs or {}),
     }
@@ -299,7 +302,10 @@ def _run(
     test_lca = bool(lcfg.get("test", False)) and len(data.test_x) > 0
     if lca_on:
         # How L's passes run (layout, graphs, cuDNN autotuning): its value only to float rounding.
-        fast = {"channels_last": channels_last, "cuda_graph": cuda_graph, "cudnn_benchmark": cudnn_bm}
+        fast = {
+            "channels_last": channels_last, "cuda_graph": cuda_graph, "cudnn_benchmark": cudnn_bm,
+            "compile": compile_passes,
+        }  # fmt: skip
         fbl = FullBatchLoss(
             model, data.train_x, data.train_y, chunk, param_names=pnames,
             n_classes=data.n_classes if per_class else None, **fast,
@@ -329,8 +335,9 @@ def _run(
     layer_total = torch.zeros(len(groups), dtype=torch.float64, device=device)
     max_abs_err, not_converged, total_splits, passes = 0.0, 0, 0, 0
     loss_start = loss_end = cum_err = 0.0
-    # Wall time of every LCA iteration of this process (training step, LCA, reducers, storage, tracker): the
-    # engine's host read of the error makes each one wait for its GPU work, so the host clock is honest.
+    # Wall time of every LCA iteration of this process (training step t, launching its LCA, recording step
+    # t-1's: reducers, storage, tracker). Reading step t-1's error makes each iteration wait for the GPU work
+    # queued before it, so in the steady state these are the throughput, and the host clock is honest.
     lca_iter_s: list[float] = []
 
     path = run_dir / "lca.h5"
@@ -413,6 +420,75 @@ def _run(
 
     summary: dict[str, Any] = {}
     layer_names = [g[0] for g in groups]
+    # Pipelining: step t's LCA is launched (its passes queued on the GPU), then the host trains step t+1,
+    # whose kernels queue behind those passes, and only then reads step t's result and records it. The
+    # host's work (training step, reducers, rows, tracker) thus overlaps the GPU's passes instead of
+    # alternating with them. The numbers are those of the plain order; on the CPU only the order of the
+    # work changes. ``pending`` is the launched step not yet recorded; it is recorded ("drained") before
+    # anything that needs every row so far: an evaluation, a checkpoint, the end of the LCA window, a kill
+    # test, a signal, an error.
+    pending: tuple | None = None  # (iteration t, PendingStep, θ_{t+1}, batch loss of step t)
+
+    def record(t: int, handle: PendingStep, theta1: torch.Tensor, batch_loss: torch.Tensor) -> None:
+        """Finish step t's LCA (the one host read) and send it to the sums, the run file and the tracker."""
+        nonlocal loss_end, cum_err, max_abs_err, not_converged, total_splits, passes, layer_total, counts
+        st = handle.result()
+        # The progress bar, the divergence check and the running sums need L and the error on the host:
+        # the engine read them for its refinement decision.
+        loss_end, err = st.host_loss1, st.host_error
+        lca_total = st.total  # stays on the device: the writer and tracker batch it
+        if not math.isfinite(loss_end):
+            raise FloatingPointError(f"training loss became {loss_end} at iteration {t}; lower opt.lr")
+        per_layer = layer_sums(st.param, index, len(groups))
+        layer_total += per_layer
+        views = reducer.update(st.param, st.delta, st.grad0)
+        fh, fu = views["frac_helping"], views["frac_hurting"]
+        # helping, hurting, zero; then helping among non-zero entries (the paper's Table 1)
+        counts += torch.stack([fh, fu, views["frac_zero"], fh / (fh + fu).clamp_min(1e-300)])
+        for name, v in views.items():
+            writer.append_dataset(f"reduce/{name}", v, copy=False)  # fresh views, never modified
+        if st.class_param is not None:
+            class_layer = torch.zeros(
+                data.n_classes, len(groups), dtype=torch.float64, device=device
+            ).index_add_(1, index, st.class_param)
+            writer.append_dataset("class/loss", st.class_loss1)
+        if st.test_param is not None:
+            writer.append_dataset("test/loss", st.test_loss1)
+            writer.append_dataset("lca_test/layer", layer_sums(st.test_param, index, len(groups)))
+            writer.append_dataset("lca_test/total", st.test_param.sum())
+            writer.append_dataset("lca_test/error", st.test_error)
+        cum_err += err
+        max_abs_err = max(max_abs_err, abs(err))
+        not_converged += int(not st.converged)
+        total_splits += st.splits
+        passes += st.passes
+        writer.append(
+            t,
+            loss_end,
+            lca_total,
+            err,
+            st.splits,
+            st.converged,
+            per_layer,
+            st.param if scfg["per_param"] else None,
+            theta1 if scfg["trajectory"] else None,
+            class_layer=class_layer if st.class_param is not None else None,
+            copy=False,  # every tensor here is fresh this iteration and never modified (θ_{t+1} neither)
+        )
+        if tracker is not None:  # device tensors: the tracker copies them in batches
+            tracker.log_iteration(
+                t, loss=loss_end, lca_total=lca_total, lca_error=err, splits=st.splits,
+                frac_helping=fh, frac_hurting=fu, frac_zero=views["frac_zero"],
+                batch_loss=batch_loss, layer_lca=dict(zip(layer_names, per_layer)),
+            )  # fmt: skip
+        bar.set_postfix(L=f"{loss_end:.4f}", err=f"{err:+.1e}", splits=st.splits, refresh=False)
+
+    def drain() -> None:
+        nonlocal pending
+        if pending is not None:
+            done, pending = pending, None
+            record(*done)
+
     with writer:
         if mode != "resume":
             writer.write_array("data/train_index", np.asarray(data.train_index, dtype=np.int64))
@@ -423,120 +499,81 @@ def _run(
             dynamic_ncols=True,
         )  # fmt: skip
         last_ck = time.monotonic()
-        for _epoch in range(start_it // per_epoch, int(cfg["epochs"])):
-            b0 = it - _epoch * per_epoch  # > 0 only when resuming in the middle of an epoch
-            if b0 > 0:
-                perm = resumed_perm.to(device)
-            else:
-                perm = torch.randperm(n_train, generator=batch_gen).to(device)
-            for b in range(b0, per_epoch):
-                if it in milestones:
-                    for g in optimizer.param_groups:
-                        g["lr"] *= decay
-                apply_freezes(optimizer, it)
-                do_lca = engine is not None and lo <= it < hi
-                t_iter = time.perf_counter()
-                # θ_{t+1} of the last step is θ_t of this one: reusing the tensor lets the engine reuse
-                # its endpoint gradient without comparing values.
-                if not do_lca:
-                    theta_next = None
-                theta0 = (theta_next if theta_next is not None else flat()) if do_lca else None
-                if do_lca and it == lo:
-                    loss_start = float(engine.prime(theta0))
-                    loss_end = loss_start
-                    writer.write_initial(loss_start, theta0 if scfg["trajectory"] else None)
-                    start_point = engine.cached_point
-                    if per_class:
-                        writer.append_dataset("class/loss", start_point["Lc"])
-                    if test_lca:
-                        writer.append_dataset("test/loss", start_point["Lt"])
-                if theta_only and it == lo:
-                    _append_theta(writer, flat(), it)
-                idx = perm[b * int(cfg["batch_size"]) : (b + 1) * int(cfg["batch_size"])]
-                optimizer.zero_grad(set_to_none=True)
-                batch_loss = F.cross_entropy(model(data.train_x[idx]), data.train_y[idx])
-                batch_loss.backward()
-                optimizer.step()
-                if theta_only and lo <= it < hi:
-                    _append_theta(writer, flat(), it + 1)
-                if do_lca:
-                    theta1 = theta_next = flat()
-                    st = engine.step(theta0, theta1)
-                    # The progress bar, the divergence check and the running sums need L and the error on
-                    # the host: the engine read them with its refinement decision; first order reads here.
-                    if st.host_error is not None:
-                        loss_end, err = st.host_loss1, st.host_error
-                    else:
-                        loss_end, err = torch.stack([st.loss1, st.error]).tolist()
-                    lca_total = st.total  # stays on the device: the writer and tracker batch it
-                    if not math.isfinite(loss_end):
-                        raise FloatingPointError(
-                            f"training loss became {loss_end} at iteration {it}; lower opt.lr"
+        try:
+            for _epoch in range(start_it // per_epoch, int(cfg["epochs"])):
+                b0 = it - _epoch * per_epoch  # > 0 only when resuming in the middle of an epoch
+                if b0 > 0:
+                    perm = resumed_perm.to(device)
+                else:
+                    perm = torch.randperm(n_train, generator=batch_gen).to(device)
+                for b in range(b0, per_epoch):
+                    if it in milestones:
+                        for g in optimizer.param_groups:
+                            g["lr"] *= decay
+                    apply_freezes(optimizer, it)
+                    do_lca = engine is not None and lo <= it < hi
+                    t_iter = time.perf_counter()
+                    # θ_{t+1} of the last step is θ_t of this one: reusing the tensor lets the engine reuse
+                    # its endpoint gradient without comparing values.
+                    if not do_lca:
+                        theta_next = None
+                    theta0 = (theta_next if theta_next is not None else flat()) if do_lca else None
+                    if do_lca and it == lo:
+                        loss_start = float(engine.prime(theta0))
+                        loss_end = loss_start
+                        writer.write_initial(loss_start, theta0 if scfg["trajectory"] else None)
+                        start_point = engine.cached_point
+                        if per_class:
+                            writer.append_dataset("class/loss", start_point["Lc"])
+                        if test_lca:
+                            writer.append_dataset("test/loss", start_point["Lt"])
+                    if theta_only and it == lo:
+                        _append_theta(writer, flat(), it)
+                    idx = perm[b * int(cfg["batch_size"]) : (b + 1) * int(cfg["batch_size"])]
+                    optimizer.zero_grad(set_to_none=True)
+                    batch_loss = F.cross_entropy(model(data.train_x[idx]), data.train_y[idx])
+                    batch_loss.backward()
+                    optimizer.step()
+                    if theta_only and lo <= it < hi:
+                        _append_theta(writer, flat(), it + 1)
+                    if do_lca:
+                        theta1 = theta_next = flat()
+                        launched = (it, engine.launch(theta0, theta1), theta1, batch_loss.detach())
+                        drain()  # step t-1: its passes were queued before this step's, so they are done first
+                        pending = launched
+                        lca_iter_s.append(time.perf_counter() - t_iter)
+                    it += 1
+                    if it >= hi:
+                        drain()
+                    if it % eval_every == 0 and it != total_iters:
+                        drain()  # the tracker's steps must increase
+                        tl, ta = evaluate(model, data.test_x, data.test_y, chunk_eval)
+                        writer.append_eval(it, test_loss=tl, test_acc=ta)
+                        if tracker is not None:
+                            tracker.log_eval(it, test_loss=tl, test_acc=ta)
+                    bar.update(1)
+                    if it == kill_at:
+                        drain()
+                        os.kill(os.getpid(), signal.SIGKILL)
+                    if ck_on and it < total_iters:
+                        due = (ck_every and it % ck_every == 0) or (
+                            ck_seconds and time.monotonic() - last_ck >= ck_seconds
                         )
-                    per_layer = layer_sums(st.param, index, len(groups))
-                    layer_total += per_layer
-                    views = reducer.update(st.param, st.delta, st.grad0)
-                    fh, fu = views["frac_helping"], views["frac_hurting"]
-                    # helping, hurting, zero; then helping among non-zero entries (the paper's Table 1)
-                    counts += torch.stack([fh, fu, views["frac_zero"], fh / (fh + fu).clamp_min(1e-300)])
-                    for name, v in views.items():
-                        writer.append_dataset(f"reduce/{name}", v)
-                    if st.class_param is not None:
-                        class_layer = torch.zeros(
-                            data.n_classes, len(groups), dtype=torch.float64, device=device
-                        ).index_add_(1, index, st.class_param)
-                        writer.append_dataset("class/loss", st.class_loss1)
-                    if st.test_param is not None:
-                        writer.append_dataset("test/loss", st.test_loss1)
-                        writer.append_dataset("lca_test/layer", layer_sums(st.test_param, index, len(groups)))
-                        writer.append_dataset("lca_test/total", st.test_param.sum())
-                        writer.append_dataset("lca_test/error", st.test_error)
-                    cum_err += err
-                    max_abs_err = max(max_abs_err, abs(err))
-                    not_converged += int(not st.converged)
-                    total_splits += st.splits
-                    passes += st.passes
-                    writer.append(
-                        it,
-                        loss_end,
-                        lca_total,
-                        err,
-                        st.splits,
-                        st.converged,
-                        per_layer,
-                        st.param if scfg["per_param"] else None,
-                        theta1 if scfg["trajectory"] else None,
-                        class_layer=class_layer if st.class_param is not None else None,
-                    )
-                    if tracker is not None:  # device tensors: the tracker copies them in batches
-                        tracker.log_iteration(
-                            it, loss=loss_end, lca_total=lca_total, lca_error=err, splits=st.splits,
-                            frac_helping=fh, frac_hurting=fu, frac_zero=views["frac_zero"],
-                            batch_loss=batch_loss.detach(), layer_lca=dict(zip(layer_names, per_layer)),
-                        )  # fmt: skip
-                    bar.set_postfix(L=f"{loss_end:.4f}", err=f"{err:+.1e}", splits=st.splits, refresh=False)
-                    lca_iter_s.append(time.perf_counter() - t_iter)
-                it += 1
-                if it % eval_every == 0 and it != total_iters:
-                    tl, ta = evaluate(model, data.test_x, data.test_y, chunk_eval)
-                    writer.append_eval(it, test_loss=tl, test_acc=ta)
-                    if tracker is not None:
-                        tracker.log_eval(it, test_loss=tl, test_acc=ta)
-                bar.update(1)
-                if it == kill_at:
-                    os.kill(os.getpid(), signal.SIGKILL)
-                if ck_on and it < total_iters:
-                    due = (ck_every and it % ck_every == 0) or (
-                        ck_seconds and time.monotonic() - last_ck >= ck_seconds
-                    )
-                    if due or signals.signum is not None:
-                        checkpoint(it, perm)
-                        last_ck = time.monotonic()
-                    if signals.signum is not None:
-                        bar.close()
-                        name = signal.Signals(signals.signum).name
-                        writer.close(f"preempted: {name} at iteration {it}; rerun to continue")
-                        raise RunPreempted(signals.signum, it, run_dir, signals.previous.get(signals.signum))
+                        if due or signals.signum is not None:
+                            drain()
+                            checkpoint(it, perm)
+                            last_ck = time.monotonic()
+                        if signals.signum is not None:
+                            bar.close()
+                            name = signal.Signals(signals.signum).name
+                            writer.close(f"preempted: {name} at iteration {it}; rerun to continue")
+                            prev = signals.previous.get(signals.signum)
+                            raise RunPreempted(signals.signum, it, run_dir, prev)
+            drain()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                drain()  # the launched step's rows are kept: nothing already computed is lost
+            raise
         bar.close()
 
         train_loss, train_acc = evaluate(model, data.train_x, data.train_y, chunk_eval)
@@ -585,6 +622,8 @@ def _run(
             summary["lca_iters_timed"] = len(lca_iter_s)
         if engine is not None and engine.loss.graph_error:  # asked for, but the eager path ran
             summary["cuda_graph_error"] = engine.loss.graph_error
+        if engine is not None and engine.loss.compile_error:  # likewise for torch.compile
+            summary["compile_error"] = engine.loss.compile_error
         for k, v in summary.items():
             if isinstance(v, (int, float, str)):
                 writer.set_attr(f"summary/{k}", v)

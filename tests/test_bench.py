@@ -301,6 +301,7 @@ def test_cpu_defaults():
         False,
         True,
     ]
+    assert o.compiles == [False] and bench.parse_args(["--device", "cpu", "--compile"]).compiles == [True]
     assert bench.batch_points_for(o) == 1  # as lca_lab.recompute on the CPU
     assert bench.batch_points_for(bench.parse_args(["--device", "cpu", "--batch-points", "8"])) == 8
 
@@ -322,3 +323,29 @@ def test_cli_smoke_writes_json(tmp_path):
         assert ROW_FIELDS <= set(row)
         assert row["efficiency"] > 0 and row["speedup"] > 0 and row["n_train"] == 512
         assert row["recompute_batched_s_per_it"] > 0
+
+
+def test_compile_rows_time_a_compiled_limit_and_give_the_eager_numbers():
+    """`--compile both`: a row per setting; the compiled row's limit includes a compiled pass, its engine
+    compiled (no fallback), and its LCA is the eager row's to float32 rounding (the same trajectory here)."""
+    o = bench.BenchOptions(nets=["fc"], iters=2, warmup=1, n_train=N, chunk_size=N, naive_iters=1,
+                           limit_repeats=1, methods=["rk4"], recompute_iters=0, run=False,
+                           compiles=[False, True])  # fmt: skip
+    result = bench.run_bench(o)
+    eager, compiled = result["rows"]
+    assert [eager["compile"], compiled["compile"]] == [False, True]
+    assert compiled["compile_error"] is None and compiled["limit_compiled_s"] > 0
+    assert compiled["limit_s"] == min(
+        t for t in (compiled["limit_chunk_s"], compiled["limit_whole_s"], compiled["limit_compiled_s"]) if t
+    )
+    np.testing.assert_allclose(compiled["engine_total"], eager["engine_total"], rtol=1e-4, atol=1e-7)
+    assert compiled["naive_max_abs_diff"] < 1e-5  # the naive baseline agrees with the compiled engine
+    table = bench.format_table(result).splitlines()
+    assert "fp32/tc" in table[-1] and "/tc" not in table[-2]
+    assert f"{compiled['limit_compiled_s'] * 1e3:.2f}c" in table[-1]
+
+
+def test_compile_and_cuda_graph_rows_are_refused_together():
+    o = bench.BenchOptions(device="cuda", compiles=[True], cuda_graphs=[False, True])
+    with pytest.raises(ValueError, match="give one of them as off"):
+        bench.check_options(o)

@@ -53,6 +53,7 @@ def test_momentum_delay_from_command_line():
         ("lca.max_splits=12", "lca.max_splits"),
         ("lca.cuda_graph=maybe", "lca.cuda_graph"),
         ("lca.cudnn_benchmark=maybe", "lca.cudnn_benchmark"),
+        ("lca.compile=maybe", "lca.compile"),
         ("device=tpu", "device"),
         ("opt.lr=-0.1", "opt.lr"),
         ("opt.momentum=1.5", "opt.momentum"),

@@ -333,3 +333,51 @@ def test_reducer_on_cuda_equals_cpu():
             assert torch.equal(a[k], b[k].cpu()), k
     for k, v in cpu.result().items():
         assert torch.equal(v, gpu.result()[k].cpu()), k
+
+
+def test_pipelined_launch_on_cuda_equals_step():
+    """LCAEngine.launch: the error's non-blocking copy to pinned memory and its event, read after the next
+    step was launched (as train.py does), give the numbers and decisions of plain step calls."""
+    from lca_lab.lca import matmul_precision
+
+    torch.manual_seed(0)
+    x, y = torch.randn(4000, 1, 28, 28).cuda(), torch.randint(0, 10, (4000,)).cuda()
+    model = build_net("fc", (1, 28, 28), 10).cuda()
+    with matmul_precision("fp32"):
+        th = _sgd_trajectory(model, x, y, 8)
+        fbl = FullBatchLoss(model, x, y, 4000)
+        ref = LCAEngine(fbl, "trapezoid", tolerance=1e-4)
+        plain = [ref.step(a, b) for a, b in zip(th[:-1], th[1:])]
+        eng = LCAEngine(fbl, "trapezoid", tolerance=1e-4)
+        got, pending = [], None
+        for a, b in zip(th[:-1], th[1:]):
+            nxt = eng.launch(a, b)
+            if pending is not None:
+                got.append(pending.result())
+            pending = nxt
+        got.append(pending.result())
+    assert [s.splits for s in got] == [s.splits for s in plain] and max(s.splits for s in plain) > 1
+    for s, p in zip(got, plain):
+        assert s.host_error == float(s.error) and s.host_loss1 == float(s.loss1)
+        assert torch.equal(s.param, p.param) and s.host_error == p.host_error
+
+
+def test_compiled_resnet_passes_on_cuda_equal_eager():
+    """lca.compile on the GPU (Triton kernels for BatchNorm/ReLU, cuDNN convolutions): L and ∇L of a narrow
+    ResNet-20, channels-last, float64, equal the eager ones to rounding; an RK4 step decides alike."""
+    from lca_lab.lca import matmul_precision
+
+    torch.manual_seed(0)
+    model = build_net("resnet20", (3, 32, 32), 10, width=8).double().cuda()
+    x, y = torch.randn(1000, 3, 32, 32).double().cuda(), torch.randint(0, 10, (1000,)).cuda()
+    with matmul_precision("fp32"):
+        th = _sgd_trajectory(model, x, y, 2)
+        eager = FullBatchLoss(model, x, y, 500, channels_last=True)
+        comp = FullBatchLoss(model, x, y, 500, channels_last=True, compile=True)
+        a = [LCAEngine(eager, "rk4").step(p, q) for p, q in zip(th[:-1], th[1:])]
+        b = [LCAEngine(comp, "rk4").step(p, q) for p, q in zip(th[:-1], th[1:])]
+    assert comp.compile_error is None
+    for s, t in zip(a, b):
+        assert s.splits == t.splits
+        assert _rel(t.param, s.param) < 1e-9
+        assert abs(float(s.total) - float(t.total)) < 1e-12

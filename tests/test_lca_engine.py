@@ -506,10 +506,35 @@ def test_step_hands_back_the_floats_its_decision_read(method):
     eng = LCAEngine(fbl, method, tolerance=1e-5)
     for a, b in zip(th[:-1], th[1:]):
         st = eng.step(a, b)
-        if method == "first_order":  # no decision, nothing read
-            assert st.host_error is None and st.host_loss1 is None
-        else:
-            assert st.host_error == float(st.error) and st.host_loss1 == float(st.loss1)
+        assert st.host_error == float(st.error) and st.host_loss1 == float(st.loss1)
+
+
+@pytest.mark.parametrize("method", ["first_order", "trapezoid", "rk4"])
+def test_launch_then_result_pipelined_equals_step(method):
+    """The training loop launches step t+1 before it reads step t's result; the numbers, the refinement
+    decisions and the reuse of endpoint gradients must be those of plain ``step`` calls."""
+    model, x, y = _tanh_problem()
+    fbl = FullBatchLoss(model, x, y, chunk_size=80)
+    th = _trajectory(fbl, 5, 0.05)
+    ref = LCAEngine(fbl, method, tolerance=1e-5)
+    plain = [ref.step(a, b) for a, b in zip(th[:-1], th[1:])]
+    eng = LCAEngine(fbl, method, tolerance=1e-5)
+    pending, got = None, []
+    for a, b in zip(th[:-1], th[1:]):
+        nxt = eng.launch(a, b)
+        if pending is not None:
+            got.append(pending.result())
+        pending = nxt
+    got.append(pending.result())
+    assert [g.passes for g in got] == [p.passes for p in plain]  # the endpoint gradients were reused alike
+    if method != "first_order":
+        assert max(p.splits for p in plain) > 2  # the pipelined order had refinements to make
+    for g, p in zip(got, plain):
+        assert g.splits == p.splits and g.converged == p.converged
+        torch.testing.assert_close(g.param, p.param, rtol=0, atol=0)
+        assert g.host_error == p.host_error and float(g.error) == float(p.error)
+        assert abs(float(g.total) - (float(g.loss1) - float(g.loss0)) - g.host_error) < 1e-12
+    assert pending.result() is got[-1]  # result() finishes once and then returns the same step
 
 
 @pytest.mark.parametrize("method", ["first_order", "trapezoid", "rk4"])
@@ -651,3 +676,46 @@ def test_tied_weights_take_theta_in_every_place_they_are_used(batched):
     assert float(fbl.loss(theta)) == pytest.approx(loss.item(), rel=1e-12)
     st = LCAEngine(fbl, tolerance=1e-8).step(fbl.flat_params(), theta)
     assert st.converged and abs(float(st.total) - (float(st.loss1) - float(st.loss0))) < 1e-8
+
+
+def test_compiled_passes_equal_the_eager_ones_and_conserve():
+    """FullBatchLoss(compile=True): torch.compile (its CPU backend here) gives eager's L and ∇L to float64
+    rounding, with BatchNorm's batch statistics (what the fusion changes on a GPU), and an RK4 step on it
+    conserves as the eager one does."""
+    torch.manual_seed(0)
+    x = torch.randn(120, 6, dtype=torch.float64)
+    y = torch.randint(0, 3, (120,))
+    model = nn.Sequential(nn.Linear(6, 12), nn.BatchNorm1d(12), nn.ReLU(), nn.Linear(12, 3)).double()
+    eager = FullBatchLoss(model, x, y, chunk_size=40)
+    compiled = FullBatchLoss(model, x, y, chunk_size=40, compile=True)
+    t0 = eager.flat_params()
+    t1 = t0 + 0.01 * torch.randn_like(t0)
+    for th in (t0, t1):
+        (La, ga), (Lb, gb) = eager.loss_and_grad(th), compiled.loss_and_grad(th)
+        assert compiled.compile_error is None and compiled._compile_ok
+        torch.testing.assert_close(Lb, La, rtol=0, atol=1e-13)
+        torch.testing.assert_close(gb, ga, rtol=0, atol=1e-13)
+    a = LCAEngine(eager, tolerance=1e-5).step(t0, t1)
+    b = LCAEngine(compiled, tolerance=1e-5).step(t0, t1)
+    assert a.splits == b.splits and b.converged and abs(b.host_error) <= 1e-5
+    torch.testing.assert_close(b.param, a.param, rtol=0, atol=1e-13)
+
+
+def test_a_failed_compile_warns_and_the_eager_pass_runs(monkeypatch):
+    import lca_lab.lca as lca_mod
+
+    def broken(fn, **kw):
+        def call(*a, **k):
+            raise RuntimeError("no C++ compiler")
+
+        return call
+
+    monkeypatch.setattr(lca_mod.torch, "compile", broken)
+    model, x, y = _tanh_problem()
+    fbl = FullBatchLoss(model, x, y, chunk_size=80, compile=True)
+    th = fbl.flat_params()
+    with pytest.warns(RuntimeWarning, match="lca.compile: compiling the full-data pass failed"):
+        L, g = fbl.loss_and_grad(th)
+    assert "no C++ compiler" in fbl.compile_error and not fbl.compile
+    L0, g0 = FullBatchLoss(model, x, y, chunk_size=80).loss_and_grad(th)
+    assert torch.equal(L, L0) and torch.equal(g, g0)

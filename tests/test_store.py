@@ -436,3 +436,34 @@ def test_background_writer_from_gpu_rows_equals_blocking_writer(tmp_path: Path) 
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_copy_false_buffers_fresh_tensors_and_copy_true_snapshots_reused_ones(tmp_path: Path) -> None:
+    """append(copy=True) snapshots a tensor the caller goes on modifying (an accumulator); copy=False
+    buffers the caller's fresh tensors themselves (no copy kernel), a float64 per-parameter row still cast
+    to float32 by a copy, so the stored rows are the values appended either way."""
+    acc = torch.zeros(2, dtype=torch.float64)  # reused in place, as a running per-layer sum would be
+    want_layer, want_param = [], []
+    with _writer(tmp_path / "a.h5", flush_every=100) as w:
+        w.write_initial(1.0)
+        for t in range(3):
+            acc += torch.tensor([1.0, 2.0], dtype=torch.float64)
+            param = torch.arange(K, dtype=torch.float64) * (t + 1)
+            w.append(t, 1.0 - t, acc.sum(), 0.0, 2, True, acc, param)  # copy=True: acc is snapshot
+            want_layer.append(acc.clone().numpy())
+            want_param.append(param.float().numpy())
+            fresh_layer = acc * 10  # a new tensor every iteration, never modified afterwards
+            w.append_dataset("extra/layer", fresh_layer, copy=False)
+            assert w._series["extra/layer"][1][-1].data_ptr() == fresh_layer.data_ptr()  # not copied
+        assert w._rows["layer"][-1].data_ptr() != acc.data_ptr()  # the accumulator was copied
+    with h5py.File(tmp_path / "a.h5") as f:
+        np.testing.assert_array_equal(f["lca/layer"][:], np.stack(want_layer))
+        np.testing.assert_array_equal(f["lca/param"][:], np.stack(want_param))
+        np.testing.assert_array_equal(f["extra/layer"][:], 10 * np.stack(want_layer))
+    with _writer(tmp_path / "b.h5", flush_every=100) as w:
+        w.write_initial(1.0)
+        param = torch.arange(K, dtype=torch.float64)
+        w.append(0, 0.5, param.sum(), 0.0, 2, True, torch.ones(2, dtype=torch.float64), param, copy=False)
+        assert w._rows["param"][-1].dtype == torch.float32  # the cast is a copy, whatever copy says
+    with h5py.File(tmp_path / "b.h5") as f:
+        np.testing.assert_array_equal(f["lca/param"][0], np.arange(K, dtype=np.float32))

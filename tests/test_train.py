@@ -257,3 +257,41 @@ def test_unwritable_run_dir_fails_before_training(tmp_path):
     blocker.write_text("not a directory")
     with pytest.raises(ConfigError, match="cannot write to the run directory"):
         run(_cfg("data=synthetic", "data.size=64", "batch_size=32"), blocker / "run")
+
+
+def test_an_error_in_the_next_training_step_keeps_the_launched_steps_rows(tmp_path, monkeypatch):
+    """Step t's LCA is recorded after step t+1's training step (pipelining); an error there must not lose
+    step t's row: it is recorded before the error propagates."""
+    import torch
+
+    calls = {"n": 0}
+    real_step = torch.optim.SGD.step
+
+    def step(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", step)
+    with pytest.raises(KeyboardInterrupt):
+        run(_cfg("data=synthetic", "data.size=200", "batch_size=20", "store.flush_every=1"), tmp_path)
+    with h5py.File(tmp_path / "lca.h5") as f:
+        assert f["lca/total"].shape[0] == 3  # iterations 0, 1, 2: the third was launched, not yet recorded
+        assert f["train/loss"].shape[0] == 4
+        dl = np.diff(f["train/loss"][:])
+        np.testing.assert_allclose(f["lca/total"][:] - dl, f["lca/error"][:], atol=1e-12)
+
+
+@pytest.mark.slow
+def test_compiled_passes_give_the_runs_numbers_to_rounding(tmp_path):
+    """lca.compile=true (torch.compile's CPU backend here): the eager run's rows, to float32 rounding."""
+    over = ["data=synthetic", "data.size=200", "batch_size=20", "lca.chunk_size=100"]
+    plain = run(_cfg(*over), tmp_path / "plain")
+    s = run(_cfg(*over, "lca.compile=true"), tmp_path / "compiled")
+    assert "compile_error" not in s and "compile_error" not in plain
+    with h5py.File(tmp_path / "compiled" / "lca.h5") as f, h5py.File(tmp_path / "plain" / "lca.h5") as g:
+        assert bool(f.attrs["lca_compile"]) and not bool(g.attrs["lca_compile"])
+        np.testing.assert_allclose(f["train/loss"][:], g["train/loss"][:], rtol=1e-5)
+        np.testing.assert_allclose(f["lca/total"][:], g["lca/total"][:], rtol=1e-3, atol=1e-6)
+        np.testing.assert_array_equal(f["lca/splits"][:], g["lca/splits"][:])
