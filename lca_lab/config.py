@@ -107,6 +107,11 @@ def validate(cfg: Mapping[str, Any]) -> None:
         for key in ("cuda_graph", "cudnn_benchmark", "compile"):
             if lca.get(key, False) not in (True, False):
                 raise ConfigError(f"lca.{key} must be true or false, got {lca.get(key)!r}")
+        if lca.get("compile", False) and lca.get("cuda_graph", False):
+            raise ConfigError(
+                "lca.compile=true and lca.cuda_graph=true together are not supported (not measured); "
+                "set one of them to false"
+            )
         if lca.get("cudnn_benchmark", False) and _get(cfg, "deterministic"):
             raise ConfigError(
                 "lca.cudnn_benchmark=true chooses cuDNN algorithms by timing them, which "

@@ -265,6 +265,11 @@ def engine_settings(run_cfg: dict[str, Any], overrides: dict[str, Any] | None) -
         if v is not None and not isinstance(v, bool):
             raise RecomputeError(f"lca.{key} must be true or false, got {v!r}")
         out[key] = bool(v)
+    if out["compile"] and out["cuda_graph"]:
+        raise RecomputeError(
+            "lca.compile=true and lca.cuda_graph=true together are not supported (not measured); "
+            "set one of them to false"
+        )
     return out
 
 

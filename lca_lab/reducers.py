@@ -34,10 +34,12 @@ class LCAReducer:
         self._n = self.layer_size.sum()
         self.helped = torch.zeros(K, dtype=torch.int32, device=dev)
         self.hurt = torch.zeros(K, dtype=torch.int32, device=dev)
-        self.motion_changes = torch.zeros(K, dtype=torch.int32, device=dev)
-        self.grad_changes = torch.zeros(K, dtype=torch.int32, device=dev)
-        self._last_motion = torch.zeros(K, dtype=torch.int8, device=dev)
-        self._last_grad = torch.zeros(K, dtype=torch.int8, device=dev)
+        # Motion and gradient counters side by side ([2, K]; the named tensors are views of their rows) so
+        # that one set of kernels updates both.
+        self._changes = torch.zeros(2, K, dtype=torch.int32, device=dev)
+        self._last = torch.zeros(2, K, dtype=torch.int8, device=dev)
+        self.motion_changes, self.grad_changes = self._changes[0], self._changes[1]
+        self._last_motion, self._last_grad = self._last[0], self._last[1]
         self.iterations = 0
         # Per-layer counting in one index_add_: entry i goes to slot 3·layer + sign(LCA_i) + 1, i.e. the
         # columns of a [n_layers, 3] table are helping, zero, hurting.
@@ -70,8 +72,7 @@ class LCAReducer:
         sign = torch.sign(param).to(torch.int8)
         self.helped -= sign.clamp(max=0)
         self.hurt += sign.clamp(min=0)
-        self._count_changes(delta, self._last_motion, self.motion_changes)
-        self._count_changes(grad0, self._last_grad, self.grad_changes)
+        self._count_changes(torch.stack([delta, grad0.to(delta.dtype)]), self._last, self._changes)
         self.iterations += 1
         table = torch.zeros(self.n_layers * 3, dtype=torch.float64, device=param.device)
         table = table.index_add_(0, self._slot + sign, self._ones).view(self.n_layers, 3)

@@ -38,6 +38,13 @@ def test_cudnn_benchmark_with_deterministic_names_both_fixes():
         validate(_compose(["lca.cudnn_benchmark=true", "deterministic=true"]))
 
 
+def test_compile_with_cuda_graph_is_refused_naming_the_fix():
+    validate(_compose(["lca.compile=true"]))
+    validate(_compose(["lca.cuda_graph=true"]))
+    with pytest.raises(ConfigError, match="set one of them to false"):
+        validate(_compose(["lca.compile=true", "lca.cuda_graph=true"]))
+
+
 def test_momentum_delay_from_command_line():
     cfg = _compose(["layers=last_momentum_delay", "layers.last.momentum_delay=3"])
     assert cfg["layers"]["last"] == {"select": -1, "momentum_delay": 3}

@@ -234,6 +234,9 @@ def test_cudnn_benchmark_setting(online, tmp_path):
     assert rc.engine_settings(run_cfg, {"cudnn_benchmark": True})["cudnn_benchmark"] is True
     run_cfg["lca"]["cudnn_benchmark"] = True
     assert rc.engine_settings(run_cfg, None)["cudnn_benchmark"] is True
+    assert rc.engine_settings(run_cfg, {"compile": True})["compile"] is True
+    with pytest.raises(rc.RecomputeError, match="set one of them to false"):
+        rc.engine_settings(run_cfg, {"compile": True, "cuda_graph": True})
 
 
 def test_clear_error_without_trajectory(online, tmp_path):
