@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import h5py
@@ -467,3 +468,46 @@ def test_copy_false_buffers_fresh_tensors_and_copy_true_snapshots_reused_ones(tm
         assert w._rows["param"][-1].dtype == torch.float32  # the cast is a copy, whatever copy says
     with h5py.File(tmp_path / "b.h5") as f:
         np.testing.assert_array_equal(f["lca/param"][0], np.arange(K, dtype=np.float32))
+
+
+def test_staging_buffers_are_reused_only_after_their_rows_are_written(tmp_path: Path, monkeypatch) -> None:
+    """The background writer's staging buffers (pinned on a GPU) come back to the pool only once their
+    rows are in the file. Exercised here through the in-flight path with CPU tensors and a slow disk, so
+    that flushes pile up behind the writer thread: a buffer handed out again too early would be overwritten
+    before its rows were written, and the file would differ from the blocking writer's."""
+    import lca_lab.store as store
+
+    monkeypatch.setattr(store, "_can_fly", lambda rows: bool(rows) and all(torch.is_tensor(x) for x in rows))
+    write_rows = store._write_rows
+
+    def slow(ds, offset, arr):
+        time.sleep(0.01)
+        write_rows(ds, offset, arr)
+
+    monkeypatch.setattr(store, "_write_rows", slow)
+    d = _rows(40)
+    tensors = {k: torch.as_tensor(v) for k, v in d.items()}
+    with _writer(tmp_path / "plain.h5", flush_every=3, trajectory=True) as w:
+        _write(w, tensors, as_tensors=True, trajectory=True)
+    with _writer(tmp_path / "bg.h5", flush_every=3, trajectory=True, background=True) as w:
+        flights = []
+        real = store._InFlight
+
+        class Counted(real):
+            def __init__(self, *a, **k):
+                super().__init__(*a, **k)
+                flights.append(self)
+
+        monkeypatch.setattr(store, "_InFlight", Counted)
+        pool = w._staging
+        _write(w, tensors, as_tensors=True, trajectory=True, stop=20)  # flushes pile up behind the writer
+        while w._jobs:  # the writer catches up: every buffer back in the pool
+            time.sleep(0.01)
+        n1, a1 = len(flights), pool.allocated
+        _write(w, tensors, as_tensors=True, trajectory=True, start=20)
+    a, b = _datasets(tmp_path / "plain.h5"), _datasets(tmp_path / "bg.h5")
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert len(flights) > 50 and all(f.host is None for f in flights)  # every buffer came back
+    assert pool.allocated - a1 < len(flights) - n1  # and buffers of the first flushes served later ones
