@@ -667,7 +667,9 @@ class LCAEngine:
         adaptive decision needs), refines if it must, and returns the :class:`StepLCA`: the numbers are
         those of :meth:`step`. Between the two the host is free, e.g. to launch the next training step,
         so that its work overlaps the GPU's passes instead of waiting for them. The endpoint cache is
-        updated at launch, so the next step may be launched before this one's ``result()``.
+        updated at launch, so the next step may be launched before this one's ``result()``. θ0 and θ1
+        must stay unmodified until then (a refinement reads them); flat copies such as
+        ``FullBatchLoss.flat_params()`` are, whatever the optimizer does to the model in between.
         """
         gen = self._step_gen(theta0, theta1)
         next(gen)  # runs up to the first host read
