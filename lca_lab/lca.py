@@ -554,11 +554,15 @@ class _HostPair:
 
 
 class PendingStep:
-    """A step launched by :meth:`LCAEngine.launch`; ``result()`` finishes it (once) → :class:`StepLCA`."""
+    """A step launched by :meth:`LCAEngine.launch`; ``result()`` finishes it (once) → :class:`StepLCA`.
+
+    Later calls return the same step, or raise the same error if finishing it failed (e.g. out of memory
+    in a refinement pass)."""
 
     def __init__(self, gen: Generator[None, None, StepLCA]):
         self._gen: Generator[None, None, StepLCA] | None = gen
         self._result: StepLCA | None = None
+        self._error: BaseException | None = None
 
     def result(self) -> StepLCA:
         if self._gen is not None:
@@ -567,8 +571,13 @@ class PendingStep:
                 next(gen)
             except StopIteration as stop:
                 self._result = stop.value
+            except BaseException as e:
+                self._error = e
+                raise
             else:  # the generator yields exactly once
                 raise RuntimeError("LCAEngine step generator yielded twice")
+        if self._error is not None:
+            raise self._error
         return self._result
 
 

@@ -719,3 +719,16 @@ def test_a_failed_compile_warns_and_the_eager_pass_runs(monkeypatch):
     assert "no C++ compiler" in fbl.compile_error and not fbl.compile
     L0, g0 = FullBatchLoss(model, x, y, chunk_size=80).loss_and_grad(th)
     assert torch.equal(L, L0) and torch.equal(g, g0)
+
+
+def test_a_pending_step_that_failed_raises_again_instead_of_returning_nothing(monkeypatch):
+    """Regression: a second result() after an error while finishing (a refinement pass) returned None."""
+    model, x, y = _tanh_problem()
+    fbl = FullBatchLoss(model, x, y, chunk_size=80)
+    th = _trajectory(fbl, 1, 0.3)
+    eng = LCAEngine(fbl, "trapezoid", tolerance=1e-12)  # the trapezoid misses: a midpoint pass follows
+    pending = eng.launch(th[0], th[1])
+    monkeypatch.setattr(fbl, "loss_and_grad", lambda theta: (_ for _ in ()).throw(MemoryError("refine")))
+    for _ in range(2):
+        with pytest.raises(MemoryError, match="refine"):
+            pending.result()
