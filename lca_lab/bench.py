@@ -75,6 +75,7 @@ from .lca import (
     auto_chunk_size,
     cudnn_benchmark,
     has_batchnorm,
+    layer_sums,
     matmul_precision,
     saved_activation_bytes,
 )
@@ -378,33 +379,17 @@ def _mem_available_bytes() -> float:
     return float("inf")
 
 
-def time_graph_pass(fbl: FullBatchLoss, repeats: int) -> float | None:
-    """Best wall time (s) of one ``loss_and_grad`` replayed as a CUDA graph (``fbl`` built with
-    ``cuda_graph=True``) over ``repeats`` replays after the recording; None if recording failed."""
-    theta = fbl.flat_params()
-    fbl.loss_and_grad(theta)  # records the graph (and replays it once)
-    if fbl.graph_error is not None:
-        log(f"  CUDA graph recording failed ({fbl.graph_error}); no graph limit")
-        return None
-    times = []
-    for _ in range(repeats):
-        _sync(theta.device)
-        t = time.perf_counter()
-        fbl.loss_and_grad(theta)
-        _sync(theta.device)
-        times.append(time.perf_counter() - t)
-    return min(times)
-
-
-def time_compiled_pass(fbl: FullBatchLoss, repeats: int) -> float | None:
-    """Best wall time (s) of one ``loss_and_grad`` through ``torch.compile`` (``fbl`` built with
-    ``compile=True``) over ``repeats`` passes after the compiling one; None if compiling failed."""
+def time_fast_pass(fbl: FullBatchLoss, repeats: int, what: str) -> float | None:
+    """Best wall time (s) of one ``loss_and_grad`` of ``fbl`` built with ``cuda_graph=True`` (``what`` =
+    ``"graph"``) or ``compile=True`` (``"compiled"``), over ``repeats`` passes after the first one, which
+    records the graph or compiles and is not timed; None if that failed (the eager path then ran)."""
     theta = fbl.flat_params()
     t = time.perf_counter()
-    fbl.loss_and_grad(theta)  # compiles
-    log(f"  compiled the full-data pass in {time.perf_counter() - t:.0f} s")
-    if fbl.compile_error is not None:
-        log(f"  torch.compile failed ({fbl.compile_error}); no compiled limit")
+    fbl.loss_and_grad(theta)
+    log(f"  {what} pass: recorded/compiled in {time.perf_counter() - t:.0f} s")
+    error = fbl.graph_error if what == "graph" else fbl.compile_error
+    if error is not None:
+        log(f"  the {what} pass failed ({error}); no {what} limit")
         return None
     times = []
     for _ in range(repeats):
@@ -474,12 +459,12 @@ def measure_limit(
             torch.cuda.empty_cache()
     if graph:
         fbl = FullBatchLoss(m, x, y, chunk, channels_last=channels_last, cuda_graph=True, cudnn_benchmark=bm)
-        out["limit_graph_s"] = time_graph_pass(fbl, repeats)
+        out["limit_graph_s"] = time_fast_pass(fbl, repeats, "graph")
         del fbl  # frees the graph's memory pool
         torch.cuda.empty_cache()
     if compiled:
         fbl = FullBatchLoss(m, x, y, chunk, channels_last=channels_last, cudnn_benchmark=bm, compile=True)
-        out["limit_compiled_s"] = time_compiled_pass(fbl, repeats)
+        out["limit_compiled_s"] = time_fast_pass(fbl, repeats, "compiled")
         del fbl
     out["limit_s"] = min(t for k, t in out.items() if k.startswith("limit_") and t is not None)
     return out
@@ -586,9 +571,7 @@ def engine_loop(
                 f"{net}: the loss diverged at iteration {i}; the benchmark needs a finite run"
             )
         if writer is not None:
-            per_layer = torch.zeros(len(groups), dtype=torch.float64, device=device).index_add_(
-                0, index, st.param
-            )
+            per_layer = layer_sums(st.param, index, len(groups))  # as train.py
             writer.append(
                 i, st.loss1, st.total, st.error, st.splits, st.converged, per_layer, st.param, copy=False
             )  # as train.py: fresh tensors, buffered without a copy

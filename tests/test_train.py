@@ -295,3 +295,25 @@ def test_compiled_passes_give_the_runs_numbers_to_rounding(tmp_path):
         np.testing.assert_allclose(f["train/loss"][:], g["train/loss"][:], rtol=1e-5)
         np.testing.assert_allclose(f["lca/total"][:], g["lca/total"][:], rtol=1e-3, atol=1e-6)
         np.testing.assert_array_equal(f["lca/splits"][:], g["lca/splits"][:])
+
+
+def test_a_failed_compile_is_recorded_and_the_run_completes(tmp_path, monkeypatch):
+    """lca.compile=true where torch.compile cannot work: a warning, the reason in the run file, the eager
+    numbers (the same as a run without lca.compile)."""
+    import lca_lab.lca as lca_mod
+
+    def broken(fn, **kw):
+        def call(*a, **k):
+            raise RuntimeError("no C++ compiler")
+
+        return call
+
+    over = ["data=synthetic", "data.size=200", "batch_size=20"]
+    plain = run(_cfg(*over), tmp_path / "plain")
+    monkeypatch.setattr(lca_mod.torch, "compile", broken)
+    with pytest.warns(RuntimeWarning, match="lca.compile: compiling the full-data pass failed"):
+        s = run(_cfg(*over, "lca.compile=true"), tmp_path / "forced")
+    assert "no C++ compiler" in s["compile_error"] and "compile_error" not in plain
+    with h5py.File(tmp_path / "forced" / "lca.h5") as f, h5py.File(tmp_path / "plain" / "lca.h5") as g:
+        assert f.attrs["summary/compile_error"] == s["compile_error"] and f.attrs["status"] == "complete"
+        np.testing.assert_array_equal(f["lca/total"][:], g["lca/total"][:])
