@@ -653,7 +653,7 @@ def format_summary(s: dict[str, Any]) -> str:
         lines += [f"  {n:<{width}} {v:+.5f}" for n, v in s["layer_lca"].items()]
         lines += [
             f"max |Σ LCA − ΔL| per iteration : {s['max_abs_error']:.2e} nats"
-            f"   (not converged at max splits: {s['not_converged']})",
+            f"   (rows over lca.tolerance: {s['not_converged']})",
             f"cumulative error              : {s['cumulative_error']:+.2e} nats = "
             f"{100 * s['cumulative_rel_error']:.3f}% of |L_T − L_0|",
             f"mean splits {s['mean_splits']:.2f}, "

@@ -59,6 +59,10 @@ def test_first_order_is_worse_on_curved_problem():
     rk4 = LCAEngine(fbl, "rk4", tolerance=1e-8).step(theta0, theta1)
     assert abs(float(first.error)) > 100 * abs(float(rk4.error))
     assert abs(float(first.error)) > 1e-3
+    # Regression: first order never refines, but a row over the tolerance is flagged (it was always True).
+    assert rk4.converged and not first.converged
+    loose = LCAEngine(fbl, "first_order", tolerance=2 * abs(float(first.error))).step(theta0, theta1)
+    assert loose.converged
 
 
 def test_refinement_on_large_steps_ends_within_tolerance():
@@ -76,7 +80,7 @@ def test_refinement_on_large_steps_ends_within_tolerance():
     assert st.converged and abs(float(st.error)) <= 1e-4
     # Non-adaptive RK4 on the same step misses the tolerance: the refinement did the work.
     fixed = LCAEngine(fbl, "rk4", tolerance=1e-4, adaptive=False).step(theta0, theta1)
-    assert fixed.splits == 2 and abs(float(fixed.error)) > 1e-4
+    assert fixed.splits == 2 and abs(float(fixed.error)) > 1e-4 and not fixed.converged
 
 
 def test_not_converged_is_flagged_at_max_splits():

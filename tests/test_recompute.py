@@ -175,6 +175,10 @@ def test_settings_override_and_clear_errors(online, tmp_path):
         np.testing.assert_array_equal(f["train/loss"][:], o["train/loss"][:])  # L does not depend on it
         assert np.all(f["lca/splits"][:] == 1)
         assert not np.array_equal(f["lca/total"][:], o["lca/total"][:])
+        # First order never refines, but its rows over lca.tolerance (3e-3 here) are flagged, not all True.
+        err, conv = f["lca/error"][:], f["lca/converged"][:]
+        np.testing.assert_array_equal(conv, np.abs(err) <= 3e-3)
+        assert not conv.all()
     with pytest.raises(rc.RecomputeError, match=r"num_shards=11 is more than the 10 stored steps"):
         rc.compute_shard(online, 0, 11)
     with pytest.raises(rc.RecomputeError, match=r"shard must be an integer in 0..1"):
