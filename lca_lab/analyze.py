@@ -26,19 +26,19 @@ from . import figures as fg
 from . import stats
 from .jsonable import jsonable
 from .store import MalformedRunFileError, open_run
-from .sweep import FAILED_MARKER
+from .sweep import FAILED_MARKER, job_order
 
 IGNORED_KEYS = ("seed", "device", "data.root", "store.", "eval_every", "hydra", "logger.")
 
 
 def find_run_files(path: Path) -> list[Path]:
-    """All ``lca.h5`` under ``path`` (or ``path`` itself when it is a file), sorted."""
+    """All ``lca.h5`` under ``path`` (or ``path`` itself when it is a file), in job order."""
     path = Path(path)
     if path.is_file():
         return [path]
     if (path / "lca.h5").exists():
         return [path / "lca.h5"]
-    return sorted(path.rglob("lca.h5"))
+    return sorted(path.rglob("lca.h5"), key=job_order)
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -180,8 +180,16 @@ def analyze(
     out = Path(out) if out else (path if path.is_dir() else path.parent)
     out.mkdir(parents=True, exist_ok=True)
     files = find_run_files(path)
+    early: list[dict[str, str]] = []  # multirun jobs that failed before writing a run file (a config error)
+    if path.is_dir():
+        for m in sorted(path.rglob(FAILED_MARKER), key=job_order):
+            if not (m.parent / "lca.h5").exists():
+                why = (m.read_text().strip().splitlines() or ["failed"])[0]
+                early.append({"path": str(m.parent), "status": f"failed before the run file: {why}"})
     if not files:
-        raise FileNotFoundError(f"no lca.h5 run files under {path}")
+        listed = "".join(f"\n  {e['path']}: {e['status']}" for e in early)
+        failed = f"; {len(early)} job(s) failed before writing one:{listed}" if early else ""
+        raise FileNotFoundError(f"no lca.h5 run files under {path}{failed}")
     runs, skipped = [], []
     for f in files:
         try:
@@ -192,11 +200,7 @@ def analyze(
         (runs if rec["status"] == "complete" else skipped).append(
             rec if rec["status"] == "complete" else {"path": str(f), "status": rec["status"]}
         )
-    if path.is_dir():  # multirun jobs that failed before writing a run file (e.g. a config error)
-        for m in sorted(path.rglob(FAILED_MARKER)):
-            if not (m.parent / "lca.h5").exists():
-                why = (m.read_text().strip().splitlines() or ["failed"])[0]
-                skipped.append({"path": str(m.parent), "status": f"failed before the run file: {why}"})
+    skipped += early
     groups: dict[tuple, list[dict]] = {}
     for r in runs:
         groups.setdefault(_group_key(r["config"]), []).append(r)

@@ -10,6 +10,7 @@ submitit launchers alike), lists the failed jobs — marker files, and run files
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,12 @@ def job_device(device: str, job_num: int, n_gpus: int) -> str:
     return f"cuda:{job_num % n_gpus}"
 
 
+def job_order(path: str | os.PathLike) -> list[Any]:
+    """Sort key that puts job directories in job order (``2_…`` before ``10_…``): digit runs compare as
+    numbers, the rest as text."""
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", str(path)) if t]
+
+
 def failed_jobs(sweep_dir: str | os.PathLike) -> list[tuple[str, str]]:
     """(job directory, reason) for every failed job under ``sweep_dir``: a ``job_failed.txt`` marker, or
     a run file whose status is not ``complete`` (a job killed before it could write a marker)."""
@@ -63,7 +70,22 @@ def failed_jobs(sweep_dir: str | os.PathLike) -> list[tuple[str, str]]:
             status = f"unreadable: {e}"
         if status != "complete":
             out[str(f.parent)] = status
-    return sorted(out.items())
+    return sorted(out.items(), key=lambda kv: job_order(kv[0]))
+
+
+def completed_jobs(sweep_dir: str | os.PathLike) -> int:
+    """How many run files under ``sweep_dir`` have ``status = complete``."""
+    import h5py
+
+    n = 0
+    for f in Path(sweep_dir).rglob("lca.h5"):
+        try:
+            with h5py.File(f, "r") as h:
+                status = h.attrs.get("status", "")
+        except OSError:
+            continue
+        n += (status.decode() if isinstance(status, bytes) else str(status)) == "complete"
+    return n
 
 
 class FailureReport(Callback):
@@ -79,9 +101,17 @@ class FailureReport(Callback):
         print(f"\n{len(bad)} job(s) of the multirun in {sweep_dir} failed:", file=sys.stderr)
         for d, why in bad:
             print(f"  {d}: {why}", file=sys.stderr)
-        print(
-            "The other jobs finished; python -m lca_lab.analyze on the sweep lists the failed ones too.",
-            file=sys.stderr,
-        )
+        done = completed_jobs(sweep_dir)
+        if done:
+            print(
+                f"{done} other job(s) completed; python -m lca_lab.analyze on the sweep analyses them and "
+                "lists the failed ones too.",
+                file=sys.stderr,
+            )
+        else:
+            print(
+                "No job completed: nothing to analyse. Fix the first error above and run again.",
+                file=sys.stderr,
+            )
         sys.stderr.flush()
         sys.exit(1)

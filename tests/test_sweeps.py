@@ -77,10 +77,32 @@ def test_failure_report_lists_failed_jobs_and_exits_1(tmp_path, capsys):
                                      (str(early), "error: opt.lr must be > 0")]  # fmt: skip
     with pytest.raises(SystemExit) as e:
         FailureReport().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}))
-    assert e.value.code == 1 and "2 job(s)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "2 job(s)" in err and "1 other job(s) completed" in err
     (bad / "lca.h5").unlink()
     (early / FAILED_MARKER).unlink()
     FailureReport().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}))
+
+
+def test_every_job_failed_is_said_and_listed_in_job_order(tmp_path, capsys):
+    # Regression: the list was sorted as text (0, 10, 11, 1, 2, …) and said "the other jobs finished" and
+    # analyze said only "no lca.h5 run files" when every job had failed before writing one.
+    for j in range(12):
+        d = tmp_path / f"{j}_opt.lr=-{j}"
+        d.mkdir()
+        (d / FAILED_MARKER).write_text(f"error: opt.lr must be > 0, got -{j}\nexit code 2\n")
+    assert [Path(d).name.split("_")[0] for d, _ in failed_jobs(tmp_path)] == [str(j) for j in range(12)]
+    with pytest.raises(SystemExit):
+        FailureReport().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}))
+    err = capsys.readouterr().err
+    assert "12 job(s)" in err and "No job completed" in err and "other job" not in err
+    assert err.index("/2_opt.lr=-2:") < err.index("/10_opt.lr=-10:")
+    from lca_lab.analyze import main as analyze_main
+
+    assert analyze_main([str(tmp_path), "--no-figures", "--wandb", "off"]) == 2
+    err = capsys.readouterr().err
+    assert "no lca.h5 run files" in err and "12 job(s) failed before writing one" in err
+    assert "opt.lr must be > 0, got -11" in err and err.index("got -2\n") < err.index("got -10\n")
 
 
 @pytest.mark.slow
