@@ -44,6 +44,7 @@ import sys
 import tempfile
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -303,7 +304,11 @@ class _Setup:
 def _build(rf, run_cfg: dict[str, Any], settings: dict[str, Any], device: torch.device) -> _Setup:
     """Data, net and engine of the run, checked against the run file before any compute."""
     dcfg, ncfg = run_cfg["data"], run_cfg["net"]
-    data = load_data_config(dcfg, device)
+    with warnings.catch_warnings(record=True) as caught:  # the offline fallback: one line, as a run says it
+        warnings.simplefilter("always")
+        data = load_data_config(dcfg, device)
+    for w in caught:
+        print(f"WARNING: {w.message}", file=sys.stderr)
     src = rf.attrs.get("data_source")
     if src is not None and data.source != src:
         raise RecomputeError(

@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import h5py
@@ -185,6 +186,21 @@ def test_settings_override_and_clear_errors(online, tmp_path):
         rc.compute_shard(online, 2, 2)
     with pytest.raises(rc.RecomputeError, match="no run file"):
         rc.compute_shard(tmp_path / "nowhere")
+
+
+def test_data_warning_is_one_line(online, tmp_path, monkeypatch, capsys):
+    # Regression: the offline MNIST fallback's warning came out in Python's file:line form with its source.
+    real = rc.load_data_config
+
+    def warn_then_load(dcfg, device):
+        warnings.warn("MNIST could not be downloaded; this run uses the bundled digits", stacklevel=1)
+        return real(dcfg, device)
+
+    monkeypatch.setattr(rc, "load_data_config", warn_then_load)
+    rc.recompute(online, out_dir=tmp_path / "w", lca={"method": "first_order"}, progress=False)
+    err = capsys.readouterr().err
+    assert "WARNING: MNIST could not be downloaded; this run uses the bundled digits\n" in err
+    assert "UserWarning" not in err and "warnings.warn" not in err
 
 
 def test_cuda_graph_setting_on_the_cpu(online, tmp_path):
