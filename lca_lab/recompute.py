@@ -375,6 +375,18 @@ def _recompute_config(run_cfg: dict[str, Any], settings: dict[str, Any], per_par
     return cfg
 
 
+def _recompute_overrides(train_overrides: Any, lca: dict[str, Any] | None) -> dict[str, str]:
+    """The ``overrides`` attribute of a recomputed file (analysis labels its groups with it): the training
+    command's, less its LCA settings (``lca=off`` would mislabel the result), plus the recompute's own
+    ``lca.*`` settings; ``{}`` when the training run had none (a run not started from the CLI)."""
+    if not train_overrides:
+        return {}
+    kept = [o for o in json.loads(train_overrides) if not o.lstrip("+~").startswith(("lca=", "lca."))]
+    given = {k: v for k, v in (lca or {}).items() if v is not None}
+    ours = [f"lca.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in given.items()]
+    return {"overrides": json.dumps(kept + ours)}
+
+
 # ----------------------------------------------------------------------------------------------------------
 # one shard
 
@@ -427,6 +439,7 @@ def compute_shard(
         attrs = {
             **{k: v for k, v in src_attrs.items() if not k.startswith(("summary/", "recompute/"))},
             "config": yaml.safe_dump(_recompute_config(run_cfg, settings, pp), sort_keys=False),
+            **_recompute_overrides(src_attrs.get("overrides"), lca),
             "lca_lab_version": __version__,
             "torch_version": torch.__version__,
             "device": str(dev),

@@ -203,6 +203,26 @@ def test_data_warning_is_one_line(online, tmp_path, monkeypatch, capsys):
     assert "UserWarning" not in err and "warnings.warn" not in err
 
 
+def test_recomputed_file_is_labelled_by_its_own_lca_settings(online, tmp_path):
+    # Regression: the merged file kept the training command's overrides, so analyze labelled an LCA
+    # result "lca=off" (the trajectory-only run's setting).
+    import shutil
+
+    src = tmp_path / "traj"
+    shutil.copytree(online, src)
+    with h5py.File(src / "lca.h5", "r+") as f:
+        f.attrs["overrides"] = json.dumps(["lca=off", "store.trajectory=true", "+lca.extra=1", "seed=1"])
+    lca = {"method": "first_order", "test": None}
+    res = rc.recompute(src, out_dir=tmp_path / "fo", lca=lca, progress=False)
+    with h5py.File(res["merged"], "r") as f:
+        got = json.loads(f.attrs["overrides"])
+    assert got == ["store.trajectory=true", "seed=1", "lca.method=first_order"]
+    assert rc._recompute_overrides(None, {"method": "rk4"}) == {}  # a run not started from the CLI
+    assert rc._recompute_overrides('["net=lenet"]', {"per_class": True}) == {
+        "overrides": '["net=lenet", "lca.per_class=true"]'
+    }
+
+
 def test_cuda_graph_setting_on_the_cpu(online, tmp_path):
     """lca.cuda_graph: asked for on the CPU, refused before any output; inherited from a GPU run, dropped
     (a pure speed setting); shards that differ only in it still merge."""
