@@ -17,8 +17,9 @@ Datasets (T = number of LCA rows, K = number of trainable scalars, L = number of
     ``lca/param`` [T, K] float32 (only with ``per_param``; tensors flattened in C order, concatenated
     in ``params/names`` order); ``lca/layer`` [T, L] float64; ``lca/total`` [T] float64 (Σ_i A[t, i]);
     ``lca/error`` [T] float64 (Σ A − ΔL); ``lca/splits`` [T] int32; ``lca/converged`` [T] bool
-    (False where refinement stopped at max splits with |error| > tolerance); ``lca/iteration`` [T]
-    int64 (training iteration t of each row: LCA may be computed only inside a window);
+    (False where |error| > tolerance: refinement stopped at max splits, or a method that does not
+    refine); ``lca/iteration`` [T] int64 (training iteration t of each row: LCA may be computed only
+    inside a window);
     ``lca/class_layer`` [T, n_classes, L] float64 (only with ``n_classes``);
     ``trajectory/theta`` [T+1, K] float32 (only with ``trajectory``);
     ``eval/iteration`` [E] int64 and ``eval/<name>`` [E] float64 (NaN where a row lacks the value;
@@ -1239,7 +1240,7 @@ class RunFile:
 
     @property
     def lca_converged(self) -> np.ndarray:
-        """[n_rows] bool: False where refinement hit max splits above tolerance."""
+        """[n_rows] bool: False where |error| > tolerance (max splits reached, or no refinement)."""
         return self._rows("lca/converged")
 
     @property

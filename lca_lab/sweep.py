@@ -53,8 +53,6 @@ def job_order(path: str | os.PathLike) -> list[Any]:
 def failed_jobs(sweep_dir: str | os.PathLike) -> list[tuple[str, str]]:
     """(job directory, reason) for every failed job under ``sweep_dir``: a ``job_failed.txt`` marker, or
     a run file whose status is not ``complete`` (a job killed before it could write a marker)."""
-    import h5py
-
     sweep_dir = Path(sweep_dir)
     out: dict[str, str] = {}
     for m in sorted(sweep_dir.rglob(FAILED_MARKER)):
@@ -62,12 +60,7 @@ def failed_jobs(sweep_dir: str | os.PathLike) -> list[tuple[str, str]]:
     for f in sorted(sweep_dir.rglob("lca.h5")):
         if str(f.parent) in out:
             continue
-        try:
-            with h5py.File(f, "r") as h:
-                status = h.attrs.get("status", "unknown")
-                status = status.decode() if isinstance(status, bytes) else str(status)
-        except OSError as e:
-            status = f"unreadable: {e}"
+        status = _run_status(f)
         if status != "complete":
             out[str(f.parent)] = status
     return sorted(out.items(), key=lambda kv: job_order(kv[0]))
@@ -75,17 +68,20 @@ def failed_jobs(sweep_dir: str | os.PathLike) -> list[tuple[str, str]]:
 
 def completed_jobs(sweep_dir: str | os.PathLike) -> int:
     """How many run files under ``sweep_dir`` have ``status = complete``."""
+    return sum(_run_status(f) == "complete" for f in Path(sweep_dir).rglob("lca.h5"))
+
+
+def _run_status(path: Path) -> str:
+    """A run file's ``status`` attribute (``unknown`` if it has none, ``unreadable: …`` if it cannot be
+    opened)."""
     import h5py
 
-    n = 0
-    for f in Path(sweep_dir).rglob("lca.h5"):
-        try:
-            with h5py.File(f, "r") as h:
-                status = h.attrs.get("status", "")
-        except OSError:
-            continue
-        n += (status.decode() if isinstance(status, bytes) else str(status)) == "complete"
-    return n
+    try:
+        with h5py.File(path, "r") as h:
+            status = h.attrs.get("status", "unknown")
+    except OSError as e:
+        return f"unreadable: {e}"
+    return status.decode() if isinstance(status, bytes) else str(status)
 
 
 class FailureReport(Callback):
