@@ -10,6 +10,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+from pipelined import pipelined_steps
 
 from lca_lab.lca import FullBatchLoss, LCAEngine
 from lca_lab.nets import build_net
@@ -348,14 +349,7 @@ def test_pipelined_launch_on_cuda_equals_step():
         fbl = FullBatchLoss(model, x, y, 4000)
         ref = LCAEngine(fbl, "trapezoid", tolerance=1e-4)
         plain = [ref.step(a, b) for a, b in zip(th[:-1], th[1:])]
-        eng = LCAEngine(fbl, "trapezoid", tolerance=1e-4)
-        got, pending = [], None
-        for a, b in zip(th[:-1], th[1:]):
-            nxt = eng.launch(a, b)
-            if pending is not None:
-                got.append(pending.result())
-            pending = nxt
-        got.append(pending.result())
+        got, _ = pipelined_steps(LCAEngine(fbl, "trapezoid", tolerance=1e-4), th)
     assert [s.splits for s in got] == [s.splits for s in plain] and max(s.splits for s in plain) > 1
     for s, p in zip(got, plain):
         assert s.host_error == float(s.error) and s.host_loss1 == float(s.loss1)

@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from pipelined import pipelined_steps
 from torch import nn
 
 from lca_lab.lca import FullBatchLoss, LCAEngine, check_engine_options, layer_sums, lca_eval_mode
@@ -522,14 +523,7 @@ def test_launch_then_result_pipelined_equals_step(method):
     th = _trajectory(fbl, 5, 0.05)
     ref = LCAEngine(fbl, method, tolerance=1e-5)
     plain = [ref.step(a, b) for a, b in zip(th[:-1], th[1:])]
-    eng = LCAEngine(fbl, method, tolerance=1e-5)
-    pending, got = None, []
-    for a, b in zip(th[:-1], th[1:]):
-        nxt = eng.launch(a, b)
-        if pending is not None:
-            got.append(pending.result())
-        pending = nxt
-    got.append(pending.result())
+    got, pending = pipelined_steps(LCAEngine(fbl, method, tolerance=1e-5), th)
     assert [g.passes for g in got] == [p.passes for p in plain]  # the endpoint gradients were reused alike
     if method != "first_order":
         assert max(p.splits for p in plain) > 2  # the pipelined order had refinements to make
