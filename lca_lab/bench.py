@@ -71,11 +71,11 @@ from .jsonable import jsonable
 from .lca import (
     PRECISIONS,
     FullBatchLoss,
+    LayerSums,
     LCAEngine,
     auto_chunk_size,
     cudnn_benchmark,
     has_batchnorm,
-    layer_sums,
     matmul_precision,
     saved_activation_bytes,
 )
@@ -535,6 +535,7 @@ def engine_loop(
         index = torch.cat(
             [torch.full((named[n].numel(),), layer_of[n], dtype=torch.int64) for n in pnames]
         ).to(device)
+        layer_sums = LayerSums(index, len(groups))
         writer = RunWriter(
             os.path.join(writer_dir, "lca.h5"),
             param_names=pnames,
@@ -571,7 +572,7 @@ def engine_loop(
                 f"{net}: the loss diverged at iteration {i}; the benchmark needs a finite run"
             )
         if writer is not None:
-            per_layer = layer_sums(st.param, index, len(groups))  # as train.py
+            per_layer = layer_sums(st.param)  # as train.py
             writer.append(
                 i, st.loss1, st.total, st.error, st.splits, st.converged, per_layer, st.param, copy=False
             )  # as train.py: fresh tensors, buffered without a copy

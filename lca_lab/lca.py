@@ -939,7 +939,62 @@ def check_engine_options(method: str, tolerance: float, max_splits: int) -> None
         raise ValueError(f"lca.max_splits must be a power of two ≥ 2 (e.g. 32), got {max_splits}")
 
 
-def layer_sums(param_lca: torch.Tensor, index: torch.Tensor, n_layers: int) -> torch.Tensor:
-    """Sum a per-parameter LCA vector [K] into layers [n_layers] (float64), ``index`` [K] int64."""
-    out = torch.zeros(n_layers, dtype=torch.float64, device=param_lca.device)
-    return out.index_add_(0, index, param_lca.double())
+class LayerSums:
+    """Per-layer sums of per-parameter vectors: ``x`` [..., K] → [..., n_layers] float64.
+
+    Args:
+        index: [K] int64, the layer of every entry of the flat parameter vector (on the run's device;
+            read to the host once, here).
+        n_layers: number of layers.
+
+    The flat vector holds each parameter tensor contiguously, so a layer is a few runs of consecutive
+    entries. A float64 prefix sum along K, read at the end of every run, gives each run's sum as a
+    difference, and a fixed [n_runs, n_layers] matrix of ±1 adds the runs into layers: a handful of
+    kernels and no atomics. ``index_add_`` instead adds every entry atomically into one of n_layers
+    slots, and those atomics serialise on a GPU (H200: 150 µs per call for MNIST-FC's 84,060 entries in
+    4 layers, 340 µs for ResNet-20, 15 ms for 11 M entries in 62 layers; this way at most 64, 55 and
+    125 µs). Integer-valued entries (counts) sum exactly below 2**53. An index that interleaves layers
+    entry by entry (a ±1 matrix over ``MAX_MATRIX`` entries) falls back to ``index_add_``.
+    """
+
+    MAX_MATRIX = 1 << 22  # n_runs × n_layers float64 entries (32 MiB)
+
+    def __init__(self, index: torch.Tensor, n_layers: int):
+        idx = index.detach().reshape(-1).to("cpu", torch.int64)
+        self.n_layers = int(n_layers)
+        self.K = int(idx.numel())
+        if self.K and (int(idx.min()) < 0 or int(idx.max()) >= self.n_layers):
+            raise ValueError(
+                f"layer index out of range [0, {self.n_layers}): {int(idx.min())}…{int(idx.max())}"
+            )
+        ends = torch.cat([torch.nonzero(idx[1:] != idx[:-1]).flatten(), torch.tensor([self.K - 1])])
+        self._index = index.detach().reshape(-1).long()
+        self._ends = self._w = self._first = None
+        if self.K and len(ends) * self.n_layers <= self.MAX_MATRIX:
+            runs = idx[ends]
+            n_runs = len(ends)
+            # layer l = Σ_s (C[e_s] − C[e_{s−1}])·[run s in l] = Σ_s C[e_s]·([run s in l] − [run s+1 in l])
+            w = torch.zeros(n_runs, self.n_layers, dtype=torch.float64)
+            w[torch.arange(n_runs), runs] += 1.0
+            w[torch.arange(n_runs - 1), runs[1:]] -= 1.0
+            dev = index.device
+            self._ends, self._w = ends.to(dev), w.to(dev)
+            self._first = w.sum(0).to(dev)  # Σ_s W[s]: one-hot of the first run's layer
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.K:
+            raise ValueError(f"expected [..., {self.K}] per-parameter values, got {tuple(x.shape)}")
+        lead = x.shape[:-1]
+        rows = x.reshape(-1, self.K)
+        if self._w is None:  # empty, or layers interleaved entry by entry
+            out = torch.zeros(rows.shape[0], self.n_layers, dtype=torch.float64, device=x.device)
+            out.index_add_(1, self._index, rows.double())
+            return out.reshape(*lead, self.n_layers)
+        # One prefix sum over all rows (a 1-d scan runs device-wide; a scan along the last dim of a
+        # [R, K] tensor does not), read at every row's run ends; row r's prefix starts at row r−1's last.
+        c = torch.cumsum(rows.reshape(-1), 0, dtype=torch.float64).view(rows.shape[0], self.K)
+        g = c.index_select(1, self._ends)
+        out = g @ self._w
+        if rows.shape[0] > 1:
+            out[1:] -= g[:-1, -1:] * self._first
+        return out.reshape(*lead, self.n_layers)

@@ -68,7 +68,6 @@ from .lca import (
     auto_chunk_size,
     check_engine_options,
     has_batchnorm,
-    layer_sums,
     set_matmul_precision,
 )
 from .nets import build_net
@@ -469,6 +468,7 @@ def compute_shard(
 def _write_shard_rows(writer, setup: _Setup, f, traj: Trajectory, lo, hi, per_param, progress, desc) -> None:
     n_layers, index, dev = setup.n_layers, setup.index, setup.device
     reducer = LCAReducer(index, n_layers)
+    layer_sums = reducer.layer_sums  # [..., K] → [..., n_layers] float64
     K = index.numel()
     first_motion = torch.zeros(K, dtype=torch.int8, device=dev)
     first_grad = torch.zeros(K, dtype=torch.int8, device=dev)
@@ -495,19 +495,17 @@ def _write_shard_rows(writer, setup: _Setup, f, traj: Trajectory, lo, hi, per_pa
             writer.append_dataset(f"reduce/{name}", views[name])
         class_layer = None
         if st.class_param is not None:
-            class_layer = torch.zeros(setup.n_classes, n_layers, dtype=torch.float64, device=dev).index_add_(
-                1, index, st.class_param
-            )
+            class_layer = layer_sums(st.class_param)  # [n_classes, n_layers]
             writer.append_dataset("class/loss", st.class_loss1)
         if st.test_param is not None:
             writer.append_dataset("test/loss", st.test_loss1)
-            writer.append_dataset("lca_test/layer", layer_sums(st.test_param, index, n_layers))
+            writer.append_dataset("lca_test/layer", layer_sums(st.test_param))
             writer.append_dataset("lca_test/total", st.test_param.sum())
             writer.append_dataset("lca_test/error", st.test_error)
         writer.append_dataset("recompute/passes", st.passes, np.int32)
         writer.append(
             int(traj.iterations[r]), loss1, total, err, st.splits, st.converged,
-            layer_sums(st.param, index, n_layers), st.param if per_param else None, class_layer=class_layer,
+            layer_sums(st.param), st.param if per_param else None, class_layer=class_layer,
         )  # fmt: skip
         bar.set_postfix(L=f"{loss1:.4f}", err=f"{err:+.1e}", splits=st.splits, refresh=False)
         bar.update(1)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from .lca import LayerSums
+
 
 class LCAReducer:
     """Accumulates per-iteration and per-parameter views of LCA.
@@ -21,6 +23,9 @@ class LCAReducer:
     Args:
         layer_index: [K] int64, the layer of every parameter entry (on the run's device).
         n_layers: number of layers.
+
+    ``layer_sums`` ([..., K] → [..., n_layers] float64) is the reducer's :class:`~lca_lab.lca.LayerSums`,
+    for callers that sum other per-parameter vectors by layer.
     """
 
     def __init__(self, layer_index: torch.Tensor, n_layers: int):
@@ -32,8 +37,9 @@ class LCAReducer:
         # K as a device tensor: CUDA divides by a Python scalar as a multiplication by its reciprocal,
         # which can differ from the CPU's quotient in the last bit; a tensor divisor is a true division.
         self._n = self.layer_size.sum()
-        self.helped = torch.zeros(K, dtype=torch.int32, device=dev)
-        self.hurt = torch.zeros(K, dtype=torch.int32, device=dev)
+        # Helped and hurt counters side by side ([2, K], one kernel updates both; named views of the rows).
+        self._helped_hurt = torch.zeros(2, K, dtype=torch.int32, device=dev)
+        self.helped, self.hurt = self._helped_hurt[0], self._helped_hurt[1]
         # Motion and gradient counters side by side ([2, K]; the named tensors are views of their rows) so
         # that one set of kernels updates both.
         self._changes = torch.zeros(2, K, dtype=torch.int32, device=dev)
@@ -41,10 +47,8 @@ class LCAReducer:
         self.motion_changes, self.grad_changes = self._changes[0], self._changes[1]
         self._last_motion, self._last_grad = self._last[0], self._last[1]
         self.iterations = 0
-        # Per-layer counting in one index_add_: entry i goes to slot 3·layer + sign(LCA_i) + 1, i.e. the
-        # columns of a [n_layers, 3] table are helping, zero, hurting.
-        self._slot = layer_index.long() * 3 + 1
-        self._ones = torch.ones((), dtype=torch.float64, device=dev).expand(K)  # no K-sized allocation
+        # Per-layer counts by prefix sums, not index_add_: its atomics into a few slots serialise on a GPU.
+        self.layer_sums = LayerSums(layer_index, n_layers)
 
     @staticmethod
     def _count_changes(x: torch.Tensor, last: torch.Tensor, counter: torch.Tensor) -> None:
@@ -70,20 +74,20 @@ class LCAReducer:
         # Few, fused ops: on a GPU this runs every iteration and small nets are bound by kernel launches.
         # (A NaN entry has sign 0 after the cast, so it counts as zero.)
         sign = torch.sign(param).to(torch.int8)
-        self.helped -= sign.clamp(max=0)
-        self.hurt += sign.clamp(min=0)
+        hh = torch.stack([sign.clamp(max=0).neg_(), sign.clamp(min=0)])  # [2, K] 0/1: helped, hurt
+        self._helped_hurt += hh
         self._count_changes(torch.stack([delta, grad0.to(delta.dtype)]), self._last, self._changes)
         self.iterations += 1
-        table = torch.zeros(self.n_layers * 3, dtype=torch.float64, device=param.device)
-        table = table.index_add_(0, self._slot + sign, self._ones).view(self.n_layers, 3)
-        layer_frac = table / self.layer_size[:, None]
-        frac = table.sum(0) / self._n
+        layer = self.layer_sums(hh)  # [2, n_layers] float64 counts (exact)
+        tot = layer.sum(1)  # [2]
+        frac = torch.cat([tot, (self._n - tot.sum()).reshape(1)]) / self._n  # helping, hurting, zero
+        layer_frac = layer / self.layer_size
         return {
             "frac_helping": frac[0],
-            "frac_hurting": frac[2],
-            "frac_zero": frac[1],
-            "layer_frac_helping": layer_frac[:, 0],
-            "layer_frac_hurting": layer_frac[:, 2],
+            "frac_hurting": frac[1],
+            "frac_zero": frac[2],
+            "layer_frac_helping": layer_frac[0],
+            "layer_frac_hurting": layer_frac[1],
         }
 
     def result(self) -> dict[str, torch.Tensor]:

@@ -39,7 +39,7 @@ from .checkpoint import (
 )
 from .config import ConfigError, validate
 from .data import load_data_config
-from .lca import FullBatchLoss, LCAEngine, PendingStep, auto_chunk_size, layer_sums, set_matmul_precision
+from .lca import FullBatchLoss, LCAEngine, PendingStep, auto_chunk_size, set_matmul_precision
 from .nets import build_net, layer_groups
 from .optim import apply_freezes, build_optimizer, plan_layers
 from .reducers import LCAReducer
@@ -332,6 +332,7 @@ def _run(
     # Running statistics kept on the device; read once at the end (no per-iteration sync for them).
     counts = torch.zeros(4, dtype=torch.float64, device=device)  # summed over iterations
     reducer = LCAReducer(index, len(groups))
+    layer_sums = reducer.layer_sums  # [..., K] → [..., n_layers] float64
     layer_total = torch.zeros(len(groups), dtype=torch.float64, device=device)
     max_abs_err, not_converged, total_splits, passes = 0.0, 0, 0, 0
     loss_start = loss_end = cum_err = 0.0
@@ -439,7 +440,7 @@ def _run(
         lca_total = st.total  # stays on the device: the writer and tracker batch it
         if not math.isfinite(loss_end):
             raise FloatingPointError(f"training loss became {loss_end} at iteration {t}; lower opt.lr")
-        per_layer = layer_sums(st.param, index, len(groups))
+        per_layer = layer_sums(st.param)
         layer_total += per_layer
         views = reducer.update(st.param, st.delta, st.grad0)
         fh, fu = views["frac_helping"], views["frac_hurting"]
@@ -448,13 +449,11 @@ def _run(
         for name, v in views.items():
             writer.append_dataset(f"reduce/{name}", v, copy=False)  # fresh views, never modified
         if st.class_param is not None:
-            class_layer = torch.zeros(
-                data.n_classes, len(groups), dtype=torch.float64, device=device
-            ).index_add_(1, index, st.class_param)
+            class_layer = layer_sums(st.class_param)  # [n_classes, n_layers]
             writer.append_dataset("class/loss", st.class_loss1)
         if st.test_param is not None:
             writer.append_dataset("test/loss", st.test_loss1)
-            writer.append_dataset("lca_test/layer", layer_sums(st.test_param, index, len(groups)))
+            writer.append_dataset("lca_test/layer", layer_sums(st.test_param))
             writer.append_dataset("lca_test/total", st.test_param.sum())
             writer.append_dataset("lca_test/error", st.test_error)
         cum_err += err

@@ -2,13 +2,14 @@
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from pipelined import pipelined_steps
 from torch import nn
 
-from lca_lab.lca import FullBatchLoss, LCAEngine, check_engine_options, layer_sums, lca_eval_mode
+from lca_lab.lca import FullBatchLoss, LayerSums, LCAEngine, check_engine_options, lca_eval_mode
 
 
 def mse_sum(out, y, reduction="sum"):
@@ -167,7 +168,54 @@ def test_lca_eval_mode_restores_flags_after_error():
 def test_layer_sums():
     p = torch.tensor([1.0, 2.0, 3.0, -4.0], dtype=torch.float64)
     idx = torch.tensor([0, 0, 2, 1])
-    assert layer_sums(p, idx, 3).tolist() == [3.0, -4.0, 3.0]
+    assert LayerSums(idx, 3)(p).tolist() == [3.0, -4.0, 3.0]
+
+
+def _layer_sums_reference(x: np.ndarray, index: np.ndarray, n_layers: int) -> np.ndarray:
+    """Slow reference: float64 sums of the entries of each layer, per row of x [..., K]."""
+    x = x.astype(np.float64)
+    return np.stack([x[..., index == l].sum(-1) for l in range(n_layers)], -1)
+
+
+@pytest.mark.parametrize(
+    "layout",
+    ["contiguous", "runs", "interleaved", "unused_layer", "one_entry", "fallback"],
+)
+@pytest.mark.parametrize("lead", [(), (3,), (2, 5)])
+def test_layer_sums_match_float64_reference(layout, lead, monkeypatch):
+    """Prefix-sum layer sums (and the index_add_ fallback) against per-layer float64 sums, for every
+    layout of layers along the flat vector and any leading dims (per-class rows, the reducer's [2, K])."""
+    g = np.random.default_rng(0)
+    sizes = {"contiguous": [40, 300, 7, 1], "runs": [30, 5, 200, 11, 3, 60]}
+    if layout in sizes:  # runs of parameters; "runs" returns to layers already seen (weight ... bias)
+        layers = [0, 1, 2, 3] if layout == "contiguous" else [0, 1, 2, 0, 3, 1]
+        index = np.repeat(layers, sizes[layout])
+    elif layout == "interleaved":
+        index = g.integers(0, 4, 500)
+    elif layout == "unused_layer":
+        index = np.repeat([0, 2, 3], [50, 20, 9])
+    elif layout == "one_entry":
+        index = np.array([2])
+    else:
+        monkeypatch.setattr(LayerSums, "MAX_MATRIX", 3)
+        index = np.repeat([0, 1, 2, 3, 0], [5, 6, 7, 8, 9])
+    n = 4
+    x = g.standard_normal((*lead, len(index))).astype(np.float32)
+    sums = LayerSums(torch.from_numpy(index), n)
+    assert (sums._w is None) == (layout == "fallback")
+    out = sums(torch.from_numpy(x))
+    assert out.dtype == torch.float64 and out.shape == (*lead, n)
+    np.testing.assert_allclose(out.numpy(), _layer_sums_reference(x, index, n), rtol=1e-12, atol=1e-12)
+    # 0/1 entries (the reducer's helped/hurt rows) are counted exactly
+    b = (x > 0).astype(np.int8)
+    np.testing.assert_array_equal(sums(torch.from_numpy(b)).numpy(), _layer_sums_reference(b, index, n))
+
+
+def test_layer_sums_reject_bad_shapes():
+    with pytest.raises(ValueError, match="out of range"):
+        LayerSums(torch.tensor([0, 1, 4]), 4)
+    with pytest.raises(ValueError, match="expected"):
+        LayerSums(torch.tensor([0, 1, 1]), 2)(torch.zeros(4))
 
 
 @pytest.mark.parametrize(

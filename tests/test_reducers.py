@@ -2,6 +2,7 @@
 
 import h5py
 import numpy as np
+import pytest
 import torch
 from test_train import _cfg
 
@@ -18,7 +19,10 @@ def _changes(signs: np.ndarray) -> np.ndarray:
     return out
 
 
-def test_reducer_counts_match_brute_force():
+@pytest.mark.parametrize("order", ["contiguous", "runs"])
+def test_reducer_counts_match_brute_force(order):
+    """``runs``: layer 0's entries in two runs around layer 1's (as a weight and a bias may lie), which
+    the per-layer counts' prefix sums must add up."""
     g = torch.Generator().manual_seed(0)
     T, K = 30, 12
     param = torch.randn(T, K, generator=g, dtype=torch.float64)
@@ -27,10 +31,14 @@ def test_reducer_counts_match_brute_force():
     delta[:, 0] = 0.0  # a frozen entry never changes direction
     grad = torch.randn(T, K, generator=g, dtype=torch.float64)
     index = torch.tensor([0] * 5 + [1] * 7)
+    perm = torch.arange(K) if order == "contiguous" else torch.tensor([0, 1, 2, 5, 6, 7, 8, 9, 10, 11, 3, 4])
+    param, delta, grad = param[:, perm], delta[:, perm], grad[:, perm]
+    index = index[perm]
     red = LCAReducer(index, 2)
     views = [red.update(param[t], delta[t], grad[t]) for t in range(T)]
     res = {k: v.numpy() for k, v in red.result().items()}
     p = param.numpy()
+    l0, l1 = index.numpy() == 0, index.numpy() == 1
     np.testing.assert_array_equal(res["param_helped"], (p < 0).sum(0))
     np.testing.assert_array_equal(res["param_hurt"], (p > 0).sum(0))
     np.testing.assert_array_equal(res["motion_changes"], _changes(np.sign(delta.numpy())))
@@ -39,14 +47,14 @@ def test_reducer_counts_match_brute_force():
     fh = np.array([float(v["frac_helping"]) for v in views])
     np.testing.assert_allclose(fh, (p < 0).mean(1))
     lh = np.stack([v["layer_frac_helping"].numpy() for v in views])
-    np.testing.assert_allclose(lh[:, 1], (p[:, 5:] < 0).mean(1))
+    np.testing.assert_allclose(lh[:, 1], (p[:, l1] < 0).mean(1))
     fz = np.array([float(v["frac_zero"]) for v in views])
     np.testing.assert_allclose(fz, (p == 0).mean(1))
     fu = np.array([float(v["frac_hurting"]) for v in views])
     np.testing.assert_allclose(fu, (p > 0).mean(1))
     lu = np.stack([v["layer_frac_hurting"].numpy() for v in views])
-    np.testing.assert_allclose(lh[:, 0], (p[:, :5] < 0).mean(1))
-    np.testing.assert_allclose(lu, np.stack([(p[:, :5] > 0).mean(1), (p[:, 5:] > 0).mean(1)], 1))
+    np.testing.assert_allclose(lh[:, 0], (p[:, l0] < 0).mean(1))
+    np.testing.assert_allclose(lu, np.stack([(p[:, l0] > 0).mean(1), (p[:, l1] > 0).mean(1)], 1))
     assert all(v.dtype == torch.int32 for v in red.result().values())  # the run file's dtype
 
 
