@@ -37,6 +37,9 @@ For every net × precision × method it measures, on synthetic data of the paper
   compiled pass in the limit;
   ``--profile DIR``: a ``torch.profiler`` table of 5 further engine iterations per row, for finding where
   an iteration's time goes.
+* **layer sums** (``--layer-sums``): per net, the per-layer sums every online iteration makes (the LCA
+  by layer; the reducer's helping/hurting counts by layer) on the net's own layer index, by
+  ``index_add_`` and by :class:`lca_lab.lca.LayerSums`, in µs per call (GPU kernel time on CUDA).
 
 Precision ``fp32`` turns TF32 off for both cuBLAS matmuls and cuDNN convolutions (cuDNN's default is on);
 ``tf32`` turns both on. Conv nets run channels-last on CUDA (``--channels-last auto``). Global flags are
@@ -149,6 +152,7 @@ class BenchOptions:
     profile_dir: str | None = None  # write a torch.profiler table of a few engine iterations per row
     keep_param: bool = False  # keep per-iteration per-parameter LCA arrays in the result (tests)
     run: bool = True  # also time the real training loop (lca_lab.train.run) on synthetic data of the shape
+    layer_sums: bool = False  # also time the per-layer sums (index_add_ against LayerSums) for each net
 
 
 # --cuda-graph / --cudnn-benchmark / --compile: the setting of each row
@@ -220,6 +224,10 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchOptions:
         "--run", action=argparse.BooleanOptionalAction, default=True,
         help="also time python -m lca_lab's training loop per LCA iteration (reducers, run file included)",
     )  # fmt: skip
+    p.add_argument(
+        "--layer-sums", action="store_true",
+        help="also time the per-layer sums and counts for each net's layer index (index_add_ vs LayerSums)",
+    )  # fmt: skip
     p.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"],
                    help="auto: on for conv nets on CUDA")  # fmt: skip
     p.add_argument("--tolerance", type=float, default=1e-3, help="engine tolerance, nats (default 1e-3)")
@@ -254,7 +262,7 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchOptions:
         cuda_graphs=ROW_SETTINGS[a.cuda_graph], cudnn_benchmarks=ROW_SETTINGS[a.cudnn_benchmark],
         compiles=ROW_SETTINGS[a.compile],
         storage_repeats=a.storage_repeats, profile_dir=a.profile_dir,
-        run=a.run,
+        run=a.run, layer_sums=a.layer_sums,
     )  # fmt: skip
     try:
         check_options(opts)
@@ -1077,7 +1085,7 @@ def run_bench(o: BenchOptions) -> dict[str, Any]:
                                     net, precision, method, data, o, limits, graph, naive_cache, bm, tc
                                 )
                                 rows.append(row)
-    return {
+    out = {
         "device": device_name(device),
         "torch": torch.__version__,
         "cpu_threads": torch.get_num_threads(),
@@ -1086,6 +1094,64 @@ def run_bench(o: BenchOptions) -> dict[str, Any]:
         "options": {k: v for k, v in asdict(o).items() if k != "keep_param"},
         "rows": rows,
     }
+    if o.layer_sums:
+        out["layer_sums"] = [layer_sums_cost(net, data[NET_SPECS[net]["data"]][0], o.seed) for net in o.nets]
+    return out
+
+
+def layer_sums_cost(net: str, x: torch.Tensor, seed: int = 0, calls: int = 50) -> dict[str, Any]:
+    """Cost of what every online iteration sums by layer, for ``net``'s real layer index [K]: the
+    per-layer LCA (a [K] float32 vector → [n_layers] float64) and the reducer's per-layer counts of helping
+    and hurting entries (a [2, K] 0/1 array), by ``index_add_`` (atomic adds into n_layers slots, the way
+    they were computed before) and by :class:`LayerSums` (prefix sums). Microseconds per call: on CUDA the
+    summed kernel time of ``calls`` calls from ``torch.profiler`` (the GPU's share; launches are host work
+    the loop overlaps), on the CPU the wall time. Also checks that both give the same sums.
+    """
+    device = x.device
+    model = _build(net, tuple(x.shape[1:]), seed, device, False)
+    groups = layer_groups(model)
+    layer_of = {p: i for i, (_, ps) in enumerate(groups) for p in ps}
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    index = torch.cat([torch.full((p.numel(),), layer_of[n], dtype=torch.int64) for n, p in named]).to(device)
+    n, K = len(groups), index.numel()
+    gen = torch.Generator().manual_seed(seed)
+    lca = torch.randn(K, generator=gen).to(device)
+    sign = torch.sign(lca).to(torch.int8)
+    sums = LayerSums(index, n)
+    slot, ones = index * 3 + 1, torch.ones((), dtype=torch.float64, device=device).expand(K)
+    cases = {
+        "index_add": lambda: torch.zeros(n, dtype=torch.float64, device=device).index_add_(
+            0, index, lca.double()
+        ),
+        "prefix": lambda: sums(lca),
+        "counts_index_add": lambda: torch.zeros(3 * n, dtype=torch.float64, device=device).index_add_(
+            0, slot + sign, ones
+        ),
+        "counts_prefix": lambda: sums(torch.stack([sign.clamp(max=0).neg_(), sign.clamp(min=0)])),
+    }
+    diff = (cases["index_add"]() - cases["prefix"]()).abs().max().item()
+    out: dict[str, Any] = {"net": net, "K": K, "layers": n, "max_abs_diff": diff}
+    for name, fn in cases.items():
+        fn()
+        _sync(device)
+        if device.type == "cuda":
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                for _ in range(calls):
+                    fn()
+                _sync(device)
+            total_us = sum(e.self_device_time_total for e in prof.key_averages())
+        else:
+            t = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            total_us = 1e6 * (time.perf_counter() - t)
+        out[f"{name}_us"] = total_us / calls
+    log(
+        f"{net} layer sums (K={K}, {n} layers): index_add_ {out['index_add_us']:.1f} µs, LayerSums "
+        f"{out['prefix_us']:.1f} µs; counts {out['counts_index_add_us']:.1f} / "
+        f"{out['counts_prefix_us']:.1f} µs"
+    )
+    return out
 
 
 def device_name(device: torch.device) -> str:
@@ -1178,9 +1244,19 @@ def format_table(result: dict[str, Any]) -> str:
         f"lca_lab.bench on {result['device']}, torch {result['torch']}, {result['date']}; "
         f"{o['warmup']}+{o['iters']} iterations, tolerance {o['tolerance']}"
     )
-    return "\n".join(
-        [head, line([h for h, _, _ in COLUMNS]), line(["-" * w for w in widths])] + [line(c) for c in cells]
-    )
+    lines = [head, line([h for h, _, _ in COLUMNS]), line(["-" * w for w in widths])] + [
+        line(c) for c in cells
+    ]
+    if result.get("layer_sums"):
+        unit = "GPU kernel time" if result["device"].startswith("cuda") else "wall time"
+        lines += ["", f"per-layer sums, µs per call ({unit}): index_add_ / LayerSums"]
+        lines += [
+            f"{r['net']:<9} K={r['K']:<8} layers={r['layers']:<3} LCA {r['index_add_us']:8.1f} / "
+            f"{r['prefix_us']:7.1f}   helping/hurting counts {r['counts_index_add_us']:8.1f} / "
+            f"{r['counts_prefix_us']:7.1f}   |diff| {r['max_abs_diff']:.1e}"
+            for r in result["layer_sums"]
+        ]
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -920,8 +920,9 @@ def _write_rows(ds: h5py.Dataset, offset: int, arr: np.ndarray) -> None:
     end = offset + arr.shape[0]
     if ds.shape[0] < end:
         ds.resize(end, axis=0)
-    # Slabs of ≤ 8 MB: h5py holds the GIL for a whole write call, and a writer thread must not keep the
-    # training thread from launching kernels for longer than one slab takes.
+    # Slabs of ≤ 8 MB: a writer thread must not keep the training thread from launching kernels for longer
+    # than one slab takes where h5py holds the GIL during a write. (h5py 3.16 releases it: a thread
+    # sleeping 50 µs at a time woke every ~0.1 ms through 25 ms writes of 16.8 MB; older builds may not.)
     row_bytes = max(arr[:1].nbytes, 1)
     step = max(1, (8 << 20) // row_bytes)
     for s0 in range(0, arr.shape[0], step):

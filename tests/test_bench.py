@@ -2,6 +2,7 @@
 equal to the engine's on the same trajectory (and both equal to a float64 reference)."""
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -230,6 +231,25 @@ def test_storage_stall_is_measured(tmp_path):
     cell = f"{r['storage_stall_pct']:+.1f}/{r['storage_stall_median_pct']:+.1f}%"
     assert cell in bench.format_table(result)
     assert "naive_s_per_it" not in r
+
+
+def test_layer_sums_cost_times_both_ways_on_each_nets_index():
+    """`--layer-sums`: per net, index_add_ and LayerSums timed on the net's own layer index; the two agree,
+    and the result lists them in a table below the rows."""
+    assert bench.parse_args(["--device", "cpu", "--layer-sums"]).layer_sums
+    o = bench.BenchOptions(nets=["fc", "lenet"], iters=1, warmup=0, n_train=64, naive=False, run=False,
+                           recompute_iters=0, limit_repeats=1, methods=["rk4"], layer_sums=True)  # fmt: skip
+    result = bench.run_bench(o)
+    ls = result["layer_sums"]
+    assert [r["net"] for r in ls] == ["fc", "lenet"]
+    for r in ls:
+        model = bench._build(r["net"], (1, 28, 28), 0, torch.device("cpu"), False)
+        assert r["K"] == sum(p.numel() for p in model.parameters()) and r["layers"] >= 3
+        assert r["max_abs_diff"] < 1e-9
+        assert all(r[k] > 0 for k in ("index_add_us", "prefix_us", "counts_index_add_us", "counts_prefix_us"))
+    table = bench.format_table(result)
+    assert "per-layer sums, µs per call (wall time)" in table and f"K={ls[1]['K']}" in table
+    assert "layer_sums" not in bench.run_bench(dataclasses.replace(o, layer_sums=False, nets=["fc"]))
 
 
 def test_storage_stall_separates_every_iteration_from_flush_spikes(monkeypatch):
