@@ -24,7 +24,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from matplotlib import animation
 from matplotlib.colors import LinearSegmentedColormap, Normalize
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
@@ -321,16 +320,51 @@ def param_animation(
     fig.draw_without_rendering()
     fig.set_layout_engine("none")  # freeze the layout so every frame has the same geometry
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    writer = animation.PillowWriter(fps=fps)
     try:
-        with writer.saving(fig, str(path), dpi=dpi):
-            for k in idx:
-                im.set_data(_layer_grid(a[k])[0])
-                ax.set_title(_heatmap_title(f"{prefix}iteration {its[k]}", a[k]), fontsize=10)
-                writer.grab_frame()
+        frames = _blit_frames(fig, ax, im, dpi, [(_layer_grid(a[k])[0], _heatmap_title(
+            f"{prefix}iteration {its[k]}", a[k])) for k in idx])  # fmt: skip
+        # As matplotlib's PillowWriter saves its frames (Pillow quantises each to a palette).
+        frames[0].save(str(path), save_all=True, append_images=frames[1:], duration=int(1000 / fps), loop=0)
     finally:
         _close(fig)
     return path
+
+
+def _blit_frames(fig: Figure, ax, im, dpi: int, frames: Sequence[tuple[np.ndarray, str]]) -> list:
+    """RGBA frames (PIL images) of ``fig`` with ``im``'s data and ``ax``'s title set to each (grid, title).
+
+    The static parts (axes, ticks, colour bar) are rendered once; each frame restores that background and
+    draws only the image, the axes' spines over it (as a full draw orders them) and the title. A full
+    redraw per frame cost ~0.2 s on a 2-core CPU, most of it laying out the same tick labels again.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from PIL import Image
+
+    canvas = FigureCanvasAgg(fig)
+    fig.set_dpi(dpi)
+    title_at = ax.title.get_position()  # where a full draw puts it; a draw with it hidden moves it away
+    im.set_visible(False)
+    ax.title.set_visible(False)
+    canvas.draw()
+    background = canvas.copy_from_bbox(fig.bbox)
+    im.set_visible(True)
+    ax.title.set_visible(True)
+    ax.title.set_position(title_at)
+    out = []
+    for grid, title in frames:
+        canvas.restore_region(background)
+        im.set_data(grid)
+        ax.title.set_text(title)
+        ax.draw_artist(im)
+        for spine in ax.spines.values():
+            ax.draw_artist(spine)
+        ax.draw_artist(ax.title)
+        out.append(
+            Image.frombuffer(
+                "RGBA", canvas.get_width_height(), bytes(canvas.buffer_rgba()), "raw", "RGBA", 0, 1
+            )
+        )
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -146,6 +146,39 @@ def test_param_animation_writes_gif_with_frames(T, max_frames, expected, rng, tm
         assert gif.n_frames == expected
 
 
+@pytest.mark.parametrize("shape", [(20, 30), (3, 2, 3, 3), (7,)])
+def test_param_animation_frames_equal_full_redraws(shape, rng):
+    """The blitted frames (background drawn once) equal full draws of the same figure state: identical
+    everywhere but the antialiased edge pixels of the axes' spines, which a frame draws once more."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    a = rng.laplace(0, 1e-5, (3, *shape))
+    vmax = F._symmetric_vmax(a, None)
+    grid0 = F._layer_grid(a[0])[0]
+    fig = F._new_figure(*F._heatmap_figsize(grid0))
+    ax, im = F._draw_heatmap(fig, a[0], vmax, "t")
+    fig.get_layout_engine().set(rect=(0, 0, 1, 1))
+    fig.draw_without_rendering()
+    fig.set_layout_engine("none")
+    content = [(F._layer_grid(a[k])[0], F._heatmap_title(f"iteration {k}", a[k])) for k in range(3)]
+    frames = F._blit_frames(fig, ax, im, 80, content)
+    for (grid, title), frame in zip(content, frames):
+        im.set_data(grid)
+        ax.title.set_text(title)
+        canvas = FigureCanvasAgg(fig)
+        canvas.draw()
+        full = np.asarray(canvas.buffer_rgba()).astype(int)
+        diff = np.abs(full - np.asarray(frame).astype(int)).max(-1)
+        assert diff.shape == full.shape[:2] and diff.max() <= 32
+        x0, y0, x1, y1 = ax.get_window_extent().extents
+        rows, cols = np.nonzero(diff)
+        y = full.shape[0] - rows  # display coordinates run upwards
+        near_edge = (np.minimum(abs(cols - x0), abs(cols - x1)) <= 2) | (
+            np.minimum(abs(y - y0), abs(y - y1)) <= 2
+        )
+        assert near_edge.all()
+
+
 # ----------------------------------------------------------------------------------------------------
 # bars with error bars
 
