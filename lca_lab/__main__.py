@@ -19,7 +19,6 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from .analyze import analyze
 from .checkpoint import PREEMPTED_EXIT_CODE, RunPreempted
 from .config import ConfigError, check_group_choices, validate
 from .data import DatasetUnavailableError
@@ -74,6 +73,9 @@ def main(cfg: DictConfig) -> dict:
         print(format_summary(summary))
         if plain.get("figures", True) and summary.get("lca_rows"):
             # The run's own report and pictures next to its run file (the same code as the analyze command).
+            # Imported here: matplotlib and scipy cost seconds of start-up that figures=false runs skip.
+            from .analyze import analyze
+
             rep = analyze(out, repeats=200)
             n = len(rep["figures"])
             print(f"figures           : {n} figures (PNG, GIF) and report.md in {out}")
