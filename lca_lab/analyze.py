@@ -577,7 +577,8 @@ def _log_to_wandb(rep: dict[str, Any], out: Path, mode: str) -> None:
     project = tracked[0]["wandb_project"] if tracked else "lca_lab"
     run_id = log_analysis(rep, out, mode=mode, project=project, group=group)
     if run_id:
-        print(f"W&B analysis run {run_id} in project {project}, group {group}")
+        where = f"group {group}" if group else "no group (the analysed runs had none)"
+        print(f"W&B analysis run {run_id} in project {project}, {where}")
 
 
 if __name__ == "__main__":

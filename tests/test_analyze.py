@@ -134,3 +134,33 @@ def test_report_values_become_strict_json():
     assert type(out["t"][0]) is int
     text = json.dumps(out, allow_nan=False)  # raises on NaN/inf left over
     assert not math.isnan(json.loads(text)["a"][0]) and json.loads(text)["p"] is None
+
+
+@pytest.mark.parametrize(("groups", "expected"), [
+    (["sweep_a", "sweep_a", ""], "group sweep_a"),
+    (["", ""], "no group (the analysed runs had none)"),
+])  # fmt: skip
+def test_wandb_analysis_line_names_the_group_or_says_there_is_none(groups, expected, monkeypatch, capsys):
+    """The analysis run joins the analysed runs' most common W&B group; runs without one (a single
+    `python -m lca_lab` run) get no group, and the line says so instead of "group None"."""
+    import contextlib
+    import types
+
+    from lca_lab import analyze as an
+    from lca_lab import tracking
+
+    runs = [f"run{i}" for i in range(len(groups))]
+    attrs = {r: {"wandb_project": "lca_lab", "wandb_group": g} for r, g in zip(runs, groups)}
+    monkeypatch.setattr(
+        an, "open_run", lambda p: contextlib.nullcontext(types.SimpleNamespace(attrs=attrs[p]))
+    )
+    seen = {}
+
+    def fake_log(rep, out, mode, project, group):
+        seen["group"] = group
+        return "abc123"
+
+    monkeypatch.setattr(tracking, "log_analysis", fake_log)
+    an._log_to_wandb({"groups": [{"runs": runs}]}, None, "offline")
+    assert seen["group"] == (expected.split()[1] if groups[0] else None)
+    assert capsys.readouterr().out.strip() == f"W&B analysis run abc123 in project lca_lab, {expected}"
