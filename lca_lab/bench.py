@@ -36,7 +36,8 @@ For every net × precision × method it measures, on synthetic data of the paper
   ``--compile on|both``: rows with the engine's passes through ``torch.compile`` (``lca.compile``), and a
   compiled pass in the limit;
   ``--profile DIR``: a ``torch.profiler`` table of 5 further engine iterations per row, for finding where
-  an iteration's time goes.
+  an iteration's time goes (on CUDA by GPU time and by host time); with ``--storage`` also of the first
+  stall pair's loops without and with the writer (``--flush-every`` further iterations each, one flush).
 * **layer sums** (``--layer-sums``): per net, the per-layer sums every online iteration makes (the LCA
   by layer; the reducer's helping/hurting counts by layer) on the net's own layer index, by
   ``index_add_`` and by :class:`lca_lab.lca.LayerSums`, in µs per call (GPU kernel time on CUDA).
@@ -504,6 +505,7 @@ def engine_loop(
     profile_path: str | None = None,
     cudnn_bm: bool = False,
     compiled: bool = False,
+    profile_iters: int = 5,
 ) -> dict[str, Any]:
     """Online LCA training loop as in ``train.py``: ``warmup + iters`` iterations, the last ``iters`` timed.
 
@@ -529,7 +531,7 @@ def engine_loop(
     def flat() -> torch.Tensor:
         return torch.cat([named[n].detach().reshape(-1) for n in pnames])
 
-    n_extra = 5 if profile_path else 0  # profiled after the measured iterations, not timed
+    n_extra = profile_iters if profile_path else 0  # profiled after the measured iterations, not timed
     n_total = o.warmup + o.iters
     gen = torch.Generator().manual_seed(o.seed + 1)
     batches = torch.randint(0, len(x), (n_total + n_extra, spec["batch"]), generator=gen).to(device)
@@ -632,13 +634,18 @@ def engine_loop(
                 pending = launched
             record(n_total + n_extra - 1, pending)
             _sync(device)
-        key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
         with open(profile_path, "w") as f:
             f.write(
                 f"{n_extra} engine iterations ({net}, {method}, cuda_graph={cuda_graph}, "
-                f"cudnn_benchmark={cudnn_bm}) on {device}\n"
+                f"cudnn_benchmark={cudnn_bm}) on {device}"
+                + (f", with the run-file writer (a flush every {o.flush_every} rows)" if writer else "")
+                + "\n"
             )
-            f.write(prof.key_averages().table(sort_by=key, row_limit=40))
+            table = prof.key_averages()
+            if device.type == "cuda":
+                f.write("by GPU time:\n" + table.table(sort_by="self_cuda_time_total", row_limit=40) + "\n")
+            # Host time: what bounds small nets' loops, and where a writer's per-row work shows.
+            f.write("by host time:\n" + table.table(sort_by="self_cpu_time_total", row_limit=40))
     if writer is not None:
         writer.close()
     res: dict[str, Any] = {
@@ -837,6 +844,7 @@ def storage_stall(
     cuda_graph: bool,
     cudnn_bm: bool = False,
     compiled: bool = False,
+    profile_prefix: str | None = None,
 ) -> dict[str, Any]:
     """Cost of the run-file writer: the engine loop without and with it, alternately, ``o.storage_repeats``
     times (without, with, without, with, …), so that drift of the machine (clocks, other jobs) falls on
@@ -848,25 +856,30 @@ def storage_stall(
     (buffering the rows); what the mean-based stall has beyond it comes from the few iterations that flush
     (stacking rows, the copy off the GPU, the writer thread). ``storage_stall_ms``: the median pair's
     difference of mean times per iteration (ms).
+
+    ``profile_prefix``: the first pair's loops each profile ``max(5, o.flush_every)`` further iterations
+    (so that one flush falls inside) into ``<prefix>_storage_off.txt`` and ``<prefix>_storage_on.txt``.
     """
 
-    def loop(writer: bool) -> tuple[float, float]:
+    def loop(writer: bool, profile: bool) -> tuple[float, float]:
+        prof = f"{profile_prefix}_storage_{'on' if writer else 'off'}.txt" if profile else None
         with tempfile.TemporaryDirectory(prefix="lca_bench_") as tmp:
             wd = tmp if writer else None
             res = engine_loop(
                 net, x, y, method, o, cl, writer_dir=wd, cuda_graph=cuda_graph, cudnn_bm=cudnn_bm,
-                compiled=compiled,
+                compiled=compiled, profile_path=prof, profile_iters=max(5, o.flush_every),
             )  # fmt: skip
         return statistics.fmean(res["times"]), statistics.median(res["times"])
 
     pairs = []
     for j in range(o.storage_repeats):
+        profile = j == 0 and profile_prefix is not None
         if j % 2:  # on, off: with off, on before it, a linear drift cancels over two pairs
-            on = loop(True)
-            off = loop(False)
+            on = loop(True, profile)
+            off = loop(False, profile)
         else:
-            off = loop(False)
-            on = loop(True)
+            off = loop(False, profile)
+            on = loop(True, profile)
         pairs.append((off, on, 100 * (on[0] / off[0] - 1), 100 * (on[1] / off[1] - 1)))
     return {
         "storage_off_mean_s_per_it": statistics.median(p[0][0] for p in pairs),
@@ -1055,7 +1068,8 @@ def run_case(
 
         if o.storage:
             log(f"{tag}: storage stall, {o.storage_repeats} pairs of loops without/with the writer")
-            row.update(storage_stall(net, x, y, method, o, cl, cuda_graph, cudnn_bm, compiled))
+            prefix = os.path.join(o.profile_dir, tag.replace(" ", "_")) if o.profile_dir else None
+            row.update(storage_stall(net, x, y, method, o, cl, cuda_graph, cudnn_bm, compiled, prefix))
         del eng
     return row
 

@@ -292,6 +292,20 @@ def test_profile_writes_a_table_per_row(tmp_path):
     assert "5 engine iterations" in text and "aten::addmm" in text
 
 
+def test_profile_with_storage_profiles_the_first_stall_pair_through_a_flush(tmp_path):
+    """`--profile DIR --storage`: the first pair's loops without and with the writer are profiled over
+    ``flush_every`` further iterations each, so the writer's per-row work and one flush are in the table."""
+    o = bench.BenchOptions(nets=["fc"], iters=2, warmup=1, n_train=N, chunk_size=N, naive=False, run=False,
+                           limit_repeats=1, methods=["rk4"], recompute_iters=0, storage=True,
+                           storage_repeats=2, flush_every=6, profile_dir=str(tmp_path))  # fmt: skip
+    bench.run_bench(o)
+    off = (tmp_path / "fc_fp32_rk4_storage_off.txt").read_text()
+    on = (tmp_path / "fc_fp32_rk4_storage_on.txt").read_text()
+    assert off.startswith("6 engine iterations") and "writer" not in off.splitlines()[0]
+    assert on.startswith("6 engine iterations") and "with the run-file writer (a flush every 6 rows)" in on
+    assert "by host time" in on and "aten::cumsum" in on and "aten::cumsum" not in off  # the layer sums
+
+
 @pytest.mark.parametrize(
     "argv, words",
     [
