@@ -20,7 +20,7 @@ import math
 import os
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -321,8 +321,9 @@ def param_animation(
     fig.set_layout_engine("none")  # freeze the layout so every frame has the same geometry
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     try:
-        frames = _blit_frames(fig, ax, im, dpi, [(_layer_grid(a[k])[0], _heatmap_title(
-            f"{prefix}iteration {its[k]}", a[k])) for k in idx])  # fmt: skip
+        # A generator: one frame's grid at a time (all of them at once would be T× a layer in float64).
+        content = ((_layer_grid(a[k])[0], _heatmap_title(f"{prefix}iteration {its[k]}", a[k])) for k in idx)
+        frames = _blit_frames(fig, ax, im, dpi, content)
         # As matplotlib's PillowWriter saves its frames (Pillow quantises each to a palette).
         frames[0].save(str(path), save_all=True, append_images=frames[1:], duration=int(1000 / fps), loop=0)
     finally:
@@ -330,7 +331,7 @@ def param_animation(
     return path
 
 
-def _blit_frames(fig: Figure, ax, im, dpi: int, frames: Sequence[tuple[np.ndarray, str]]) -> list:
+def _blit_frames(fig: Figure, ax, im, dpi: int, frames: Iterable[tuple[np.ndarray, str]]) -> list:
     """RGBA frames (PIL images) of ``fig`` with ``im``'s data and ``ax``'s title set to each (grid, title).
 
     The static parts (axes, ticks, colour bar) are rendered once; each frame restores that background and
