@@ -83,7 +83,7 @@ from .lca import (
     matmul_precision,
     saved_activation_bytes,
 )
-from .nets import build_net, layer_groups
+from .nets import build_net, entry_layer_index, layer_groups, param_layer_index
 
 # Per-net settings mirroring conf/net/*.yaml (kwargs of build_net, SGD learning rate) and train.py's batch
 # sizes (tests/test_bench.py checks the kwargs and rates against the YAML files).
@@ -541,16 +541,12 @@ def engine_loop(
         from .store import RunWriter  # h5py only when storage is measured
 
         groups = layer_groups(model)
-        layer_of = {p: i for i, (_, ps) in enumerate(groups) for p in ps}
-        index = torch.cat(
-            [torch.full((named[n].numel(),), layer_of[n], dtype=torch.int64) for n in pnames]
-        ).to(device)
-        layer_sums = LayerSums(index, len(groups))
+        layer_sums = LayerSums(entry_layer_index(model).to(device), len(groups))
         writer = RunWriter(
             os.path.join(writer_dir, "lca.h5"),
             param_names=pnames,
             param_shapes=[tuple(named[n].shape) for n in pnames],
-            param_layer=[layer_of[n] for n in pnames],
+            param_layer=param_layer_index(model),
             layer_names=[g[0] for g in groups],
             attrs={"config": "bench", "device": str(device)},
             per_param=True,
@@ -1123,11 +1119,8 @@ def layer_sums_cost(net: str, x: torch.Tensor, seed: int = 0, calls: int = 50) -
     """
     device = x.device
     model = _build(net, tuple(x.shape[1:]), seed, device, False)
-    groups = layer_groups(model)
-    layer_of = {p: i for i, (_, ps) in enumerate(groups) for p in ps}
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    index = torch.cat([torch.full((p.numel(),), layer_of[n], dtype=torch.int64) for n, p in named]).to(device)
-    n, K = len(groups), index.numel()
+    index = entry_layer_index(model).to(device)
+    n, K = len(layer_groups(model)), index.numel()
     gen = torch.Generator().manual_seed(seed)
     lca = torch.randn(K, generator=gen).to(device)
     sign = torch.sign(lca).to(torch.int8)

@@ -29,6 +29,7 @@ __all__ = [
     "build_net",
     "layer_groups",
     "param_layer_index",
+    "entry_layer_index",
     "resolve_layers",
     "init_weights",
 ]
@@ -400,6 +401,19 @@ def param_layer_index(model: nn.Module) -> list[int]:
     groups = layer_groups(model)
     index = {pname: li for li, (_, pnames) in enumerate(groups) for pname in pnames}
     return [index[n] for n, p in model.named_parameters() if p.requires_grad]
+
+
+def entry_layer_index(model: nn.Module) -> torch.Tensor:
+    """Layer index (into :func:`layer_groups`) of every entry of the flat vector of trainable parameters.
+
+    Returns:
+        [K] int64 on the CPU: each tensor's index of :func:`param_layer_index`, repeated over its entries,
+        in ``model.named_parameters()`` order (the order of the flat θ that the LCA engine uses).
+    """
+    sizes = [p.numel() for p in model.parameters() if p.requires_grad]
+    return torch.repeat_interleave(
+        torch.tensor(param_layer_index(model), dtype=torch.int64), torch.tensor(sizes)
+    )
 
 
 def resolve_layers(groups: Sequence[tuple[str, Sequence[str]]], selectors: Sequence[str | int]) -> list[int]:

@@ -40,7 +40,7 @@ from .checkpoint import (
 from .config import ConfigError, validate
 from .data import load_data_config
 from .lca import FullBatchLoss, LCAEngine, PendingStep, auto_chunk_size, set_matmul_precision
-from .nets import build_net, layer_groups
+from .nets import build_net, entry_layer_index, layer_groups, param_layer_index
 from .optim import apply_freezes, build_optimizer, plan_layers
 from .reducers import LCAReducer
 from .store import RunWriter, estimate_bytes
@@ -240,11 +240,8 @@ def _run(
     )
     named = dict(model.named_parameters())
     pnames = [n for n, p in named.items() if p.requires_grad]
-    layer_of = {p: i for i, (_, ps) in enumerate(groups) for p in ps}
-    param_layer = [layer_of[n] for n in pnames]
-    index = torch.cat([torch.full((named[n].numel(),), layer_of[n], dtype=torch.int64) for n in pnames]).to(
-        device
-    )
+    param_layer = param_layer_index(model)
+    index = entry_layer_index(model).to(device)  # [K] layer of every entry of θ
     K = int(index.numel())
 
     n_train = len(data.train_x)

@@ -382,14 +382,12 @@ def test_layer_sums_on_cuda_match_float64_reference(net):
     """Per-layer sums on the device (prefix sums, no atomics) against the CPU float64 sums, for a net's
     real layer index, one row and per-class rows; 0/1 counts exactly."""
     from lca_lab.lca import LayerSums
-    from lca_lab.nets import layer_groups
+    from lca_lab.nets import entry_layer_index, layer_groups
 
     shape = (1, 28, 28) if net == "fc" else (3, 32, 32)
     model = build_net(net, shape, 10)
     groups = layer_groups(model)
-    layer_of = {p: i for i, (_, ps) in enumerate(groups) for p in ps}
-    named = dict(model.named_parameters())
-    index = torch.cat([torch.full((p.numel(),), layer_of[n], dtype=torch.int64) for n, p in named.items()])
+    index = entry_layer_index(model)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(10, index.numel(), generator=g)
     ref = torch.zeros(10, len(groups), dtype=torch.float64).index_add_(1, index, x.double())

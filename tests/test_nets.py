@@ -4,7 +4,14 @@ import pytest
 import torch
 from torch import nn
 
-from lca_lab.nets import NET_NAMES, build_net, layer_groups, param_layer_index, resolve_layers
+from lca_lab.nets import (
+    NET_NAMES,
+    build_net,
+    entry_layer_index,
+    layer_groups,
+    param_layer_index,
+    resolve_layers,
+)
 
 MNIST, CIFAR = (1, 28, 28), (3, 32, 32)
 # Small widths keep the conv nets fast on 2 CPU cores; architecture/layout is unchanged.
@@ -74,6 +81,18 @@ def test_fc_layers():
     ]
     assert param_layer_index(model) == [0, 0, 1, 1, 2, 2]
     assert layer_groups(_build("fc", CIFAR, seed=5)) == groups  # names do not depend on shape or seed
+
+
+def test_entry_layer_index_repeats_each_tensors_layer_over_its_entries():
+    """The layer of every entry of the flat θ: fc1's 784·100 + 100 entries, then fc2's, then fc3's; a tensor
+    that does not train drops out, as it does from θ."""
+    model = _build("fc", MNIST)
+    sizes = [p.numel() for p in model.parameters()]
+    idx = entry_layer_index(model)
+    assert idx.dtype == torch.int64 and idx.numel() == sum(sizes)
+    assert idx.tolist() == [li for li, n in zip([0, 0, 1, 1, 2, 2], sizes) for _ in range(n)]
+    model.fc2.bias.requires_grad_(False)
+    assert entry_layer_index(model).numel() == sum(sizes) - sizes[3]
 
 
 def test_lenet_layers():
