@@ -946,21 +946,33 @@ class LayerSums:
         index: [K] int64, the layer of every entry of the flat parameter vector (on the run's device;
             read to the host once, here).
         n_layers: number of layers.
+        dense: allow the ``"dense"`` way: None (default) on a CUDA device only, True on any device (where
+            the index is small enough), False never.
 
-    The flat vector holds each parameter tensor contiguously, so a layer is a few runs of consecutive
-    entries. A float64 prefix sum along K, read at the end of every run, gives each run's sum as a
-    difference, and a fixed [n_runs, n_layers] matrix of ±1 adds the runs into layers: a handful of
-    kernels and no atomics. ``index_add_`` instead adds every entry atomically into one of n_layers
-    slots, and those atomics serialise on a GPU (H200, kernel time per call: 152 µs for MNIST-FC's 84,060
-    entries in 3 layers, 359 µs for ResNet-20, 15 ms for 11 M entries in 62 layers; this way 10, 11 and
-    122 µs; ``python -m lca_lab.bench --layer-sums``). Integer-valued entries (counts) sum exactly below
-    2**53. An index that interleaves layers entry by entry (a ±1 matrix over ``MAX_MATRIX`` entries) falls
-    back to ``index_add_``.
+    Three ways, chosen once here from the index's size (``strategy``):
+
+    * ``"dense"`` (on CUDA, K × n_layers ≤ ``MAX_DENSE``: the small nets): one float64 matrix product
+      with the [K, n_layers] 0/1 membership matrix: one kernel. Small nets are launch-bound on a GPU, so
+      the kernels per call are what a call costs there (H200, MNIST-FC, calls queued back to back: 17 µs
+      per call, against 65 µs for the three kernels of ``"prefix"``; ``python -m lca_lab.bench
+      --layer-sums``).
+    * ``"prefix"``: the flat vector holds each parameter tensor contiguously, so a layer is a few runs of
+      consecutive entries. A float64 prefix sum along K, read at the end of every run, gives each run's
+      sum as a difference, and a fixed [n_runs, n_layers] matrix of ±1 adds the runs into layers: three
+      kernels, no atomics, and memory of the order of the runs, not of K.
+    * ``"index_add"``: an index that interleaves layers entry by entry (a ±1 matrix over ``MAX_MATRIX``
+      entries) falls back to ``index_add_``, which adds every entry atomically into one of n_layers
+      slots; those atomics serialise on a GPU (H200, kernel time per call: 152 µs for MNIST-FC's 84,060
+      entries in 3 layers, 359 µs for ResNet-20, 15 ms for 11 M entries in 62 layers; ``"prefix"``: 10,
+      11 and 122 µs; ``python -m lca_lab.bench --layer-sums``).
+
+    Integer-valued entries (counts) sum exactly below 2**53 every way.
     """
 
+    MAX_DENSE = 1 << 22  # K × n_layers float64 entries of the membership matrix (32 MiB)
     MAX_MATRIX = 1 << 22  # n_runs × n_layers float64 entries (32 MiB)
 
-    def __init__(self, index: torch.Tensor, n_layers: int):
+    def __init__(self, index: torch.Tensor, n_layers: int, dense: bool | None = None):
         idx = index.detach().reshape(-1).to("cpu", torch.int64)
         self.n_layers = int(n_layers)
         self.K = int(idx.numel())
@@ -968,9 +980,19 @@ class LayerSums:
             raise ValueError(
                 f"layer index out of range [0, {self.n_layers}): {int(idx.min())}…{int(idx.max())}"
             )
-        ends = torch.cat([torch.nonzero(idx[1:] != idx[:-1]).flatten(), torch.tensor([self.K - 1])])
+        dev = index.device
         self._index = index.detach().reshape(-1).long()
-        self._ends = self._w = self._first = None
+        self._dense = self._ends = self._w = self._first = None
+        self.strategy = "index_add"
+        if dense is None:  # on the CPU nothing is launch-bound, and the prefix sums read less memory
+            dense = dev.type == "cuda"
+        if dense and self.K and self.K * self.n_layers <= self.MAX_DENSE:
+            m = torch.zeros(self.K, self.n_layers, dtype=torch.float64)
+            m[torch.arange(self.K), idx] = 1.0
+            self._dense = m.to(dev)
+            self.strategy = "dense"
+            return
+        ends = torch.cat([torch.nonzero(idx[1:] != idx[:-1]).flatten(), torch.tensor([self.K - 1])])
         if self.K and len(ends) * self.n_layers <= self.MAX_MATRIX:
             runs = idx[ends]
             n_runs = len(ends)
@@ -978,15 +1000,17 @@ class LayerSums:
             w = torch.zeros(n_runs, self.n_layers, dtype=torch.float64)
             w[torch.arange(n_runs), runs] += 1.0
             w[torch.arange(n_runs - 1), runs[1:]] -= 1.0
-            dev = index.device
             self._ends, self._w = ends.to(dev), w.to(dev)
             self._first = w.sum(0).to(dev)  # Σ_s W[s]: one-hot of the first run's layer
+            self.strategy = "prefix"
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.K:
             raise ValueError(f"expected [..., {self.K}] per-parameter values, got {tuple(x.shape)}")
         lead = x.shape[:-1]
         rows = x.reshape(-1, self.K)
+        if self._dense is not None:
+            return (rows.to(torch.float64) @ self._dense).reshape(*lead, self.n_layers)
         if self._w is None:  # empty, or layers interleaved entry by entry
             out = torch.zeros(rows.shape[0], self.n_layers, dtype=torch.float64, device=x.device)
             out.index_add_(1, self._index, rows.double())

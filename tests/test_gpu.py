@@ -379,8 +379,9 @@ def test_compiled_resnet_passes_on_cuda_equal_eager():
 
 @pytest.mark.parametrize("net", ["fc", "resnet20"])
 def test_layer_sums_on_cuda_match_float64_reference(net):
-    """Per-layer sums on the device (prefix sums, no atomics) against the CPU float64 sums, for a net's
-    real layer index, one row and per-class rows; 0/1 counts exactly."""
+    """Per-layer sums on the device against the CPU float64 sums, for a net's real layer index, one row and
+    per-class rows; 0/1 counts exactly. FC's index is small enough for the one-kernel membership matrix,
+    ResNet-20's takes prefix sums: both ways on the GPU."""
     from lca_lab.lca import LayerSums
     from lca_lab.nets import entry_layer_index, layer_groups
 
@@ -392,6 +393,7 @@ def test_layer_sums_on_cuda_match_float64_reference(net):
     x = torch.randn(10, index.numel(), generator=g)
     ref = torch.zeros(10, len(groups), dtype=torch.float64).index_add_(1, index, x.double())
     sums = LayerSums(index.cuda(), len(groups))
+    assert sums.strategy == ("dense" if net == "fc" else "prefix")
     torch.testing.assert_close(sums(x.cuda()).cpu(), ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(sums(x[3].cuda()).cpu(), ref[3], rtol=1e-12, atol=1e-12)
     b = (x > 0).to(torch.int8)

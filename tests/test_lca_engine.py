@@ -181,10 +181,12 @@ def _layer_sums_reference(x: np.ndarray, index: np.ndarray, n_layers: int) -> np
     "layout",
     ["contiguous", "runs", "interleaved", "unused_layer", "one_entry", "fallback"],
 )
+@pytest.mark.parametrize("dense", [False, True])
 @pytest.mark.parametrize("lead", [(), (3,), (2, 5)])
-def test_layer_sums_match_float64_reference(layout, lead, monkeypatch):
-    """Prefix-sum layer sums (and the index_add_ fallback) against per-layer float64 sums, for every
-    layout of layers along the flat vector and any leading dims (per-class rows, the reducer's [2, K])."""
+def test_layer_sums_match_float64_reference(layout, dense, lead, monkeypatch):
+    """Per-layer sums every way LayerSums takes (one product with the membership matrix, prefix sums,
+    the index_add_ fallback) against per-layer float64 sums, for every layout of layers along the flat
+    vector and any leading dims (per-class rows, the reducer's [2, K])."""
     g = np.random.default_rng(0)
     sizes = {"contiguous": [40, 300, 7, 1], "runs": [30, 5, 200, 11, 3, 60]}
     if layout in sizes:  # runs of parameters; "runs" returns to layers already seen (weight ... bias)
@@ -196,19 +198,32 @@ def test_layer_sums_match_float64_reference(layout, lead, monkeypatch):
         index = np.repeat([0, 2, 3], [50, 20, 9])
     elif layout == "one_entry":
         index = np.array([2])
-    else:
+    else:  # too many runs for the ±1 matrix, too big for the membership matrix
         monkeypatch.setattr(LayerSums, "MAX_MATRIX", 3)
+        monkeypatch.setattr(LayerSums, "MAX_DENSE", 3)
         index = np.repeat([0, 1, 2, 3, 0], [5, 6, 7, 8, 9])
     n = 4
     x = g.standard_normal((*lead, len(index))).astype(np.float32)
-    sums = LayerSums(torch.from_numpy(index), n)
-    assert (sums._w is None) == (layout == "fallback")
+    sums = LayerSums(torch.from_numpy(index), n, dense=dense)
+    want = "index_add" if layout == "fallback" else "dense" if dense else "prefix"
+    assert sums.strategy == want
     out = sums(torch.from_numpy(x))
     assert out.dtype == torch.float64 and out.shape == (*lead, n)
     np.testing.assert_allclose(out.numpy(), _layer_sums_reference(x, index, n), rtol=1e-12, atol=1e-12)
     # 0/1 entries (the reducer's helped/hurt rows) are counted exactly
     b = (x > 0).astype(np.int8)
     np.testing.assert_array_equal(sums(torch.from_numpy(b)).numpy(), _layer_sums_reference(b, index, n))
+
+
+def test_layer_sums_take_the_membership_matrix_on_cuda_only_by_default(monkeypatch):
+    """The one-kernel way is for launch-bound GPU loops: on the CPU the default stays with prefix sums,
+    and an index too big for the membership matrix takes them on any device."""
+    idx = torch.repeat_interleave(torch.arange(3), torch.tensor([4, 5, 6]))
+    assert LayerSums(idx, 3).strategy == "prefix"
+    dense = LayerSums(idx, 3, dense=True)
+    assert dense.strategy == "dense" and dense._dense.sum(0).tolist() == [4.0, 5.0, 6.0]
+    monkeypatch.setattr(LayerSums, "MAX_DENSE", 15 * 3 - 1)
+    assert LayerSums(idx, 3, dense=True).strategy == "prefix"
 
 
 def test_layer_sums_reject_bad_shapes():
