@@ -578,10 +578,13 @@ def engine_loop(
                 f"{net}: the loss diverged at iteration {i}; the benchmark needs a finite run"
             )
         if writer is not None:
+            t_w = time.perf_counter()
             per_layer = layer_sums(st.param)  # as train.py
             writer.append(
                 i, st.loss1, st.total, st.error, st.splits, st.converged, per_layer, st.param, copy=False
             )  # as train.py: fresh tensors, buffered without a copy
+            if o.warmup <= i < n_total:  # the training thread's time in the writer's path, its flushes too
+                writer_host.append(time.perf_counter() - t_w)
         return st
 
     # Pipelined as in train.py: iteration i trains step i and launches its LCA, then records step i-1 (whose
@@ -590,7 +593,7 @@ def engine_loop(
     # synchronised: on a big net, its queued passes would otherwise fall into the first measured
     # iterations) and stops once the last measured step's LCA is (added to the last iteration's time), so
     # the measured times add up to exactly the measured iterations' work.
-    times, steps, thetas = [], [], []
+    times, steps, thetas, writer_host = [], [], [], []
     pending = None
     _sync(device)
     t = time.perf_counter()
@@ -653,6 +656,7 @@ def engine_loop(
         "model": model,
         "compile_error": fbl.compile_error,
         "param_names": pnames,
+        "writer_host_s": writer_host,
     }
     # One host transfer for all measured scalars, after timing.
     scal = torch.stack([torch.stack([s.error, s.total, s.loss0, s.loss1]) for s in steps]).double().cpu()
@@ -851,7 +855,10 @@ def storage_stall(
     The same from median iteration times (``storage_stall_median_pct``) is the cost every iteration pays
     (buffering the rows); what the mean-based stall has beyond it comes from the few iterations that flush
     (stacking rows, the copy off the GPU, the writer thread). ``storage_stall_ms``: the median pair's
-    difference of mean times per iteration (ms).
+    difference of mean times per iteration (ms). ``storage_host_ms`` / ``storage_host_median_ms``: what
+    the training thread spends in the writer's path per iteration (per-layer sums, ``append`` and the
+    flushes it triggers; mean and median over a loop's iterations, median over the loops): on a loop bound
+    by the host, the stall; on one bound by the GPU, hidden.
 
     ``profile_prefix``: the first pair's loops each profile ``max(5, o.flush_every)`` further iterations
     (so that one flush falls inside) into ``<prefix>_storage_off.txt`` and ``<prefix>_storage_on.txt``.
@@ -865,9 +872,11 @@ def storage_stall(
                 net, x, y, method, o, cl, writer_dir=wd, cuda_graph=cuda_graph, cudnn_bm=cudnn_bm,
                 compiled=compiled, profile_path=prof, profile_iters=max(5, o.flush_every),
             )  # fmt: skip
+        if writer:
+            host.append(res["writer_host_s"])
         return statistics.fmean(res["times"]), statistics.median(res["times"])
 
-    pairs = []
+    pairs, host = [], []
     for j in range(o.storage_repeats):
         profile = j == 0 and profile_prefix is not None
         if j % 2:  # on, off: with off, on before it, a linear drift cancels over two pairs
@@ -885,6 +894,11 @@ def storage_stall(
         "storage_stall_ms": 1e3 * statistics.median(p[1][0] - p[0][0] for p in pairs),
         "storage_stall_median_pct": statistics.median(p[3] for p in pairs),
         "storage_stall_median_pct_pairs": [p[3] for p in pairs],
+        # the writer's path on the training thread (per-layer sums, append, flushes), ms per iteration
+        "storage_host_ms": 1e3 * statistics.median(statistics.fmean(h) for h in host) if all(host) else None,
+        "storage_host_median_ms": (
+            1e3 * statistics.median(statistics.median(h) for h in host) if all(host) else None
+        ),
     }
 
 
@@ -1066,6 +1080,12 @@ def run_case(
             log(f"{tag}: storage stall, {o.storage_repeats} pairs of loops without/with the writer")
             prefix = os.path.join(o.profile_dir, tag.replace(" ", "_")) if o.profile_dir else None
             row.update(storage_stall(net, x, y, method, o, cl, cuda_graph, cudnn_bm, compiled, prefix))
+            if row["storage_host_ms"] is not None:
+                log(
+                    f"{tag}: stall {row['storage_stall_ms']:.3f} ms/it; the writer's path on the training "
+                    f"thread {row['storage_host_ms']:.3f} ms/it (median iteration "
+                    f"{row['storage_host_median_ms']:.3f})"
+                )
         del eng
     return row
 
@@ -1112,10 +1132,14 @@ def run_bench(o: BenchOptions) -> dict[str, Any]:
 def layer_sums_cost(net: str, x: torch.Tensor, seed: int = 0, calls: int = 50) -> dict[str, Any]:
     """Cost of what every online iteration sums by layer, for ``net``'s real layer index [K]: the
     per-layer LCA (a [K] float32 vector → [n_layers] float64) and the reducer's per-layer counts of helping
-    and hurting entries (a [2, K] 0/1 array), by ``index_add_`` (atomic adds into n_layers slots, the way
-    they were computed before) and by :class:`LayerSums` (prefix sums). Microseconds per call: on CUDA the
-    summed kernel time of ``calls`` calls from ``torch.profiler`` (the GPU's share; launches are host work
-    the loop overlaps), on the CPU the wall time. Also checks that both give the same sums.
+    and hurting entries (a [2, K] 0/1 array), each way :class:`LayerSums` can take (``index_add_``:
+    atomic adds into n_layers slots, the way they were computed before; ``prefix``; ``dense``, where the
+    net's K × n_layers allows it) → ``<way>_us`` and ``counts_<way>_us``, microseconds per call.
+
+    On CUDA two numbers per way: the summed kernel time of ``calls`` calls from ``torch.profiler`` (the
+    GPU's share), and ``<…>_wall_us``, the wall time per call of ``calls`` calls queued back to back
+    (launches included: what a launch-bound loop pays); on the CPU the wall time. Also checks that every
+    way gives the same sums (``max_abs_diff``) and names the way :class:`LayerSums` takes (``strategy``).
     """
     device = x.device
     model = _build(net, tuple(x.shape[1:]), seed, device, False)
@@ -1124,39 +1148,43 @@ def layer_sums_cost(net: str, x: torch.Tensor, seed: int = 0, calls: int = 50) -
     gen = torch.Generator().manual_seed(seed)
     lca = torch.randn(K, generator=gen).to(device)
     sign = torch.sign(lca).to(torch.int8)
-    sums = LayerSums(index, n)
+    chosen, prefix, dense = LayerSums(index, n), LayerSums(index, n, dense=False), LayerSums(index, n, True)
+    ways = {"prefix": prefix} | ({"dense": dense} if dense.strategy == "dense" else {})
     slot, ones = index * 3 + 1, torch.ones((), dtype=torch.float64, device=device).expand(K)
+    helped_hurt = torch.stack([sign.clamp(max=0).neg_(), sign.clamp(min=0)])
     cases = {
         "index_add": lambda: torch.zeros(n, dtype=torch.float64, device=device).index_add_(
             0, index, lca.double()
         ),
-        "prefix": lambda: sums(lca),
+        **{w: (lambda s=s: s(lca)) for w, s in ways.items()},
         "counts_index_add": lambda: torch.zeros(3 * n, dtype=torch.float64, device=device).index_add_(
             0, slot + sign, ones
         ),
-        "counts_prefix": lambda: sums(torch.stack([sign.clamp(max=0).neg_(), sign.clamp(min=0)])),
+        **{f"counts_{w}": (lambda s=s: s(helped_hurt)) for w, s in ways.items()},
     }
-    diff = (cases["index_add"]() - cases["prefix"]()).abs().max().item()
-    out: dict[str, Any] = {"net": net, "K": K, "layers": n, "max_abs_diff": diff}
+    ref = cases["index_add"]()
+    diff = max((cases[w]() - ref).abs().max().item() for w in ways)
+    out: dict[str, Any] = {"net": net, "K": K, "layers": n, "strategy": chosen.strategy, "max_abs_diff": diff}
     for name, fn in cases.items():
         fn()
         _sync(device)
+        t = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        _sync(device)
+        wall_us = 1e6 * (time.perf_counter() - t) / calls
         if device.type == "cuda":
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                 for _ in range(calls):
                     fn()
                 _sync(device)
-            total_us = sum(e.self_device_time_total for e in prof.key_averages())
+            out[f"{name}_us"] = sum(e.self_device_time_total for e in prof.key_averages()) / calls
+            out[f"{name}_wall_us"] = wall_us
         else:
-            t = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            total_us = 1e6 * (time.perf_counter() - t)
-        out[f"{name}_us"] = total_us / calls
+            out[f"{name}_us"] = wall_us
     log(
-        f"{net} layer sums (K={K}, {n} layers): index_add_ {out['index_add_us']:.1f} µs, LayerSums "
-        f"{out['prefix_us']:.1f} µs; counts {out['counts_index_add_us']:.1f} / "
-        f"{out['counts_prefix_us']:.1f} µs"
+        f"{net} layer sums (K={K}, {n} layers, LayerSums takes {chosen.strategy!r}): "
+        + ", ".join(f"{k} {v:.1f} µs" for k, v in out.items() if k.endswith("_us"))
     )
     return out
 
@@ -1255,14 +1283,27 @@ def format_table(result: dict[str, Any]) -> str:
         line(c) for c in cells
     ]
     if result.get("layer_sums"):
-        unit = "GPU kernel time" if result["device"].startswith("cuda") else "wall time"
-        lines += ["", f"per-layer sums, µs per call ({unit}): index_add_ / LayerSums"]
-        lines += [
-            f"{r['net']:<9} K={r['K']:<8} layers={r['layers']:<3} LCA {r['index_add_us']:8.1f} / "
-            f"{r['prefix_us']:7.1f}   helping/hurting counts {r['counts_index_add_us']:8.1f} / "
-            f"{r['counts_prefix_us']:7.1f}   |diff| {r['max_abs_diff']:.1e}"
-            for r in result["layer_sums"]
-        ]
+        cuda = result["device"].startswith("cuda")
+        unit = "GPU kernel time, and wall time of calls queued back to back" if cuda else "wall time"
+        lines += ["", f"per-layer sums, µs per call ({unit}); * the way LayerSums takes for the net"]
+
+        def cell(r: dict[str, Any], key: str) -> str:
+            if f"{key}_us" not in r:
+                return "—"
+            mark = "*" if key.removeprefix("counts_") == r["strategy"] else ""
+            wall = f" ({r[key + '_wall_us']:.1f})" if cuda else ""
+            return f"{mark}{r[key + '_us']:.1f}{wall}"
+
+        for r in result["layer_sums"]:
+            lines.append(
+                f"{r['net']:<9} K={r['K']:<8} layers={r['layers']:<3} "
+                + "  ".join(
+                    f"{what} index_add_ {cell(r, p + 'index_add')} / prefix {cell(r, p + 'prefix')} / "
+                    f"dense {cell(r, p + 'dense')}"
+                    for what, p in (("LCA", ""), ("counts", "counts_"))
+                )
+                + f"   |diff| {r['max_abs_diff']:.1e}"
+            )
     return "\n".join(lines)
 
 

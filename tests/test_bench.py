@@ -246,9 +246,11 @@ def test_layer_sums_cost_times_both_ways_on_each_nets_index():
         model = bench._build(r["net"], (1, 28, 28), 0, torch.device("cpu"), False)
         assert r["K"] == sum(p.numel() for p in model.parameters()) and r["layers"] >= 3
         assert r["max_abs_diff"] < 1e-9
-        assert all(r[k] > 0 for k in ("index_add_us", "prefix_us", "counts_index_add_us", "counts_prefix_us"))
+        ways = ("index_add", "prefix", "dense")  # dense: forced on the CPU, where the default is prefix
+        assert all(r[f"{c}{w}_us"] > 0 for w in ways for c in ("", "counts_")) and r["strategy"] == "prefix"
     table = bench.format_table(result)
     assert "per-layer sums, µs per call (wall time)" in table and f"K={ls[1]['K']}" in table
+    assert f"prefix *{ls[0]['prefix_us']:.1f}" in table
     assert "layer_sums" not in bench.run_bench(dataclasses.replace(o, layer_sums=False, nets=["fc"]))
 
 
@@ -259,7 +261,9 @@ def test_storage_stall_separates_every_iteration_from_flush_spikes(monkeypatch):
     def engine_loop(*args, writer_dir=None, **kwargs):
         calls.append(writer_dir is not None)
         # with the writer: every iteration 10 % slower, one flush iteration 3 s longer
-        return {"times": [1.1, 1.1, 1.1, 4.1] if writer_dir else [1.0, 1.0, 1.0, 1.0]}
+        if writer_dir:
+            return {"times": [1.1, 1.1, 1.1, 4.1], "writer_host_s": [0.1, 0.1, 0.1, 3.1]}
+        return {"times": [1.0, 1.0, 1.0, 1.0], "writer_host_s": []}
 
     monkeypatch.setattr(bench, "engine_loop", engine_loop)
     o = bench.BenchOptions(nets=["fc"], storage=True, storage_repeats=2)
@@ -270,6 +274,9 @@ def test_storage_stall_separates_every_iteration_from_flush_spikes(monkeypatch):
     assert r["storage_stall_ms"] == pytest.approx(850.0)
     assert r["storage_stall_pct_pairs"] == pytest.approx([85.0, 85.0])
     assert r["storage_stall_median_pct_pairs"] == pytest.approx([10.0, 10.0])
+    assert r["storage_host_ms"] == pytest.approx(850.0) and r["storage_host_median_ms"] == pytest.approx(
+        100.0
+    )
 
 
 def test_engine_loop_with_a_writer_stores_every_row_it_timed(tmp_path):
@@ -281,6 +288,9 @@ def test_engine_loop_with_a_writer_stores_every_row_it_timed(tmp_path):
     with h5py.File(tmp_path / "lca.h5") as f:
         assert f["lca/total"].shape == (5,) and f["lca/param"].shape[0] == 5
         np.testing.assert_allclose(f["lca/total"][1:], res["total"], rtol=1e-12)
+    # the writer's path on the training thread, timed for the measured rows only, inside their time
+    assert len(res["writer_host_s"]) == 4 and 0 < sum(res["writer_host_s"]) < sum(res["times"])
+    assert bench.engine_loop("fc", x, y, "rk4", o, channels_last=False)["writer_host_s"] == []
 
 
 def test_profile_writes_a_table_per_row(tmp_path):
