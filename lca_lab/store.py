@@ -222,18 +222,20 @@ def _open_plain_write(path: Path) -> h5py.File:
 # conversion of buffered rows
 
 
-def _keep(x: Any, dtype: torch.dtype | None = None, copy: bool = True) -> Any:
+def _keep(x: Any, dtype: torch.dtype | None = None, copy: bool = True, defer_cast: bool = False) -> Any:
     """Snapshot one value for the buffer without a device sync.
 
     Tensors are copied on their own device: callers often reuse an accumulator in place, and a buffered
     reference would otherwise change under us. ``copy=False`` keeps the tensor itself (the caller hands
     over a fresh tensor it will not modify): one kernel launch less per value, which counts for small,
     launch-bound nets. Casting to the stored dtype here (float32 for per-parameter rows) halves the
-    device memory the buffer holds.
+    device memory the buffer holds; ``defer_cast`` (with ``copy=False``) leaves that cast to the flush,
+    one kernel for all rows instead of one per row, where the writer judged the memory small.
     """
     if isinstance(x, torch.Tensor):
-        x = x.detach()
-        if dtype is not None and x.dtype != dtype:
+        if x.requires_grad:  # detach() is itself an op; most rows never required grad
+            x = x.detach()
+        if dtype is not None and x.dtype != dtype and not (defer_cast and not copy):
             return x.to(dtype=dtype, copy=True)
         return x.clone() if copy else x
     if isinstance(x, np.ndarray):
@@ -251,33 +253,61 @@ def _to_numpy(x: Any) -> np.ndarray:
 class _StagingPool:
     """Host buffers (pinned where CUDA exists) that rows leave the GPU through, reused from flush to flush.
 
-    Allocating pinned memory (``cudaHostAlloc``, ~1.5 ms for a flush of MNIST-FC rows on an H200) and
-    freeing it (``cudaFreeHost``, which waits for the whole device) on the training thread at every flush
-    was most of the run file's cost per iteration there; with a fixed ``flush_every`` the shapes repeat.
-    A buffer comes back (``give``) only once the writer thread has written its rows to the file, so a
-    later flush never overwrites rows still waiting to be written. ``take`` runs on the training thread,
+    Allocating pinned memory (``cudaHostAlloc``; on an H200 about 80 µs for a small buffer and 1–17 ms
+    for a flush of MNIST-FC's per-parameter rows) and freeing it (``cudaFreeHost``, which waits for the
+    whole device) on the training thread at every flush was most of the run file's cost per iteration
+    there. Buffers are kept per row shape and dtype and hold up to ``rows`` rows; a flush of n ≤ rows
+    rows uses the first n (a run's first flush and its last are often shorter). :meth:`reserve` allocates
+    them when a series' first row arrives, before the training loop needs them. A buffer comes back
+    (``give``) only once the writer thread has written its rows to the file, so a later flush never
+    overwrites rows still waiting to be written. ``take`` and ``reserve`` run on the training thread,
     ``give`` on the writer thread.
     """
 
-    KEEP = 4  # buffers kept per (shape, dtype); a flush needs one per series
+    KEEP = 4  # free buffers kept per (row shape, dtype) beyond those reserved
+    # A series' flushes up to this size get two buffers reserved (one written while the next fills); a
+    # bigger one (per-parameter rows of a big net) one, as its flushes are seconds apart.
+    SECOND_BELOW = 64 << 20
 
     def __init__(self) -> None:
+        # (row shape, dtype) -> free buffers [capacity, *row shape]
         self._free: dict[tuple[tuple[int, ...], torch.dtype], list[torch.Tensor]] = {}
+        self._reserved: collections.Counter = collections.Counter()
         self._lock = threading.Lock()
         self.allocated = 0  # buffers created (not reused), for tests
 
-    def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        with self._lock:
-            free = self._free.get((tuple(shape), dtype))
-            if free:
-                return free.pop()
+    def _new(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         self.allocated += 1
         return torch.empty(shape, dtype=dtype, pin_memory=torch.cuda.is_available())
 
-    def give(self, buf: torch.Tensor) -> None:
+    def reserve(self, row_shape: tuple[int, ...], dtype: torch.dtype, rows: int) -> None:
+        """Allocate buffers of ``rows`` rows now (two, or one above ``SECOND_BELOW`` bytes each), and keep
+        at least that many from then on."""
+        key = (tuple(row_shape), dtype)
+        nbytes = rows * math.prod(key[0]) * torch.empty((), dtype=dtype).element_size()
+        count = 2 if nbytes <= self.SECOND_BELOW else 1
+        bufs = [self._new((rows, *key[0]), dtype) for _ in range(count)]
         with self._lock:
-            free = self._free.setdefault((tuple(buf.shape), buf.dtype), [])
-            if len(free) < self.KEEP:
+            self._reserved[key] += count
+            self._free.setdefault(key, []).extend(bufs)
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """A buffer for rows of ``shape`` [n, *row shape] → (the buffer, its first n rows)."""
+        n, key = shape[0], (tuple(shape[1:]), dtype)
+        with self._lock:
+            free = self._free.get(key, [])
+            fits = [i for i, b in enumerate(free) if b.shape[0] >= n]
+            if fits:  # the smallest that holds n rows; by position (== on tensors compares their values)
+                buf = free.pop(min(fits, key=lambda i: free[i].shape[0]))
+                return buf, buf[:n]
+        buf = self._new(tuple(shape), dtype)
+        return buf, buf
+
+    def give(self, buf: torch.Tensor) -> None:
+        key = (tuple(buf.shape[1:]), buf.dtype)
+        with self._lock:
+            free = self._free.setdefault(key, [])
+            if len(free) < max(self.KEEP, self._reserved[key]):
                 free.append(buf)
 
 
@@ -291,17 +321,15 @@ class _InFlight:
     """
 
     def __init__(self, stacked: torch.Tensor, dtype: Any, pool: _StagingPool) -> None:
-        if stacked.dtype in (torch.bfloat16, torch.float16):
-            stacked = stacked.float()
         self.pool = pool
-        self.host: torch.Tensor | None = pool.take(tuple(stacked.shape), stacked.dtype)
+        self._buf: torch.Tensor | None
+        self._buf, self.host = pool.take(tuple(stacked.shape), stacked.dtype)
         self.host.copy_(stacked, non_blocking=True)
         self.event = None
         if stacked.is_cuda:
             self.event = torch.cuda.Event()
             self.event.record()
         self.dtype = dtype
-        self.shape = tuple(stacked.shape)
 
     def resolve(self) -> np.ndarray:
         if self.event is not None:
@@ -309,9 +337,9 @@ class _InFlight:
         return np.ascontiguousarray(self.host.numpy(), dtype=self.dtype)
 
     def release(self) -> None:
-        if self.host is not None:
-            self.pool.give(self.host)
-            self.host = None
+        if self._buf is not None:
+            self.pool.give(self._buf)
+            self._buf = self.host = None
 
 
 def _resolve(x: Any) -> np.ndarray:
@@ -323,6 +351,20 @@ def _can_fly(items: Sequence[Any]) -> bool:
     return bool(items) and all(isinstance(x, torch.Tensor) and x.is_cuda for x in items)
 
 
+def _staged_dtype(dtype: torch.dtype, stored: Any) -> torch.dtype:
+    """The dtype CUDA rows of ``dtype`` leave the device in, for a dataset of numpy dtype ``stored`` (None:
+    the rows' own). Floats are cast on the device to a narrower stored float (per-parameter rows buffered
+    as float64, stored as float32: half the bytes to copy, nothing left to cast on the writer thread);
+    half types leave as float32 (numpy has no bfloat16)."""
+    if dtype in (torch.bfloat16, torch.float16):
+        return torch.float32
+    if stored is not None and dtype.is_floating_point and np.dtype(stored).kind == "f":
+        narrower = {4: torch.float32, 8: torch.float64}.get(np.dtype(stored).itemsize)
+        if narrower is not None and torch.finfo(narrower).bits < torch.finfo(dtype).bits:
+            return narrower
+    return dtype
+
+
 def _stack(items: Sequence[Any], dtype: Any = None, in_flight: _StagingPool | None = None) -> Any:
     """Stack buffered rows into one array ``[n, *row_shape]`` of ``dtype`` (None: the rows' own dtype).
 
@@ -332,7 +374,8 @@ def _stack(items: Sequence[Any], dtype: Any = None, in_flight: _StagingPool | No
     """
     if in_flight is not None and _can_fly(items):
         try:
-            return _InFlight(torch.stack(list(items)), dtype, in_flight)
+            stacked = torch.stack(list(items))
+            return _InFlight(stacked.to(_staged_dtype(stacked.dtype, dtype)), dtype, in_flight)
         except RuntimeError:  # rows on different devices: fall through to the blocking path
             pass
     if items and all(isinstance(x, torch.Tensor) for x in items):
@@ -366,7 +409,7 @@ def _check_len(name: str, x: Any, n: int) -> None:
 
 def _flat(x: Any) -> Any:
     if isinstance(x, torch.Tensor):
-        return x.reshape(-1)
+        return x if x.dim() == 1 else x.reshape(-1)
     return np.asarray(x).reshape(-1)
 
 
@@ -405,6 +448,8 @@ class RunWriter:
             ``attrs`` are then not written (the file keeps its own).
     """
 
+    DEFER_CAST_BYTES = 64 << 20  # a flush's float32 per-parameter rows up to which their cast waits
+
     def __init__(
         self,
         path: str | os.PathLike,
@@ -441,6 +486,9 @@ class RunWriter:
         self.trajectory = bool(trajectory)
         self.n_classes = int(n_classes) if n_classes else None
         self.flush_every = int(flush_every)
+        # float64 per-parameter rows handed over fresh (copy=False) wait for the flush uncast when a
+        # flush's worth of them is small: one cast kernel per flush instead of one per row.
+        self._defer_cast = self.flush_every * self.n_params * 4 <= self.DEFER_CAST_BYTES
         self.expected_rows = expected_rows
         self._closed = False
         self._initial_written = False
@@ -455,13 +503,15 @@ class RunWriter:
         self._eval: list[tuple[int, dict[str, Any]]] = []
         self._series: dict[str, tuple[np.dtype | None, list[Any]]] = {}
         self._eval_names: set[str] = set(EVAL_NAMES)
-        self._reserved = frozenset(self._row_specs())
+        self._specs = self._row_specs()
+        self._reserved = frozenset(self._specs)
         # datasets that exist in the file
         self._known: set[str] = {*self._reserved, "eval/iteration", *(f"eval/{n}" for n in EVAL_NAMES)}
         # Flushed rows not yet on disk, oldest first; a job leaves only once written (retry on failure).
         self._jobs: collections.deque[dict[str, Any]] = collections.deque()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="lca-writer") if background else None
         self._staging = _StagingPool() if background else None
+        self._staged: set[str] = set()  # series whose staging buffers are reserved ("lca": the LCA rows)
         self._future: Future | None = None
         if resume is None:
             self._create(attrs, overwrite)
@@ -597,6 +647,10 @@ class RunWriter:
             self._theta.append(_keep(_flat(theta0), torch.float32))
         self._loss.append(_keep(loss0))
         self._initial_written = True
+        if self._staging is not None:  # train/loss and trajectory/theta: rows 0 here, then one per append
+            self._stage("train/loss", self._loss[-1])
+            if self.trajectory:
+                self._stage("trajectory/theta", self._theta[-1])
         self.flush()
 
     def append(
@@ -621,7 +675,9 @@ class RunWriter:
         device; tensors are not synchronised until the flush. ``param`` is required with
         ``per_param``, ``theta_next`` with ``trajectory``, ``class_layer`` with ``n_classes``.
         ``copy=False``: the tensors are fresh and the caller will not modify them, so they are buffered
-        as they are instead of copied (those that need a cast to the stored dtype are copied anyway).
+        as they are instead of copied. Those that need a cast to the stored dtype (float64 ``param`` or
+        ``theta_next`` to float32) are cast at once (a copy), unless a flush's worth of them is at most
+        ``DEFER_CAST_BYTES`` as float32: then they wait uncast and the flush casts them all in one kernel.
         """
         self._check_open()
         if not self._initial_written:
@@ -639,7 +695,7 @@ class RunWriter:
             if class_layer is None:
                 raise ValueError("class_layer is required when n_classes is set")
             _check_len("class_layer", class_layer, self.n_classes * self.n_layers)
-        r = self._rows
+        r, defer = self._rows, self._defer_cast
         r["total"].append(_keep(total, copy=copy))
         r["error"].append(_keep(error, copy=copy))
         r["splits"].append(_keep(splits, copy=copy))
@@ -648,11 +704,21 @@ class RunWriter:
         if self.n_classes:
             r["class_layer"].append(_keep(_flat(class_layer), copy=copy))
         if self.per_param:
-            r["param"].append(_keep(_flat(param), torch.float32, copy=copy))
+            r["param"].append(_keep(_flat(param), torch.float32, copy=copy, defer_cast=defer))
         r["iteration"].append(int(iteration))
         self._loss.append(_keep(loss_next, copy=copy))
         if self.trajectory:
-            self._theta.append(_keep(_flat(theta_next), torch.float32, copy=copy))
+            self._theta.append(_keep(_flat(theta_next), torch.float32, copy=copy, defer_cast=defer))
+        if self._staging is not None and "lca" not in self._staged:
+            self._staged.add("lca")
+            for f in ("total", "error", "splits", "converged", "layer", "param", "class_layer"):
+                if r[f]:
+                    row = r[f][-1].reshape(self.n_classes, -1) if f == "class_layer" else r[f][-1]
+                    self._stage(f"lca/{f}", row)
+        if self._staging is not None and "train/loss" not in self._staged:  # row 0 may not have flown
+            self._stage("train/loss", self._loss[-1])
+            if self.trajectory:
+                self._stage("trajectory/theta", self._theta[-1])
         if len(r["iteration"]) >= self.flush_every:
             self.flush()
 
@@ -673,8 +739,19 @@ class RunWriter:
             raise ValueError(f"{name!r} is managed by the store; use append/append_eval")
         dt, rows = self._series.setdefault(name, (None if dtype is None else np.dtype(dtype), []))
         rows.append(_keep(value, copy=copy))
+        if self._staging is not None and name not in self._staged:
+            self._stage(name, rows[-1], dt)
         if len(rows) >= self.flush_every:
             self.flush()
+
+    def _stage(self, name: str, row: Any, stored: Any = None) -> None:
+        """At series ``name``'s first row that leaves a GPU: its staging buffers
+        (:meth:`_StagingPool.reserve`), allocated now instead of in the training loop's flushes.
+        ``stored``: the series' numpy dtype (default: the run file's, for the writer's own datasets)."""
+        if _can_fly([row]):
+            self._staged.add(name)
+            stored = self._specs[name][0] if stored is None and name in self._specs else stored
+            self._staging.reserve(tuple(row.shape), _staged_dtype(row.dtype, stored), self.flush_every)
 
     # -- flushing -----------------------------------------------------------------------------------------
 
@@ -795,19 +872,14 @@ class RunWriter:
             return {}
         # Device scalars (train.py keeps Σ A on the GPU) leave it like the arrays: a blocking .cpu() here
         # would wait for every kernel queued so far, once per flush.
-        out = {
-            "total": _stack(r["total"], np.float64, in_flight),
-            "error": _stack(r["error"], np.float64, in_flight),
-            "splits": _stack(r["splits"], np.int32, in_flight),
-            "converged": _stack(r["converged"], np.bool_, in_flight),
-            "layer": _stack(r["layer"], np.float64, in_flight),
-            "iteration": np.asarray(r["iteration"], dtype=np.int64),
-        }
+        fields = ("total", "error", "splits", "converged", "layer")
+        out = {f: _stack(r[f], self._specs[f"lca/{f}"][0], in_flight) for f in fields}
+        out["iteration"] = np.asarray(r["iteration"], dtype=np.int64)
         if self.n_classes:
             rows = [_flat(x).reshape(self.n_classes, -1) for x in r["class_layer"]]
-            out["class_layer"] = _stack(rows, np.float64, in_flight)
+            out["class_layer"] = _stack(rows, self._specs["lca/class_layer"][0], in_flight)
         if self.per_param:
-            out["param"] = _stack(r["param"], np.float32, in_flight)
+            out["param"] = _stack(r["param"], self._specs["lca/param"][0], in_flight)
         return out
 
     def _convert_eval(self) -> dict[str, np.ndarray]:

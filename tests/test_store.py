@@ -426,6 +426,25 @@ def test_background_write_error_surfaces_and_rows_are_retried(tmp_path: Path, mo
 
 
 @pytest.mark.gpu
+def test_background_writer_casts_float64_gpu_rows_on_the_device(tmp_path: Path) -> None:
+    """float64 per-parameter rows handed over fresh wait uncast on the GPU and leave it as float32 (one
+    cast per flush); the file equals the blocking writer's and the rows rounded once to float32."""
+    g = torch.Generator().manual_seed(0)
+    params = [torch.randn(K, dtype=torch.float64, generator=g).cuda() for _ in range(7)]
+    for bg in (False, True):
+        with _writer(tmp_path / f"{bg}.h5", flush_every=3, background=bg) as w:
+            w.write_initial(torch.tensor(1.0, dtype=torch.float64, device="cuda"))
+            for t, p in enumerate(params):
+                layer = torch.stack([p[:3].sum(), p[3:].sum()])
+                w.append(t, p.sum(), p.sum(), p[0], 2, True, layer, p, copy=False)
+                assert t % 3 == 2 or w._rows["param"][-1].dtype == torch.float64  # uncast until flushed
+    a, b = _datasets(tmp_path / "False.h5"), _datasets(tmp_path / "True.h5")
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    np.testing.assert_array_equal(b["lca/param"], torch.stack(params).float().cpu().numpy())
+
+
+@pytest.mark.gpu
 def test_background_writer_from_gpu_rows_equals_blocking_writer(tmp_path: Path) -> None:
     """The fast path (pinned, non-blocking copies; writer thread) writes exactly what the plain path does."""
     d = _rows(23)
@@ -439,7 +458,9 @@ def test_background_writer_from_gpu_rows_equals_blocking_writer(tmp_path: Path) 
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
-def test_copy_false_buffers_fresh_tensors_and_copy_true_snapshots_reused_ones(tmp_path: Path) -> None:
+def test_copy_false_buffers_fresh_tensors_and_copy_true_snapshots_reused_ones(
+    tmp_path: Path, monkeypatch
+) -> None:
     """append(copy=True) snapshots a tensor the caller goes on modifying (an accumulator); copy=False
     buffers the caller's fresh tensors themselves (no copy kernel), a float64 per-parameter row still cast
     to float32 by a copy, so the stored rows are the values appended either way."""
@@ -461,13 +482,124 @@ def test_copy_false_buffers_fresh_tensors_and_copy_true_snapshots_reused_ones(tm
         np.testing.assert_array_equal(f["lca/layer"][:], np.stack(want_layer))
         np.testing.assert_array_equal(f["lca/param"][:], np.stack(want_param))
         np.testing.assert_array_equal(f["extra/layer"][:], 10 * np.stack(want_layer))
-    with _writer(tmp_path / "b.h5", flush_every=100) as w:
-        w.write_initial(1.0)
-        param = torch.arange(K, dtype=torch.float64)
-        w.append(0, 0.5, param.sum(), 0.0, 2, True, torch.ones(2, dtype=torch.float64), param, copy=False)
-        assert w._rows["param"][-1].dtype == torch.float32  # the cast is a copy, whatever copy says
-    with h5py.File(tmp_path / "b.h5") as f:
-        np.testing.assert_array_equal(f["lca/param"][0], np.arange(K, dtype=np.float32))
+    # float64 rows for a float32 dataset: handed over fresh and small, they wait uncast for the flush (one
+    # cast kernel per flush); copied, or over DEFER_CAST_BYTES per flush, they are cast at once.
+    param = (torch.arange(K, dtype=torch.float64) + 1) / 3  # not representable in float32
+    for name, copy, limit, buffered_as in [
+        ("b.h5", False, RunWriter.DEFER_CAST_BYTES, torch.float64),
+        ("c.h5", True, RunWriter.DEFER_CAST_BYTES, torch.float32),
+        ("d.h5", False, 100 * K * 4 - 1, torch.float32),
+    ]:
+        monkeypatch.setattr(RunWriter, "DEFER_CAST_BYTES", limit)
+        with _writer(tmp_path / name, flush_every=100) as w:
+            w.write_initial(1.0)
+            w.append(0, 0.5, param.sum(), 0.0, 2, True, torch.ones(2, dtype=torch.float64), param, copy=copy)
+            assert w._rows["param"][-1].dtype == buffered_as, name
+            assert (w._rows["param"][-1].data_ptr() == param.data_ptr()) == (buffered_as == torch.float64)
+        with h5py.File(tmp_path / name) as f:
+            assert f["lca/param"].dtype == np.float32
+            np.testing.assert_array_equal(f["lca/param"][0], param.numpy().astype(np.float32), err_msg=name)
+
+
+def test_in_flight_rows_buffered_as_float64_leave_the_device_as_float32(tmp_path: Path, monkeypatch) -> None:
+    """Per-parameter rows that waited uncast (float64) are cast on the device when a flush stacks them: the
+    staging buffer is float32 (half the bytes to copy) and the file equals the blocking writer's."""
+    import lca_lab.store as store
+
+    monkeypatch.setattr(store, "_can_fly", lambda rows: bool(rows) and all(torch.is_tensor(x) for x in rows))
+    staged = []
+    real = store._InFlight
+
+    class Seen(real):
+        def __init__(self, stacked, *a, **k):
+            staged.append(stacked.dtype)
+            super().__init__(stacked, *a, **k)
+
+    monkeypatch.setattr(store, "_InFlight", Seen)
+    g = torch.Generator().manual_seed(0)
+    params = [torch.randn(K, dtype=torch.float64, generator=g) for _ in range(5)]
+    for name, background in (("plain.h5", False), ("bg.h5", True)):
+        with _writer(tmp_path / name, flush_every=2, background=background) as w:
+            w.write_initial(torch.tensor(1.0, dtype=torch.float64))
+            for t, p in enumerate(params):
+                layer = torch.stack([p[:3].sum(), p[3:].sum()])
+                w.append(t, p.sum(), p.sum(), p[0], 2, True, layer, p, copy=False)
+    assert staged and torch.float32 in staged and torch.float64 in staged  # param narrowed, total not
+    a, b = _datasets(tmp_path / "plain.h5"), _datasets(tmp_path / "bg.h5")
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    np.testing.assert_array_equal(b["lca/param"], torch.stack(params).float().numpy())
+
+
+def test_staging_buffers_are_reserved_at_each_series_first_row_and_serve_every_flush(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """A background writer allocates the staging buffers of two flushes when each series' first row comes,
+    so that no flush in the loop allocates pinned memory: neither the steady ones, nor the short ones (the
+    first flush, triggered by a series that holds a row 0; the tail at close), while the writer thread
+    keeps up. In-flight path with CPU tensors, as in the test below; the file equals the blocking one's."""
+    import lca_lab.store as store
+
+    monkeypatch.setattr(store, "_can_fly", lambda rows: bool(rows) and all(torch.is_tensor(x) for x in rows))
+    g = torch.Generator().manual_seed(0)
+    T, fe = 11, 4
+    params = [torch.randn(K, dtype=torch.float64, generator=g) for _ in range(T)]
+    reserved = None
+    for bg in (False, True):
+        with _writer(tmp_path / f"{bg}.h5", flush_every=fe, trajectory=True, background=bg) as w:
+            w.write_initial(torch.tensor(1.0, dtype=torch.float64), torch.zeros(K))
+            w.append_dataset("test/loss", torch.tensor(2.0, dtype=torch.float64))  # row 0: T+1 rows
+            for t, p in enumerate(params):
+                w.append_dataset("reduce/x", p[:3].float(), copy=False)
+                w.append_dataset("test/loss", p.sum())
+                layer = torch.stack([p[:3].sum(), p[3:].sum()])
+                w.append(t, p.sum(), p.sum(), p[0], 2, True, layer, p, theta_next=p.float(), copy=False)
+                if bg:
+                    while w._jobs:  # the writer thread keeps up
+                        time.sleep(0.001)
+                    if t == 0:
+                        reserved = w._staging.allocated
+            pool = w._staging
+        if bg:
+            # total, error, layer, param, loss, theta, reduce/x and test/loss: two buffers each
+            assert reserved == 2 * 8
+            assert pool.allocated == reserved  # no flush allocated, the short first and last included
+    # a series whose flushes are big gets one buffer: its flushes are far apart, and pinned memory counts
+    monkeypatch.setattr(store._StagingPool, "SECOND_BELOW", fe * K * 4 - 1)
+    with _writer(tmp_path / "big.h5", flush_every=fe, background=True) as w:
+        w.write_initial(torch.tensor(1.0, dtype=torch.float64))
+        w.append(0, params[0].sum(), params[0].sum(), params[0][0], 2, True, params[0][:2], params[0])
+        assert w._staging.allocated == 2 * 4 + 1  # loss, total, error, layer: two; param: one
+    a, b = _datasets(tmp_path / "False.h5"), _datasets(tmp_path / "True.h5")
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    np.testing.assert_array_equal(b["lca/param"], torch.stack(params).float().numpy())
+    assert len(b["test/loss"]) == T + 1
+
+
+def test_staging_pool_hands_out_the_smallest_buffer_that_holds_the_rows() -> None:
+    """A flush of n rows takes the smallest free buffer of ≥ n rows of its row shape and dtype, as a view
+    of its first n rows, and a new one only if none holds them; buffers are told apart by identity (== on
+    tensors compares values: a free list of equal buffers must not hand out the wrong one)."""
+    from lca_lab.store import _StagingPool
+
+    pool = _StagingPool()
+    pool.reserve((3,), torch.float32, 5)  # two buffers of 5 rows
+    big = pool._free[((3,), torch.float32)][0]
+    small = torch.zeros(3, 3)
+    pool.give(small)  # a buffer of 3 rows, after the 5-row ones; every buffer holds zeros
+    buf, view = pool.take((2, 3), torch.float32)
+    assert buf is small and view.shape == (2, 3) and view.data_ptr() == small.data_ptr()
+    buf, view = pool.take((4, 3), torch.float32)
+    assert buf.shape == (5, 3) and view.shape == (4, 3)
+    pool.give(buf)
+    assert pool.allocated == 2
+    buf, _ = pool.take((6, 3), torch.float32)  # none holds 6 rows
+    assert buf.shape == (6, 3) and pool.allocated == 3
+    buf, _ = pool.take((2, 3), torch.float64)  # nor any other dtype
+    assert pool.allocated == 4
+    assert any(b is big for b in pool._free[((3,), torch.float32)])
 
 
 def test_staging_buffers_are_reused_only_after_their_rows_are_written(tmp_path: Path, monkeypatch) -> None:
