@@ -20,7 +20,7 @@ For every net × precision × method it measures, on synthetic data of the paper
   max |error|, cumulative relative error |Σ error| / |L_end − L_start|, peak GPU memory.
 * **run** (``--run``, on by default): the same number of LCA iterations in the real training loop,
   ``lca_lab.train.run`` on ``data=synthetic`` of the same shape and size: the median wall time of an LCA
-  iteration with what the engine loop leaves out (reducers, per-layer sums, the run file's rows).
+  iteration with what the engine loop leaves out (reducers, the run file's rows).
 * **naive**: the same integrator written as one first would (DataLoader over CPU tensors, a deep copy of
   the model in train mode with dropout off and BN batch statistics, gradients copied to the host and
   accumulated in float64 numpy, Simpson 1-4-1 with the endpoint gradient reused), replayed on the
@@ -40,7 +40,9 @@ For every net × precision × method it measures, on synthetic data of the paper
   stall pair's loops without and with the writer (``--flush-every`` further iterations each, one flush).
 * **layer sums** (``--layer-sums``): per net, the per-layer sums every online iteration makes (the LCA
   by layer; the reducer's helping/hurting counts by layer) on the net's own layer index, by
-  ``index_add_`` and by :class:`lca_lab.lca.LayerSums`, in µs per call (GPU kernel time on CUDA).
+  ``index_add_`` and by :class:`lca_lab.lca.LayerSums`, in µs per call (GPU kernel time on CUDA); and a
+  step's total with its per-layer sums, as a ``sum`` then the sums (the engine before) against
+  :meth:`LayerSums.with_total` (one product, what the engine takes now).
 
 Precision ``fp32`` turns TF32 off for both cuBLAS matmuls and cuDNN convolutions (cuDNN's default is on);
 ``tf32`` turns both on. Conv nets run channels-last on CUDA (``--channels-last auto``). Global flags are
@@ -526,7 +528,10 @@ def engine_loop(
         model, x, y, chunk, param_names=pnames, channels_last=channels_last, cuda_graph=cuda_graph,
         cudnn_benchmark=cudnn_bm, compile=compiled,
     )  # fmt: skip
-    engine = LCAEngine(fbl, method, tolerance=o.tolerance, max_splits=o.max_splits)
+    groups = layer_groups(model)
+    # As train.py: each step's per-layer LCA comes from the engine, in the product that gives its total.
+    layer_sums = LayerSums(entry_layer_index(model).to(device), len(groups))
+    engine = LCAEngine(fbl, method, tolerance=o.tolerance, max_splits=o.max_splits, layer_sums=layer_sums)
 
     def flat() -> torch.Tensor:
         return torch.cat([named[n].detach().reshape(-1) for n in pnames])
@@ -540,8 +545,6 @@ def engine_loop(
     if writer_dir is not None:
         from .store import RunWriter  # h5py only when storage is measured
 
-        groups = layer_groups(model)
-        layer_sums = LayerSums(entry_layer_index(model).to(device), len(groups))
         writer = RunWriter(
             os.path.join(writer_dir, "lca.h5"),
             param_names=pnames,
@@ -579,9 +582,8 @@ def engine_loop(
             )
         if writer is not None:
             t_w = time.perf_counter()
-            per_layer = layer_sums(st.param)  # as train.py
             writer.append(
-                i, st.loss1, st.total, st.error, st.splits, st.converged, per_layer, st.param, copy=False
+                i, st.loss1, st.total, st.error, st.splits, st.converged, st.layer, st.param, copy=False
             )  # as train.py: fresh tensors, buffered without a copy
             if o.warmup <= i < n_total:  # the training thread's time in the writer's path, its flushes too
                 writer_host.append(time.perf_counter() - t_w)
@@ -802,15 +804,17 @@ def recompute_rate(
         thetas.append(torch.cat([p.detach().reshape(-1) for p in params]))
     traj = torch.stack(thetas)
     fbl = FullBatchLoss(model, x, y, chunk, channels_last=cl, cuda_graph=cuda_graph, cudnn_benchmark=cudnn_bm)
+    # As lca_lab.recompute: each row's per-layer sums come with its total
+    ls = LayerSums(entry_layer_index(model).to(device), len(layer_groups(model)))
     B = batch_points_for(o)
     warm = traj[: min(B, len(traj) - 1) + 1]
-    list(LCAEngine(fbl, method, o.tolerance, o.max_splits).steps(warm, B))  # warm-up
+    list(LCAEngine(fbl, method, o.tolerance, o.max_splits, layer_sums=ls).steps(warm, B))  # warm-up
     out: dict[str, Any] = {}
     # With B = 1 (the CPU default) the "batched" run is the sequential one: measured once.
     for name, b in (("batched", B), ("sequential", 1))[: 2 if B > 1 else 1]:
         _sync(device)
         t = time.perf_counter()
-        steps = list(LCAEngine(fbl, method, o.tolerance, o.max_splits).steps(traj, b))
+        steps = list(LCAEngine(fbl, method, o.tolerance, o.max_splits, layer_sums=ls).steps(traj, b))
         tot = torch.stack([s.total for s in steps]).tolist()
         _sync(device)
         out[f"recompute_{name}_s_per_it"] = (time.perf_counter() - t) / len(steps)
@@ -856,9 +860,11 @@ def storage_stall(
     (buffering the rows); what the mean-based stall has beyond it comes from the few iterations that flush
     (stacking rows, the copy off the GPU, the writer thread). ``storage_stall_ms``: the median pair's
     difference of mean times per iteration (ms). ``storage_host_ms`` / ``storage_host_median_ms``: what
-    the training thread spends in the writer's path per iteration (per-layer sums, ``append`` and the
-    flushes it triggers; mean and median over a loop's iterations, median over the loops): on a loop bound
-    by the host, the stall; on one bound by the GPU, hidden.
+    the training thread spends in the writer's path per iteration (``append`` and the flushes it
+    triggers; mean and median over a loop's iterations, median over the loops): on a loop bound by the
+    host, the stall; on one bound by the GPU, hidden. Both loops take each step's per-layer LCA from the
+    engine (``StepLCA.layer``, with the total in one product), as ``train.py`` does with or without
+    per-parameter storage: the per-layer sums are the training loop's, not the writer's.
 
     ``profile_prefix``: the first pair's loops each profile ``max(5, o.flush_every)`` further iterations
     (so that one flush falls inside) into ``<prefix>_storage_off.txt`` and ``<prefix>_storage_on.txt``.
@@ -894,7 +900,7 @@ def storage_stall(
         "storage_stall_ms": 1e3 * statistics.median(p[1][0] - p[0][0] for p in pairs),
         "storage_stall_median_pct": statistics.median(p[3] for p in pairs),
         "storage_stall_median_pct_pairs": [p[3] for p in pairs],
-        # the writer's path on the training thread (per-layer sums, append, flushes), ms per iteration
+        # the writer's path on the training thread (append and its flushes), ms per iteration
         "storage_host_ms": 1e3 * statistics.median(statistics.fmean(h) for h in host) if all(host) else None,
         "storage_host_median_ms": (
             1e3 * statistics.median(statistics.median(h) for h in host) if all(host) else None
@@ -1134,7 +1140,11 @@ def layer_sums_cost(net: str, x: torch.Tensor, seed: int = 0, calls: int = 50) -
     per-layer LCA (a [K] float32 vector → [n_layers] float64) and the reducer's per-layer counts of helping
     and hurting entries (a [2, K] 0/1 array), each way :class:`LayerSums` can take (``index_add_``:
     atomic adds into n_layers slots, the way they were computed before; ``prefix``; ``dense``, where the
-    net's K × n_layers allows it) → ``<way>_us`` and ``counts_<way>_us``, microseconds per call.
+    net's K × n_layers allows it) → ``<way>_us`` and ``counts_<way>_us``, microseconds per call. And what
+    the engine adds to a step for its total and per-layer LCA (a [K] float64 vector): ``sum_then_layers``
+    (``x.sum()``, then the sums: the engine's total and the training loop's sums, before) and
+    ``with_total`` (:meth:`LayerSums.with_total`, one product for both), with ``total_abs_diff``, the
+    largest difference of their totals (rounding).
 
     On CUDA two numbers per way: the summed kernel time of ``calls`` calls from ``torch.profiler`` (the
     GPU's share), and ``<…>_wall_us``, the wall time per call of ``calls`` calls queued back to back
@@ -1147,24 +1157,30 @@ def layer_sums_cost(net: str, x: torch.Tensor, seed: int = 0, calls: int = 50) -
     n, K = len(layer_groups(model)), index.numel()
     gen = torch.Generator().manual_seed(seed)
     lca = torch.randn(K, generator=gen).to(device)
+    lca64 = lca.double()  # the engine's per-parameter LCA is float64
     sign = torch.sign(lca).to(torch.int8)
     chosen, prefix, dense = LayerSums(index, n), LayerSums(index, n, dense=False), LayerSums(index, n, True)
     ways = {"prefix": prefix} | ({"dense": dense} if dense.strategy == "dense" else {})
     slot, ones = index * 3 + 1, torch.ones((), dtype=torch.float64, device=device).expand(K)
     helped_hurt = torch.stack([sign.clamp(max=0).neg_(), sign.clamp(min=0)])
     cases = {
-        "index_add": lambda: torch.zeros(n, dtype=torch.float64, device=device).index_add_(
-            0, index, lca.double()
-        ),
+        "index_add": lambda: torch.zeros(n, dtype=torch.float64, device=device).index_add_(0, index, lca64),
         **{w: (lambda s=s: s(lca)) for w, s in ways.items()},
         "counts_index_add": lambda: torch.zeros(3 * n, dtype=torch.float64, device=device).index_add_(
             0, slot + sign, ones
         ),
         **{f"counts_{w}": (lambda s=s: s(helped_hurt)) for w, s in ways.items()},
+        "sum_then_layers": lambda: (lca64.sum(), chosen(lca64)),
+        "with_total": lambda: chosen.with_total(lca64)[::-1],
     }
     ref = cases["index_add"]()
     diff = max((cases[w]() - ref).abs().max().item() for w in ways)
-    out: dict[str, Any] = {"net": net, "K": K, "layers": n, "strategy": chosen.strategy, "max_abs_diff": diff}
+    (t_sum, l_sum), (t_one, l_one) = cases["sum_then_layers"](), cases["with_total"]()
+    diff = max(diff, (l_one - ref).abs().max().item(), (l_sum - ref).abs().max().item())
+    out: dict[str, Any] = {
+        "net": net, "K": K, "layers": n, "strategy": chosen.strategy, "max_abs_diff": diff,
+        "total_abs_diff": (t_one - t_sum).abs().item(),
+    }  # fmt: skip
     for name, fn in cases.items():
         fn()
         _sync(device)
@@ -1304,6 +1320,12 @@ def format_table(result: dict[str, Any]) -> str:
                 )
                 + f"   |diff| {r['max_abs_diff']:.1e}"
             )
+            if "with_total_us" in r:
+                lines.append(
+                    f"{'':<9} a step's total and LCA by layer: sum, then the sums "
+                    f"{cell(r, 'sum_then_layers')} / one product (with_total) {cell(r, 'with_total')}"
+                    f"   total |diff| {r['total_abs_diff']:.1e}"
+                )
     return "\n".join(lines)
 
 

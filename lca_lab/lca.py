@@ -506,6 +506,8 @@ class StepLCA:
         class_loss0, class_loss1: [C] per-class parts of L at both ends, else None.
         test_param: [K] float64 LCA of the same motion scored on the held-out loss, else None.
         test_loss0, test_loss1, test_error: held-out loss at both ends and Σ test_param − ΔL_test.
+        layer: [n_layers] float64 per-layer LCA (Σ of ``param`` over each layer's entries) when the engine
+            has ``layer_sums``, else None; ``total`` is then that product's whole-row column.
     """
 
     param: torch.Tensor
@@ -525,6 +527,7 @@ class StepLCA:
     test_error: torch.Tensor | None = None
     grad0: torch.Tensor | None = None  # [K] float64 ∇L(θ_t), for gradient-sign statistics
     delta: torch.Tensor | None = None  # [K] float64 θ_{t+1} − θ_t
+    layer: torch.Tensor | None = None
     # ``error`` and ``loss1`` as Python floats, read by the step itself (for its refinement decision), so a
     # caller needs no host sync of its own; None for steps of :meth:`LCAEngine.steps` in batched blocks.
     host_error: float | None = None
@@ -605,6 +608,11 @@ class LCAEngine:
             the total, so the per-class parts use the same quadrature points.
         test_loss: a ``FullBatchLoss`` on held-out data: the same motion, scored against it, at the same
             quadrature points (its residual is recorded, not refined on).
+        layer_sums: a :class:`LayerSums` over the flat parameter vector: each step then carries its
+            per-layer LCA (``StepLCA.layer``), taken with the total in one product
+            (:meth:`LayerSums.with_total`) where the sum alone was one kernel. A caller that needs the
+            per-layer sums of every step (the training loop) saves a launch per step: what a small net's
+            host-bound loop pays for.
     """
 
     def __init__(
@@ -616,8 +624,14 @@ class LCAEngine:
         adaptive: bool = True,
         per_class: bool = False,
         test_loss: FullBatchLoss | None = None,
+        layer_sums: LayerSums | None = None,
     ):
         check_engine_options(method, tolerance, max_splits)
+        if layer_sums is not None and layer_sums.K != loss.n_params:
+            raise ValueError(
+                f"layer_sums covers {layer_sums.K} entries but the loss has {loss.n_params} entries: "
+                "build it from the same model's trainable parameters (lca_lab.nets.entry_layer_index)"
+            )
         if per_class and loss.n_classes is None:
             raise ValueError("per_class=True needs FullBatchLoss(..., n_classes=C)")
         self.loss = loss
@@ -627,6 +641,7 @@ class LCAEngine:
         self.adaptive = adaptive
         self.per_class = per_class
         self.test_loss = test_loss
+        self.layer_sums = layer_sums
         self._cache: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None
         self._max_points: int | None = None  # largest batch of path points that fit (after an OOM)
 
@@ -697,17 +712,22 @@ class LCAEngine:
         grads = [gkey] + (["gt"] if self.test_loss is not None else [])
         class_param = None  # [C, K] per-class LCA, kept from the last allocation when per-class
 
+        layer = None  # [n_layers] per-layer LCA of the last allocation, with layer_sums
+
         def allocate(
             gbar: dict[str, torch.Tensor],
         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, _HostPair]:
             """Per-parameter LCA, its sum, its error, and the error with L(θ_{t+1}) on their way to the host
             (the adaptive decision reads them; L rides along so that callers need no second read)."""
-            nonlocal class_param
+            nonlocal class_param, layer
             param = gbar[gkey] * delta
             if self.per_class:
                 class_param = param
                 param = param.sum(0)
-            total = param.sum()
+            if self.layer_sums is not None:
+                layer, total = self.layer_sums.with_total(param)
+            else:
+                total = param.sum()
             e = total - dloss
             return param, total, e, _HostPair(torch.stack([e, p1["L"]]))
 
@@ -769,7 +789,7 @@ class LCAEngine:
         st = StepLCA(
             param, total, p0["L"], p1["L"], err_t, splits, converged, passes, grad0=p0["g"], delta=delta
         )
-        st.host_error, st.host_loss1 = err, host_loss1
+        st.host_error, st.host_loss1, st.layer = err, host_loss1, layer
         if class_param is not None:
             st.class_param, st.class_loss0, st.class_loss1 = class_param, p0["Lc"], p1["Lc"]
         if "gt" in gbar:
@@ -914,12 +934,15 @@ class LCAEngine:
         conv = [abs(v) <= self.tolerance for v in errs]  # flagged for every method, as in step()
         param = gbar * delta  # [m, K]
         self._cache = (block[-1], {"L": L[-1], "g": G[-1]})
+        if self.layer_sums is not None:  # the whole block's per-layer sums and totals in one product
+            layer, totals = self.layer_sums.with_total(param)
+        else:
+            layer, totals = None, param.sum(1)
         for i in range(m):
-            total = param[i].sum()
-            error = total - dloss[i] if err_decided is None else err_decided[i]
+            error = totals[i] - dloss[i] if err_decided is None else err_decided[i]
             yield StepLCA(
-                param[i], total, L[i], L[i + 1], error, splits[i], conv[i], passes[i],
-                grad0=G[i], delta=delta[i],
+                param[i], totals[i], L[i], L[i + 1], error, splits[i], conv[i], passes[i],
+                grad0=G[i], delta=delta[i], layer=None if layer is None else layer[i],
             )  # fmt: skip
 
 
@@ -966,6 +989,10 @@ class LayerSums:
       entries in 3 layers, 359 µs for ResNet-20, 15 ms for 11 M entries in 62 layers; ``"prefix"``: 10,
       11 and 122 µs; ``python -m lca_lab.bench --layer-sums``).
 
+    :meth:`with_total` returns the sums and the whole row's sum together, the whole row being one more
+    column of the same product (``"dense"``, ``"prefix"``): the engine takes its total that way, so a
+    caller's per-layer sums cost no launch beyond the total's.
+
     Integer-valued entries (counts) sum exactly below 2**53 every way.
     """
 
@@ -983,6 +1010,7 @@ class LayerSums:
         dev = index.device
         self._index = index.detach().reshape(-1).long()
         self._dense = self._ends = self._w = self._first = None
+        self._plus_total: tuple[torch.Tensor, torch.Tensor | None] | None = None  # built by with_total
         self.strategy = "index_add"
         if dense is None:  # on the CPU nothing is launch-bound: there the product measured slower
             dense = dev.type == "cuda"
@@ -1005,13 +1033,43 @@ class LayerSums:
             self.strategy = "prefix"
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self._sums(x, self._dense, self._w, self._first)
+
+    def with_total(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x`` [..., K] → (per-layer sums [..., n_layers], whole-row sums [...]), both float64.
+
+        The whole row is one more column of the membership matrix (``"dense"``) or of the run matrix
+        (``"prefix"``: the prefix sum at the row's last entry), so both come from one product: the kernels
+        of ``__call__``, none more. ``"index_add"`` adds a ``sum``. The total is then the product's (or the
+        prefix sum's) float64 sum, not ``x.sum()``'s; they differ by rounding (≈ K·2⁻⁵³ of Σ|x|).
+        """
+        if self._plus_total is None:
+            if self._dense is not None:
+                ones = torch.ones(self.K, 1, dtype=torch.float64, device=self._dense.device)
+                self._plus_total = (torch.cat([self._dense, ones], 1), None)
+            elif self._w is not None:
+                last = torch.zeros(self._w.shape[0], 1, dtype=torch.float64, device=self._w.device)
+                last[-1] = 1.0  # Σ_s C[e_s]·([s in all] − [s+1 in all]) = C[e_last], the row's sum
+                w = torch.cat([self._w, last], 1)
+                self._plus_total = (w, w.sum(0))
+        if self._plus_total is None:  # index_add_, or no entries
+            return self(x), x.sum(-1, dtype=torch.float64)
+        m, first = self._plus_total
+        both = self._sums(x, m if first is None else None, m if first is not None else None, first)
+        return both[..., : self.n_layers], both[..., self.n_layers]
+
+    def _sums(
+        self, x: torch.Tensor, dense: torch.Tensor | None, w: torch.Tensor | None, first: torch.Tensor | None
+    ) -> torch.Tensor:
+        """``x`` [..., K] → [..., C]: the product with ``dense`` [K, C], or the prefix sums read at the run
+        ends times ``w`` [n_runs, C] (``first`` = Σ_s w[s]), or with neither ``index_add_`` (C = n_layers)."""
         if x.shape[-1] != self.K:
             raise ValueError(f"expected [..., {self.K}] per-parameter values, got {tuple(x.shape)}")
         lead = x.shape[:-1]
         rows = x.reshape(-1, self.K)
-        if self._dense is not None:
-            return (rows.to(torch.float64) @ self._dense).reshape(*lead, self.n_layers)
-        if self._w is None:  # empty, or layers interleaved entry by entry
+        if dense is not None:
+            return (rows.to(torch.float64) @ dense).reshape(*lead, dense.shape[1])
+        if w is None:  # empty, or layers interleaved entry by entry
             out = torch.zeros(rows.shape[0], self.n_layers, dtype=torch.float64, device=x.device)
             out.index_add_(1, self._index, rows.double())
             return out.reshape(*lead, self.n_layers)
@@ -1019,7 +1077,7 @@ class LayerSums:
         # [R, K] tensor does not), read at every row's run ends; row r's prefix starts at row r−1's last.
         c = torch.cumsum(rows.reshape(-1), 0, dtype=torch.float64).view(rows.shape[0], self.K)
         g = c.index_select(1, self._ends)
-        out = g @ self._w
+        out = g @ w
         if rows.shape[0] > 1:
-            out[1:] -= g[:-1, -1:] * self._first
-        return out.reshape(*lead, self.n_layers)
+            out[1:] -= g[:-1, -1:] * first
+        return out.reshape(*lead, w.shape[1])

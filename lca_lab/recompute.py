@@ -63,6 +63,7 @@ from .data import load_data_config
 from .lca import (
     PRECISIONS,
     FullBatchLoss,
+    LayerSums,
     LCAEngine,
     StepLCA,
     auto_chunk_size,
@@ -361,7 +362,7 @@ def _build(rf, run_cfg: dict[str, Any], settings: dict[str, Any], device: torch.
         test_fbl = FullBatchLoss(model, data.test_x, data.test_y, chunk, param_names=pnames, **fast)
     engine = LCAEngine(
         fbl, settings["method"], settings["tolerance"], settings["max_splits"], settings["adaptive"],
-        per_class=per_class, test_loss=test_fbl,
+        per_class=per_class, test_loss=test_fbl, layer_sums=LayerSums(index, len(rf.layer_names)),
     )  # fmt: skip
     return _Setup(engine, index, len(rf.layer_names), data.n_classes, settings, fbl.dtype, device)
 
@@ -467,7 +468,7 @@ def compute_shard(
 
 def _write_shard_rows(writer, setup: _Setup, f, traj: Trajectory, lo, hi, per_param, progress, desc) -> None:
     n_layers, index, dev = setup.n_layers, setup.index, setup.device
-    reducer = LCAReducer(index, n_layers)
+    reducer = LCAReducer(index, n_layers, setup.engine.layer_sums)
     layer_sums = reducer.layer_sums  # [..., K] → [..., n_layers] float64
     K = index.numel()
     first_motion = torch.zeros(K, dtype=torch.int8, device=dev)
@@ -505,7 +506,7 @@ def _write_shard_rows(writer, setup: _Setup, f, traj: Trajectory, lo, hi, per_pa
         writer.append_dataset("recompute/passes", st.passes, np.int32)
         writer.append(
             int(traj.iterations[r]), loss1, total, err, st.splits, st.converged,
-            layer_sums(st.param), st.param if per_param else None, class_layer=class_layer,
+            st.layer, st.param if per_param else None, class_layer=class_layer,
         )  # fmt: skip
         bar.set_postfix(L=f"{loss1:.4f}", err=f"{err:+.1e}", splits=st.splits, refresh=False)
         bar.update(1)

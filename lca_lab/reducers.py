@@ -23,12 +23,14 @@ class LCAReducer:
     Args:
         layer_index: [K] int64, the layer of every parameter entry (on the run's device).
         n_layers: number of layers.
+        layer_sums: a :class:`~lca_lab.lca.LayerSums` over the same index to share (e.g. the engine's),
+            else one is built.
 
     ``layer_sums`` ([..., K] → [..., n_layers] float64) is the reducer's :class:`~lca_lab.lca.LayerSums`,
     for callers that sum other per-parameter vectors by layer.
     """
 
-    def __init__(self, layer_index: torch.Tensor, n_layers: int):
+    def __init__(self, layer_index: torch.Tensor, n_layers: int, layer_sums: LayerSums | None = None):
         self.index = layer_index
         self.n_layers = n_layers
         dev = layer_index.device
@@ -48,7 +50,12 @@ class LCAReducer:
         self._last_motion, self._last_grad = self._last[0], self._last[1]
         self.iterations = 0
         # Per-layer counts by prefix sums, not index_add_: its atomics into a few slots serialise on a GPU.
-        self.layer_sums = LayerSums(layer_index, n_layers)
+        self.layer_sums = LayerSums(layer_index, n_layers) if layer_sums is None else layer_sums
+        if self.layer_sums.K != K or self.layer_sums.n_layers != n_layers:
+            raise ValueError(
+                f"layer_sums sums {self.layer_sums.K} entries into {self.layer_sums.n_layers} layers; the "
+                f"reducer's index has {K} entries in {n_layers} layers"
+            )
 
     @staticmethod
     def _count_changes(x: torch.Tensor, last: torch.Tensor, counter: torch.Tensor) -> None:
@@ -78,8 +85,7 @@ class LCAReducer:
         self._helped_hurt += hh
         self._count_changes(torch.stack([delta, grad0.to(delta.dtype)]), self._last, self._changes)
         self.iterations += 1
-        layer = self.layer_sums(hh)  # [2, n_layers] float64 counts (exact)
-        tot = layer.sum(1)  # [2]
+        layer, tot = self.layer_sums.with_total(hh)  # [2, n_layers], [2] float64 counts (exact)
         frac = torch.cat([tot, (self._n - tot.sum()).reshape(1)]) / self._n  # helping, hurting, zero
         layer_frac = layer / self.layer_size
         return {

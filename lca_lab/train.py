@@ -39,7 +39,7 @@ from .checkpoint import (
 )
 from .config import ConfigError, validate
 from .data import load_data_config
-from .lca import FullBatchLoss, LCAEngine, PendingStep, auto_chunk_size, set_matmul_precision
+from .lca import FullBatchLoss, LayerSums, LCAEngine, PendingStep, auto_chunk_size, set_matmul_precision
 from .nets import build_net, entry_layer_index, layer_groups, param_layer_index
 from .optim import apply_freezes, build_optimizer, plan_layers
 from .reducers import LCAReducer
@@ -315,6 +315,7 @@ def _run(
         engine = LCAEngine(
             fbl, lcfg["method"], float(lcfg["tolerance"]), int(lcfg["max_splits"]),
             bool(lcfg.get("adaptive", True)), per_class=per_class, test_loss=test_fbl,
+            layer_sums=LayerSums(index, len(groups)),  # each step's per-layer LCA comes with its total
         )  # fmt: skip
 
     def flat() -> torch.Tensor:
@@ -328,7 +329,7 @@ def _run(
 
     # Running statistics kept on the device; read once at the end (no per-iteration sync for them).
     counts = torch.zeros(4, dtype=torch.float64, device=device)  # summed over iterations
-    reducer = LCAReducer(index, len(groups))
+    reducer = LCAReducer(index, len(groups), engine.layer_sums if engine is not None else None)
     layer_sums = reducer.layer_sums  # [..., K] → [..., n_layers] float64
     layer_total = torch.zeros(len(groups), dtype=torch.float64, device=device)
     max_abs_err, not_converged, total_splits, passes = 0.0, 0, 0, 0
@@ -437,7 +438,7 @@ def _run(
         lca_total = st.total  # stays on the device: the writer and tracker batch it
         if not math.isfinite(loss_end):
             raise FloatingPointError(f"training loss became {loss_end} at iteration {t}; lower opt.lr")
-        per_layer = layer_sums(st.param)
+        per_layer = st.layer  # [n_layers], from the engine's product that gave the total
         layer_total += per_layer
         views = reducer.update(st.param, st.delta, st.grad0)
         fh, fu = views["frac_helping"], views["frac_hurting"]

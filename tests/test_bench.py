@@ -248,9 +248,12 @@ def test_layer_sums_cost_times_both_ways_on_each_nets_index():
         assert r["max_abs_diff"] < 1e-9
         ways = ("index_add", "prefix", "dense")  # dense: forced on the CPU, where the default is prefix
         assert all(r[f"{c}{w}_us"] > 0 for w in ways for c in ("", "counts_")) and r["strategy"] == "prefix"
+        # a step's total with its layer sums, both ways the engine could take them; the totals agree
+        assert r["sum_then_layers_us"] > 0 and r["with_total_us"] > 0 and r["total_abs_diff"] < 1e-9
     table = bench.format_table(result)
     assert "per-layer sums, µs per call (wall time)" in table and f"K={ls[1]['K']}" in table
     assert f"prefix *{ls[0]['prefix_us']:.1f}" in table
+    assert f"one product (with_total) {ls[1]['with_total_us']:.1f}" in table
     assert "layer_sums" not in bench.run_bench(dataclasses.replace(o, layer_sums=False, nets=["fc"]))
 
 
@@ -313,7 +316,17 @@ def test_profile_with_storage_profiles_the_first_stall_pair_through_a_flush(tmp_
     on = (tmp_path / "fc_fp32_rk4_storage_on.txt").read_text()
     assert off.startswith("6 engine iterations") and "writer" not in off.splitlines()[0]
     assert on.startswith("6 engine iterations") and "with the run-file writer (a flush every 6 rows)" in on
-    assert "by host time" in on and "aten::cumsum" in on and "aten::cumsum" not in off  # the layer sums
+    assert "by host time" in on and "by host time" in off
+
+    def calls(table: str, op: str) -> int:
+        lines = table.split("by host time:")[1].splitlines()
+        rows = [r.split() for r in lines if r.strip().startswith(op + " ")]
+        return int(rows[0][-1]) if rows else 0
+
+    # Both loops take each step's per-layer LCA from the engine (prefix sums on the CPU: one cumsum per
+    # allocation); the writer's flush stacks its rows (one cat per series) in the loop with the writer only.
+    assert calls(on, "aten::cumsum") == calls(off, "aten::cumsum") >= 6
+    assert calls(on, "aten::cat") > calls(off, "aten::cat")
 
 
 @pytest.mark.parametrize(

@@ -399,3 +399,11 @@ def test_layer_sums_on_cuda_match_float64_reference(net):
     b = (x > 0).to(torch.int8)
     counts = torch.zeros(10, len(groups), dtype=torch.float64).index_add_(1, index, b.double())
     assert torch.equal(sums(b.cuda()).cpu(), counts)
+    # with_total (the engine's total and per-layer LCA from one product): the same sums, and the rows' sums
+    x64 = x.double()  # the engine's per-parameter LCA is float64
+    layer, total = sums.with_total(x64[3].cuda())
+    torch.testing.assert_close(layer.cpu(), ref[3], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(total.cpu(), x64[3].sum(), rtol=1e-12, atol=1e-12)
+    layer, total = sums.with_total(x64.cuda())
+    torch.testing.assert_close(layer.cpu(), ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(total.cpu(), x64.sum(1), rtol=1e-12, atol=1e-12)

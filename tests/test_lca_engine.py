@@ -213,6 +213,14 @@ def test_layer_sums_match_float64_reference(layout, dense, lead, monkeypatch):
     # 0/1 entries (the reducer's helped/hurt rows) are counted exactly
     b = (x > 0).astype(np.int8)
     np.testing.assert_array_equal(sums(torch.from_numpy(b)).numpy(), _layer_sums_reference(b, index, n))
+    # with_total: the same sums and the whole rows' sums, from one product (the engine's total)
+    layer, total = sums.with_total(torch.from_numpy(x))
+    assert layer.dtype == total.dtype == torch.float64 and layer.shape == (*lead, n) and total.shape == lead
+    np.testing.assert_allclose(layer.numpy(), _layer_sums_reference(x, index, n), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(total.numpy(), x.astype(np.float64).sum(-1), rtol=1e-12, atol=1e-12)
+    lb, tb = sums.with_total(torch.from_numpy(b))
+    np.testing.assert_array_equal(lb.numpy(), _layer_sums_reference(b, index, n))
+    np.testing.assert_array_equal(tb.numpy(), b.astype(np.float64).sum(-1))
 
 
 def test_layer_sums_take_the_membership_matrix_on_cuda_only_by_default(monkeypatch):
@@ -231,6 +239,8 @@ def test_layer_sums_reject_bad_shapes():
         LayerSums(torch.tensor([0, 1, 4]), 4)
     with pytest.raises(ValueError, match="expected"):
         LayerSums(torch.tensor([0, 1, 1]), 2)(torch.zeros(4))
+    with pytest.raises(ValueError, match="expected"):
+        LayerSums(torch.tensor([0, 1, 1]), 2).with_total(torch.zeros(4))
 
 
 @pytest.mark.parametrize(
@@ -402,6 +412,52 @@ def test_batched_trajectory_equals_step_by_step(method, block):
         torch.testing.assert_close(s.grad0, r.grad0, rtol=1e-9, atol=1e-13)
     # the endpoint cache is left at θ_n, as after step-by-step use
     assert eng.cached_point["L"].item() == pytest.approx(ref_engine.cached_point["L"].item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("method", ["first_order", "trapezoid", "rk4"])
+@pytest.mark.parametrize("way", ["prefix", "dense", "index_add"])
+def test_engine_layer_sums_come_with_the_total_and_conserve(method, way, monkeypatch):
+    """With ``layer_sums`` every step carries its per-layer LCA (``StepLCA.layer``), the total taken from
+    the same product: online in train.py's pipelined order and batched (recompute), every way LayerSums
+    takes. Against float64 per-layer sums of ``param``, the plain engine's numbers and decisions, and ΔL."""
+    model, x, y = _tanh_problem()
+    fbl = FullBatchLoss(model, x, y, chunk_size=80)
+    th = _trajectory(fbl, 9, 0.02)
+    # weight₀ → 0, bias₀ → 1, weight₁ → 2, bias₁ → 0: a layer in two runs, as a prefix index can have
+    index = torch.repeat_interleave(torch.tensor([0, 1, 2, 0]), torch.tensor(fbl.numels))
+    if way == "index_add":
+        monkeypatch.setattr(LayerSums, "MAX_MATRIX", 1)
+        monkeypatch.setattr(LayerSums, "MAX_DENSE", 1)
+    sums = LayerSums(index, 3, dense=way == "dense")
+    assert sums.strategy == way
+    tol = 1e-5
+    plain, _ = pipelined_steps(LCAEngine(fbl, method, tolerance=tol, max_splits=64), th)
+    online, _ = pipelined_steps(LCAEngine(fbl, method, tolerance=tol, max_splits=64, layer_sums=sums), th)
+    batched = list(LCAEngine(fbl, method, tolerance=tol, max_splits=64, layer_sums=sums).steps(th, 4))
+    assert all(p.layer is None for p in plain)
+    for got in (online, batched):
+        assert len(got) == len(plain) == 9
+        for p, s, a, b in zip(plain, got, th[:-1], th[1:]):
+            assert (s.splits, s.passes, s.converged) == (p.splits, p.passes, p.converged)
+            torch.testing.assert_close(s.param, p.param, rtol=1e-9, atol=1e-13)
+            ref = _layer_sums_reference(s.param.numpy(), index.numpy(), 3)
+            assert s.layer.dtype == torch.float64 and s.layer.shape == (3,)
+            np.testing.assert_allclose(s.layer.numpy(), ref, rtol=1e-12, atol=1e-15)
+            torch.testing.assert_close(s.total, s.param.sum(), rtol=1e-12, atol=1e-15)
+            torch.testing.assert_close(s.total, p.total, rtol=1e-9, atol=1e-13)
+            # conservation: the error is the total's, and converged steps are within the tolerance
+            dl = float(fbl.loss(b) - fbl.loss(a))
+            assert float(s.error) == pytest.approx(float(s.total) - dl, abs=1e-12)
+            assert not s.converged or abs(float(s.total) - dl) <= tol
+    if method != "first_order":  # first order is flagged, not refined: the tolerance binds the others
+        assert all(s.converged for s in online + batched)
+
+
+def test_engine_rejects_layer_sums_of_another_model():
+    model, x, y = _tanh_problem()
+    fbl = FullBatchLoss(model, x, y, chunk_size=80)
+    with pytest.raises(ValueError, match="entry_layer_index"):
+        LCAEngine(fbl, layer_sums=LayerSums(torch.zeros(fbl.n_params - 1, dtype=torch.long), 1))
 
 
 def test_batched_trajectory_float32_matches_float64_reference():

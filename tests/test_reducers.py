@@ -69,3 +69,16 @@ def test_run_file_reducers_match_stored_rows(tmp_path):
         motion = _changes(np.sign(np.diff(theta.astype(np.float64), axis=0)))
         np.testing.assert_array_equal(f["reduce/motion_changes"][:], motion)
         assert f["reduce/layer_frac_helping"].shape == (p.shape[0], 3)
+
+
+def test_reducer_shares_a_layer_sums_over_its_index_and_rejects_another():
+    """train.py hands the engine's LayerSums to the reducer (one membership matrix, not two)."""
+    from lca_lab.lca import LayerSums
+
+    index = torch.tensor([0, 0, 1, 2, 2])
+    shared = LayerSums(index, 3)
+    assert LCAReducer(index, 3, shared).layer_sums is shared
+    with pytest.raises(ValueError, match="reducer's index has 5 entries in 3 layers"):
+        LCAReducer(index, 3, LayerSums(index[:4], 3))
+    with pytest.raises(ValueError, match="into 4 layers"):
+        LCAReducer(index, 3, LayerSums(index, 4))

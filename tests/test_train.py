@@ -31,6 +31,8 @@ def test_conservation_on_real_digits(tmp_path):
         total = f["lca/total"][:]
         layer = f["lca/layer"][:]
         param = f["lca/param"][:]
+        plays = f["params/layer"][:]
+        sizes = [int(np.prod(eval(s.decode() if isinstance(s, bytes) else s))) for s in f["params/shapes"][:]]
         assert f.attrs["status"] == "complete"
         assert f.attrs["data_source"] == "mnist5k"
     # Every iteration within tolerance, or flagged as not converged at max splits.
@@ -42,6 +44,10 @@ def test_conservation_on_real_digits(tmp_path):
     assert s["cumulative_rel_error"] == pytest.approx(cum, rel=1e-6)
     np.testing.assert_allclose(layer.sum(1), total, atol=1e-9)
     np.testing.assert_allclose(param.astype(np.float64).sum(1), total, rtol=1e-4, atol=1e-5)
+    # each layer's LCA (the engine's, from the product that gives the total) = its entries' stored LCA
+    entry = np.repeat(plays, sizes)
+    by_layer = np.stack([param[:, entry == j].astype(np.float64).sum(1) for j in range(layer.shape[1])], 1)
+    np.testing.assert_allclose(by_layer, layer, rtol=1e-4, atol=1e-6)
     assert loss[-1] < loss[0] - 1.0  # it learned
     assert 0.4 < s["frac_helping"] < 0.8
     # The endpoint gradient is reused every iteration: passes per iteration = Simpson splits (2 → midpoint
