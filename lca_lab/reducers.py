@@ -39,6 +39,9 @@ class LCAReducer:
         # K as a device tensor: CUDA divides by a Python scalar as a multiplication by its reciprocal,
         # which can differ from the CPU's quotient in the last bit; a tensor divisor is a true division.
         self._n = self.layer_size.sum()
+        # [helping, hurting] counts → [helping, hurting, zero] = counts @ M + (0, 0, K): one kernel, exact
+        self._to_hhz = torch.tensor([[1.0, 0.0, -1.0], [0.0, 1.0, -1.0]], dtype=torch.float64, device=dev)
+        self._hhz_bias = torch.cat([torch.zeros(2, dtype=torch.float64, device=dev), self._n.reshape(1)])
         # Helped and hurt counters side by side ([2, K], one kernel updates both; named views of the rows).
         self._helped_hurt = torch.zeros(2, K, dtype=torch.int32, device=dev)
         self.helped, self.hurt = self._helped_hurt[0], self._helped_hurt[1]
@@ -79,14 +82,13 @@ class LCAReducer:
         and ``layer_frac_helping``, ``layer_frac_hurting`` ([n_layers], fractions of each layer's entries).
         """
         # Few, fused ops: on a GPU this runs every iteration and small nets are bound by kernel launches.
-        # (A NaN entry has sign 0 after the cast, so it counts as zero.)
-        sign = torch.sign(param).to(torch.int8)
-        hh = torch.stack([sign.clamp(max=0).neg_(), sign.clamp(min=0)])  # [2, K] 0/1: helped, hurt
+        # (A NaN entry is neither < 0 nor > 0, so it counts as zero.)
+        hh = torch.stack([param < 0, param > 0]).view(torch.int8)  # [2, K] 0/1: helped, hurt (a free view)
         self._helped_hurt += hh
         self._count_changes(torch.stack([delta, grad0.to(delta.dtype)]), self._last, self._changes)
         self.iterations += 1
         layer, tot = self.layer_sums.with_total(hh)  # [2, n_layers], [2] float64 counts (exact)
-        frac = torch.cat([tot, (self._n - tot.sum()).reshape(1)]) / self._n  # helping, hurting, zero
+        frac = torch.addmm(self._hhz_bias, tot[None], self._to_hhz)[0] / self._n  # helping, hurting, zero
         layer_frac = layer / self.layer_size
         return {
             "frac_helping": frac[0],

@@ -399,6 +399,8 @@ def test_layer_sums_on_cuda_match_float64_reference(net):
     b = (x > 0).to(torch.int8)
     counts = torch.zeros(10, len(groups), dtype=torch.float64).index_add_(1, index, b.double())
     assert torch.equal(sums(b.cuda()).cpu(), counts)
+    layer, total = sums.with_total((x > 0).cuda())  # the reducer's rows are bool
+    assert torch.equal(layer.cpu(), counts) and torch.equal(total.cpu(), counts.sum(1))
     # with_total (the engine's total and per-layer LCA from one product): the same sums, and the rows' sums
     x64 = x.double()  # the engine's per-parameter LCA is float64
     layer, total = sums.with_total(x64[3].cuda())

@@ -6,6 +6,7 @@ import pytest
 import torch
 from test_train import _cfg
 
+from lca_lab.lca import LayerSums
 from lca_lab.reducers import LCAReducer
 from lca_lab.train import run
 
@@ -20,13 +21,16 @@ def _changes(signs: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize("order", ["contiguous", "runs"])
-def test_reducer_counts_match_brute_force(order):
+@pytest.mark.parametrize("dense", [False, True])
+def test_reducer_counts_match_brute_force(order, dense):
     """``runs``: layer 0's entries in two runs around layer 1's (as a weight and a bias may lie), which
-    the per-layer counts' prefix sums must add up."""
+    the per-layer counts' prefix sums must add up; ``dense``: the one-product way LayerSums takes on CUDA.
+    A NaN entry of the LCA counts as zero."""
     g = torch.Generator().manual_seed(0)
     T, K = 30, 12
     param = torch.randn(T, K, generator=g, dtype=torch.float64)
     param[param.abs() < 0.3] = 0.0
+    param[4, 3] = float("nan")
     delta = torch.randn(T, K, generator=g, dtype=torch.float64)
     delta[:, 0] = 0.0  # a frozen entry never changes direction
     grad = torch.randn(T, K, generator=g, dtype=torch.float64)
@@ -34,7 +38,8 @@ def test_reducer_counts_match_brute_force(order):
     perm = torch.arange(K) if order == "contiguous" else torch.tensor([0, 1, 2, 5, 6, 7, 8, 9, 10, 11, 3, 4])
     param, delta, grad = param[:, perm], delta[:, perm], grad[:, perm]
     index = index[perm]
-    red = LCAReducer(index, 2)
+    red = LCAReducer(index, 2, LayerSums(index, 2, dense=dense))
+    assert red.layer_sums.strategy == ("dense" if dense else "prefix")
     views = [red.update(param[t], delta[t], grad[t]) for t in range(T)]
     res = {k: v.numpy() for k, v in red.result().items()}
     p = param.numpy()
@@ -49,7 +54,8 @@ def test_reducer_counts_match_brute_force(order):
     lh = np.stack([v["layer_frac_helping"].numpy() for v in views])
     np.testing.assert_allclose(lh[:, 1], (p[:, l1] < 0).mean(1))
     fz = np.array([float(v["frac_zero"]) for v in views])
-    np.testing.assert_allclose(fz, (p == 0).mean(1))
+    np.testing.assert_allclose(fz, ((p == 0) | np.isnan(p)).mean(1))
+    assert np.isnan(p).sum() == 1 and fz[4] > (p[4] == 0).mean()
     fu = np.array([float(v["frac_hurting"]) for v in views])
     np.testing.assert_allclose(fu, (p > 0).mean(1))
     lu = np.stack([v["layer_frac_hurting"].numpy() for v in views])
@@ -73,8 +79,6 @@ def test_run_file_reducers_match_stored_rows(tmp_path):
 
 def test_reducer_shares_a_layer_sums_over_its_index_and_rejects_another():
     """train.py hands the engine's LayerSums to the reducer (one membership matrix, not two)."""
-    from lca_lab.lca import LayerSums
-
     index = torch.tensor([0, 0, 1, 2, 2])
     shared = LayerSums(index, 3)
     assert LCAReducer(index, 3, shared).layer_sums is shared
