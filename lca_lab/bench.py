@@ -38,6 +38,9 @@ For every net × precision × method it measures, on synthetic data of the paper
   ``--profile DIR``: a ``torch.profiler`` table of 5 further engine iterations per row, for finding where
   an iteration's time goes (on CUDA by GPU time and by host time); with ``--storage`` also of the first
   stall pair's loops without and with the writer (``--flush-every`` further iterations each, one flush).
+* **ops per iteration** (``--count-ops``): ops per LCA iteration of the training loop (top-level ``aten``
+  ops other than views; on CUDA also kernel and graph launches), from two profiled runs
+  (:func:`ops_per_iteration`): what a launch-bound loop's time on a GPU is made of, counted on any machine.
 * **layer sums** (``--layer-sums``): per net, the per-layer sums every online iteration makes (the LCA
   by layer; the reducer's helping/hurting counts by layer) on the net's own layer index, by
   ``index_add_`` and by :class:`lca_lab.lca.LayerSums`, in µs per call (GPU kernel time on CUDA); and a
@@ -156,6 +159,7 @@ class BenchOptions:
     keep_param: bool = False  # keep per-iteration per-parameter LCA arrays in the result (tests)
     run: bool = True  # also time the real training loop (lca_lab.train.run) on synthetic data of the shape
     layer_sums: bool = False  # also time the per-layer sums (index_add_ against LayerSums) for each net
+    count_ops: bool = False  # also count the ops (and CUDA launches) per LCA iteration of the training loop
 
 
 # --cuda-graph / --cudnn-benchmark / --compile: the setting of each row
@@ -231,6 +235,10 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchOptions:
         "--layer-sums", action="store_true",
         help="also time the per-layer sums and counts for each net's layer index (index_add_ vs LayerSums)",
     )  # fmt: skip
+    p.add_argument(
+        "--count-ops", action="store_true",
+        help="also count ops (on CUDA: kernel and graph launches) per LCA iteration of python -m lca_lab",
+    )  # fmt: skip
     p.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"],
                    help="auto: on for conv nets on CUDA")  # fmt: skip
     p.add_argument("--tolerance", type=float, default=1e-3, help="engine tolerance, nats (default 1e-3)")
@@ -265,7 +273,7 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchOptions:
         cuda_graphs=ROW_SETTINGS[a.cuda_graph], cudnn_benchmarks=ROW_SETTINGS[a.cudnn_benchmark],
         compiles=ROW_SETTINGS[a.compile],
         storage_repeats=a.storage_repeats, profile_dir=a.profile_dir,
-        run=a.run, layer_sums=a.layer_sums,
+        run=a.run, layer_sums=a.layer_sums, count_ops=a.count_ops,
     )  # fmt: skip
     try:
         check_options(opts)
@@ -925,13 +933,104 @@ def run_rate(
     Returns ``run_s_per_it`` (median wall time of an LCA iteration: training step, LCA, reducers, per-layer
     sums and the run file's rows, per-parameter rows included), ``run_passes_per_it``, ``run_iters``.
     """
+    from .train import run
+
+    cfg = _run_cfg(net, precision, method, n_train, o, cuda_graph, cudnn_bm, compiled, o.warmup + o.iters)
+    with tempfile.TemporaryDirectory(prefix="lca_bench_run_") as tmp:
+        s = run(cfg, Path(tmp))
+    return {
+        "run_s_per_it": s["lca_s_per_iter"],
+        "run_passes_per_it": s["grad_passes_per_iter"],
+        "run_iters": s["lca_iters_timed"],
+    }
+
+
+# Ops that only make views or allocate: no kernel of their own.
+_NO_KERNEL = frozenset(
+    "aten::" + n
+    for n in (
+        "as_strided view slice select reshape expand unsqueeze squeeze empty empty_like empty_strided detach "
+        "detach_ alias resize_ t transpose _reshape_alias lift_fresh numpy_T contiguous _unsafe_view narrow "
+        "view_as split split_with_sizes unbind chunk flatten permute expand_as"
+    ).split()
+)
+_LAUNCHES = frozenset(
+    ["cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cudaGraphLaunch", "cudaMemcpyAsync"]
+)
+
+
+def ops_per_iteration(
+    net: str,
+    precision: str,
+    method: str,
+    n_train: int,
+    o: BenchOptions,
+    cuda_graph: bool,
+    cudnn_bm: bool = False,
+    compiled: bool = False,
+    iters: int | None = None,
+) -> dict[str, float]:
+    """Ops per LCA iteration of the real training loop (``lca_lab.train.run``, set up as in :func:`run_rate`):
+    one epoch of ``iters`` (default ``o.flush_every``) and one of ``2 · iters`` iterations, every one with
+    LCA, each run under ``torch.profiler``; the difference of the counts divided by ``iters`` leaves out
+    the set-up and the end and keeps one flush of the run file per ``flush_every`` rows. Both runs take
+    the whole larger set (``2 · iters`` batches of synthetic data) as one chunk, so that a pass is the
+    same ops in both: for a net whose own chunking splits the set, the count is that of one chunk.
+
+    Returns ``run_ops_per_it``: top-level ``aten`` ops that are not views or allocations (each one kernel
+    launch or more on a GPU, where a small net's loop is bound by the launches); on CUDA also
+    ``run_launches_per_it``: the CUDA runtime's kernel launches, graph launches and async copies.
+    """
+    from .train import run
+
+    n = int(iters or o.flush_every)
+    batch = NET_SPECS[net]["batch"]
+
+    def count(n_lca: int) -> tuple[int, int]:
+        whole = 2 * n * batch
+        cfg = _run_cfg(net, precision, method, n_lca * batch, o, cuda_graph, cudnn_bm, compiled, n_lca, whole)
+        acts = [torch.profiler.ProfilerActivity.CPU]
+        if o.device.startswith("cuda"):
+            acts.append(torch.profiler.ProfilerActivity.CUDA)
+        with tempfile.TemporaryDirectory(prefix="lca_bench_ops_") as tmp:
+            with torch.profiler.profile(activities=acts) as prof:
+                run(cfg, Path(tmp))
+        n_ops = n_launch = 0
+        for e in prof.events():
+            if e.name in _LAUNCHES:
+                n_launch += 1
+            elif e.name.startswith("aten::") and e.name not in _NO_KERNEL:
+                par = e.cpu_parent
+                while par is not None and not par.name.startswith("aten::"):
+                    par = par.cpu_parent
+                n_ops += par is None
+        return n_ops, n_launch
+
+    (o1, l1), (o2, l2) = count(n), count(2 * n)
+    out = {"run_ops_per_it": (o2 - o1) / n}
+    if o.device.startswith("cuda"):
+        out["run_launches_per_it"] = (l2 - l1) / n
+    return out
+
+
+def _run_cfg(
+    net: str,
+    precision: str,
+    method: str,
+    n_train: int,
+    o: BenchOptions,
+    cuda_graph: bool,
+    cudnn_bm: bool,
+    compiled: bool,
+    n_lca: int,
+    chunk: int | str | None = None,
+) -> dict[str, Any]:
+    """The configuration of :func:`run_rate`'s run (``python -m lca_lab`` as composed by Hydra), with LCA
+    over its first ``n_lca`` iterations, and the engine's chunk size ``chunk`` (default ``o.chunk_size``)."""
     from hydra import compose, initialize_config_dir  # the run's own configuration, as the CLI composes it
     from omegaconf import OmegaConf
 
-    from .train import run
-
     spec = NET_SPECS[net]
-    n_lca = o.warmup + o.iters
     batch = min(spec["batch"], n_train)
     epochs = math.ceil(n_lca / math.ceil(n_train / batch))
     cl = {"auto": "auto", "on": "true", "off": "false"}[o.channels_last]
@@ -943,19 +1042,13 @@ def run_rate(
         f"lca.cuda_graph={str(cuda_graph).lower()}", f"lca.cudnn_benchmark={str(cudnn_bm).lower()}",
         f"lca.compile={str(compiled).lower()}",
         f"lca.tolerance={o.tolerance}",
-        f"lca.max_splits={o.max_splits}", f"lca.chunk_size={o.chunk_size}", f"lca.channels_last={cl}",
+        f"lca.max_splits={o.max_splits}", f"lca.chunk_size={chunk or o.chunk_size}",
+        f"lca.channels_last={cl}",
         f"lca.window=[0,{n_lca}]", f"store.flush_every={o.flush_every}",
     ]  # fmt: skip
     conf = str(Path(__file__).resolve().parents[1] / "conf")
     with initialize_config_dir(config_dir=conf, version_base="1.3"):
-        cfg = OmegaConf.to_container(compose(config_name="config", overrides=overrides), resolve=True)
-    with tempfile.TemporaryDirectory(prefix="lca_bench_run_") as tmp:
-        s = run(cfg, Path(tmp))
-    return {
-        "run_s_per_it": s["lca_s_per_iter"],
-        "run_passes_per_it": s["grad_passes_per_iter"],
-        "run_iters": s["lca_iters_timed"],
-    }
+        return OmegaConf.to_container(compose(config_name="config", overrides=overrides), resolve=True)
 
 
 def run_case(
@@ -1081,6 +1174,18 @@ def run_case(
         if o.run:
             log(f"{tag}: the training loop of python -m lca_lab, {o.warmup}+{o.iters} LCA iterations")
             row.update(run_rate(net, precision, method, len(x), o, cuda_graph, cudnn_bm, compiled))
+
+        if o.count_ops:
+            log(
+                f"{tag}: ops per LCA iteration of the training loop (profiled runs of {o.flush_every} and "
+                f"{2 * o.flush_every} iterations)"
+            )
+            row.update(ops_per_iteration(net, precision, method, len(x), o, cuda_graph, cudnn_bm, compiled))
+            launches = row.get("run_launches_per_it")
+            log(
+                f"{tag}: {row['run_ops_per_it']:.1f} ops per LCA iteration"
+                + (f", {launches:.1f} CUDA launches" if launches is not None else "")
+            )
 
         if o.storage:
             log(f"{tag}: storage stall, {o.storage_repeats} pairs of loops without/with the writer")

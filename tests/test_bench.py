@@ -406,3 +406,29 @@ def test_compile_and_cuda_graph_rows_are_refused_together():
     o = bench.BenchOptions(device="cuda", compiles=[True], cuda_graphs=[False, True])
     with pytest.raises(ValueError, match="give one of them as off"):
         bench.check_options(o)
+
+
+def test_count_ops_counts_the_training_loops_ops_per_iteration(monkeypatch):
+    """`--count-ops`: ops per LCA iteration of python -m lca_lab's loop, from two profiled runs. Three more
+    ops in every iteration's reducer update show as exactly three more per iteration."""
+    from lca_lab.reducers import LCAReducer
+
+    assert bench.parse_args(["--device", "cpu", "--count-ops"]).count_ops
+    o = bench.BenchOptions(
+        nets=["fc"], iters=1, warmup=0, n_train=N, naive=False, run=False, recompute_iters=0, limit_repeats=1,
+        methods=["rk4"], count_ops=True, flush_every=2,
+    )  # fmt: skip
+    base = bench.ops_per_iteration("fc", "fp32", "rk4", N, o, False, iters=2)
+    assert set(base) == {"run_ops_per_it"} and 50 < base["run_ops_per_it"] < 500  # CPU: no launch count
+    update = LCAReducer.update
+
+    def heavier(self, param, delta, grad0):
+        (param.abs() + 1.0).neg()  # three ops
+        return update(self, param, delta, grad0)
+
+    monkeypatch.setattr(LCAReducer, "update", heavier)
+    more = bench.ops_per_iteration("fc", "fp32", "rk4", N, o, False, iters=2)
+    assert more["run_ops_per_it"] == base["run_ops_per_it"] + 3
+    monkeypatch.setattr(LCAReducer, "update", update)
+    row = bench.run_bench(o)["rows"][0]
+    assert row["run_ops_per_it"] == base["run_ops_per_it"]
