@@ -963,7 +963,6 @@ def ops_per_iteration(
     net: str,
     precision: str,
     method: str,
-    n_train: int,
     o: BenchOptions,
     cuda_graph: bool,
     cudnn_bm: bool = False,
@@ -1180,7 +1179,7 @@ def run_case(
                 f"{tag}: ops per LCA iteration of the training loop (profiled runs of {o.flush_every} and "
                 f"{2 * o.flush_every} iterations)"
             )
-            row.update(ops_per_iteration(net, precision, method, len(x), o, cuda_graph, cudnn_bm, compiled))
+            row.update(ops_per_iteration(net, precision, method, o, cuda_graph, cudnn_bm, compiled))
             launches = row.get("run_launches_per_it")
             log(
                 f"{tag}: {row['run_ops_per_it']:.1f} ops per LCA iteration"

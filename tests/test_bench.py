@@ -418,7 +418,7 @@ def test_count_ops_counts_the_training_loops_ops_per_iteration(monkeypatch):
         nets=["fc"], iters=1, warmup=0, n_train=N, naive=False, run=False, recompute_iters=0, limit_repeats=1,
         methods=["rk4"], count_ops=True, flush_every=2,
     )  # fmt: skip
-    base = bench.ops_per_iteration("fc", "fp32", "rk4", N, o, False, iters=2)
+    base = bench.ops_per_iteration("fc", "fp32", "rk4", o, False, iters=2)
     assert set(base) == {"run_ops_per_it"} and 50 < base["run_ops_per_it"] < 500  # CPU: no launch count
     update = LCAReducer.update
 
@@ -427,7 +427,7 @@ def test_count_ops_counts_the_training_loops_ops_per_iteration(monkeypatch):
         return update(self, param, delta, grad0)
 
     monkeypatch.setattr(LCAReducer, "update", heavier)
-    more = bench.ops_per_iteration("fc", "fp32", "rk4", N, o, False, iters=2)
+    more = bench.ops_per_iteration("fc", "fp32", "rk4", o, False, iters=2)
     assert more["run_ops_per_it"] == base["run_ops_per_it"] + 3
     monkeypatch.setattr(LCAReducer, "update", update)
     row = bench.run_bench(o)["rows"][0]
