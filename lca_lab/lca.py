@@ -1010,7 +1010,7 @@ class LayerSums:
         dev = index.device
         self._index = index.detach().reshape(-1).long()
         self._dense = self._ends = self._w = self._first = None
-        self._plus_total: tuple[torch.Tensor, torch.Tensor | None] | None = None  # built by with_total
+        self._plus_total: tuple | None = None  # (dense, w, first) with the whole-row column, by with_total
         self.strategy = "index_add"
         if dense is None:  # on the CPU nothing is launch-bound: there the product measured slower
             dense = dev.type == "cuda"
@@ -1041,22 +1041,29 @@ class LayerSums:
         The whole row is one more column of the membership matrix (``"dense"``) or of the run matrix
         (``"prefix"``: the prefix sum at the row's last entry), so both come from one product: the kernels
         of ``__call__``, none more. ``"index_add"`` adds a ``sum``. The total is then the product's (or the
-        prefix sum's) float64 sum, not ``x.sum()``'s; they differ by rounding (≈ K·2⁻⁵³ of Σ|x|).
+        prefix sum's) float64 sum, not ``x.sum()``'s; they differ by rounding (≈ K·2⁻⁵³ of Σ|x|). The
+        matrix with the extra column is built at the first call (for ``"dense"`` a second membership
+        matrix, at most ``MAX_DENSE`` + K entries).
         """
         if self._plus_total is None:
-            if self._dense is not None:
-                ones = torch.ones(self.K, 1, dtype=torch.float64, device=self._dense.device)
-                self._plus_total = (torch.cat([self._dense, ones], 1), None)
-            elif self._w is not None:
-                last = torch.zeros(self._w.shape[0], 1, dtype=torch.float64, device=self._w.device)
-                last[-1] = 1.0  # Σ_s C[e_s]·([s in all] − [s+1 in all]) = C[e_last], the row's sum
-                w = torch.cat([self._w, last], 1)
-                self._plus_total = (w, w.sum(0))
-        if self._plus_total is None:  # index_add_, or no entries
+            self._plus_total = self._with_total_column()
+        dense, w, first = self._plus_total
+        if dense is None and w is None:  # index_add_, or no entries
             return self(x), x.sum(-1, dtype=torch.float64)
-        m, first = self._plus_total
-        both = self._sums(x, m if first is None else None, m if first is not None else None, first)
+        both = self._sums(x, dense, w, first)
         return both[..., : self.n_layers], both[..., self.n_layers]
+
+    def _with_total_column(self) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """(dense, w, first) of ``_sums`` with one more column that sums the whole row."""
+        if self._dense is not None:
+            ones = torch.ones(self.K, 1, dtype=torch.float64, device=self._dense.device)
+            return torch.cat([self._dense, ones], 1), None, None
+        if self._w is not None:
+            last = torch.zeros(self._w.shape[0], 1, dtype=torch.float64, device=self._w.device)
+            last[-1] = 1.0  # Σ_s C[e_s]·([s in all] − [s+1 in all]) = C[e_last], the row's sum
+            w = torch.cat([self._w, last], 1)
+            return None, w, w.sum(0)
+        return None, None, None
 
     def _sums(
         self, x: torch.Tensor, dense: torch.Tensor | None, w: torch.Tensor | None, first: torch.Tensor | None
