@@ -55,6 +55,7 @@ import os
 import re
 import threading
 import time
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -63,6 +64,9 @@ from typing import Any
 import h5py
 import numpy as np
 import torch
+
+from .file_process import FileProcess, write_all
+from .file_process import write_rows as _write_rows
 
 __all__ = [
     "EVAL_NAMES",
@@ -195,24 +199,6 @@ def _from_attr(value: Any) -> Any:
     return value
 
 
-def _open_swmr_write(path: Path) -> h5py.File:
-    """Open an existing run file for appending, directly in SWMR-write mode.
-
-    Opening with ``ACC_SWMR_WRITE`` (rather than ``r+`` then ``swmr_mode = True``) marks the file as
-    SWMR-written from the first byte written, so there is no instant at which a kill leaves the file
-    flagged as a plain, possibly inconsistent write. File locking is off because a reader that holds
-    the file open (a notebook) must never make the training run fail at its next flush.
-    """
-    fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
-    fapl.set_libver_bounds(h5py.h5f.LIBVER_V110, h5py.h5f.LIBVER_LATEST)
-    fapl.set_file_locking(False, True)
-    # No chunk cache: every flush writes whole new rows, so caching chunks only adds a memcpy (and a
-    # read-modify-write of partly filled chunks); uncached uncompressed chunks are written in place.
-    fapl.set_cache(0, 0, 0, 0.75)
-    fid = h5py.h5f.open(os.fsencode(path), h5py.h5f.ACC_RDWR | h5py.h5f.ACC_SWMR_WRITE, fapl=fapl)
-    return h5py.File(fid)
-
-
 def _open_plain_write(path: Path) -> h5py.File:
     """Open for structural changes (new datasets, attributes), which SWMR mode does not allow."""
     return h5py.File(path, "r+", libver=("v110", "latest"), locking=False)
@@ -331,9 +317,14 @@ class _InFlight:
             self.event.record()
         self.dtype = dtype
 
-    def resolve(self) -> np.ndarray:
+    def wait(self) -> None:
+        """Wait for the copy (and for every copy queued before it on the same stream)."""
         if self.event is not None:
             self.event.synchronize()
+            self.event = None
+
+    def resolve(self) -> np.ndarray:
+        self.wait()
         return np.ascontiguousarray(self.host.numpy(), dtype=self.dtype)
 
     def release(self) -> None:
@@ -441,6 +432,10 @@ class RunWriter:
             non-blocking copy into pinned memory and the training thread never waits for the copy or
             the disk (for GPU runs; the file's contents are identical). A write error surfaces at the
             next flush or at ``close``, and the rows that failed are retried there.
+        file_process: with ``background``, the writer thread hands each flush to a child process that
+            does the HDF5 writes (:mod:`lca_lab.file_process`), so that h5py's calls never take the
+            training process's GIL: where a GPU loop is bound by its Python thread (small nets), every
+            GIL hand-over to a writer thread pauses the loop. The file's contents are identical.
         resume: continue an existing file instead of creating one: dataset name -> committed row count,
             as returned by :meth:`committed_rows` when a checkpoint was taken. Every resizable dataset
             is truncated to its count (rows written after the checkpoint are dropped), datasets created
@@ -466,6 +461,7 @@ class RunWriter:
         expected_rows: int | None = None,
         overwrite: bool = False,
         background: bool = False,
+        file_process: bool = False,
         resume: Mapping[str, int] | None = None,
     ) -> None:
         if not (len(param_names) == len(param_shapes) == len(param_layer)):
@@ -517,6 +513,14 @@ class RunWriter:
             self._create(attrs, overwrite)
         else:
             self._reopen(resume)
+        self._file_process: FileProcess | None = None
+        if background and file_process:
+            # shared memory for one flush's large rows (per-parameter LCA, the trajectory)
+            wide = self.per_param + self.trajectory
+            try:
+                self._file_process = FileProcess(wide * (self.flush_every + 1) * self.n_params * 4)
+            except OSError as err:  # no shared memory, no subprocess: the writer thread writes itself
+                warnings.warn(f"{err}; the run file is written by the writer thread instead", stacklevel=2)
 
     # -- layout -------------------------------------------------------------------------------------------
 
@@ -832,14 +836,34 @@ class RunWriter:
                 flight.release()
 
     def _write_job(self, job: dict[str, Any]) -> None:
+        flights = job["flights"]
+        if flights:  # copies queued in order on one stream: the last one's event covers them all
+            flights[-1].wait()
+            for flight in flights[:-1]:
+                flight.event = None  # no second wait (each is a round trip of the GIL)
         for group in ("lca", "series"):
             job[group] = {k: _resolve(v) for k, v in job[group].items()}
         for k in ("loss", "theta"):
             job[k] = _resolve(job[k]) if job[k] is not None else None
         lca, evals, series = job["lca"], job["evals"], job["series"]
         self._create_missing(evals, series)
+        writes: list[tuple[str, int, np.ndarray]] = []
+        if job["loss"] is not None:
+            writes.append(("train/loss", job["n_loss"], job["loss"]))
+        if job["theta"] is not None:
+            writes.append(("trajectory/theta", job["n_loss"], job["theta"]))
+        writes += [(k, job["n_series"][k], arr) for k, arr in series.items()]
+        # value series first: eval/iteration's length commits the rows
+        writes += [(k, job["n_eval"], arr) for k, arr in evals.items() if k != "eval/iteration"]
+        if evals:
+            writes.append(("eval/iteration", job["n_eval"], evals["eval/iteration"]))
+        # lca/iteration last: its length is the committed row count readers trust.
+        writes += [(f"lca/{field}", job["n_lca"], lca[field]) for field in _LCA_FIELDS if field in lca]
+        if self._file_process is not None:
+            self._file_process.write(self.path, writes)
+            return
         try:
-            f = _open_swmr_write(self.path)
+            write_all(self.path, writes, _write_rows)
         except OSError as err:
             if "already open for read-only" not in str(err):
                 raise
@@ -848,22 +872,6 @@ class RunWriter:
                 "HDF5 cannot also open it for writing in the same process. Close the reader first; "
                 "the buffered rows are kept and the next flush writes them."
             ) from err
-        with f:
-            if job["loss"] is not None:
-                _write_rows(f["train/loss"], job["n_loss"], job["loss"])
-            if job["theta"] is not None:
-                _write_rows(f["trajectory/theta"], job["n_loss"], job["theta"])
-            for k, arr in series.items():
-                _write_rows(f[k], job["n_series"][k], arr)
-            for k, arr in evals.items():
-                if k != "eval/iteration":  # value series first: eval/iteration's length commits the rows
-                    _write_rows(f[k], job["n_eval"], arr)
-            if evals:
-                _write_rows(f["eval/iteration"], job["n_eval"], evals["eval/iteration"])
-            # lca/iteration last: its length is the committed row count readers trust.
-            for field in _LCA_FIELDS:
-                if field in lca:
-                    _write_rows(f[f"lca/{field}"], job["n_lca"], lca[field])
 
     def _convert_lca(self, in_flight: _StagingPool | None = None) -> dict[str, Any]:
         r = self._rows
@@ -963,6 +971,8 @@ class RunWriter:
         finally:
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
+            if self._file_process is not None:
+                self._file_process.close()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -985,20 +995,6 @@ class RunWriter:
             self._jobs.clear()  # keep the original exception; record that rows were lost too
             status += f" (flushing buffered rows failed too: {type(err).__name__}: {err})"
         self._finish(status)
-
-
-def _write_rows(ds: h5py.Dataset, offset: int, arr: np.ndarray) -> None:
-    """Write ``arr`` as rows ``offset:offset+len(arr)`` of ``ds``, growing it as needed."""
-    end = offset + arr.shape[0]
-    if ds.shape[0] < end:
-        ds.resize(end, axis=0)
-    # Slabs of ≤ 8 MB: a writer thread must not keep the training thread from launching kernels for longer
-    # than one slab takes where h5py holds the GIL during a write. (h5py 3.16 releases it: a thread
-    # sleeping 50 µs at a time woke every ~0.1 ms through 25 ms writes of 16.8 MB; older builds may not.)
-    row_bytes = max(arr[:1].nbytes, 1)
-    step = max(1, (8 << 20) // row_bytes)
-    for s0 in range(0, arr.shape[0], step):
-        ds[offset + s0 : min(offset + s0 + step, end)] = arr[s0 : s0 + step]
 
 
 # ----------------------------------------------------------------------------------------------------------

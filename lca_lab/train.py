@@ -353,6 +353,7 @@ def _run(
         expected_rows=n_rows,
         n_classes=data.n_classes if per_class and lca_on else None,
         background=device.type == "cuda",  # rows leave the GPU without stalling it (writer thread)
+        file_process=device.type == "cuda",  # and HDF5 is written by a child process, outside our GIL
         overwrite=mode == "restart",
         resume=ck["rows"] if ck is not None else None,
     )

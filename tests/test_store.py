@@ -93,12 +93,13 @@ def _write(
         )
 
 
-@pytest.mark.parametrize("background", [False, True])
+@pytest.mark.parametrize("background", [False, True, "process"])  # process: train.py's way on a GPU
 @pytest.mark.parametrize("as_tensors", [False, True])
-def test_round_trip(tmp_path: Path, as_tensors: bool, background: bool) -> None:
+def test_round_trip(tmp_path: Path, as_tensors: bool, background: bool | str) -> None:
     d = _rows(23)
     path = tmp_path / "lca.h5"
-    with _writer(path, flush_every=5, trajectory=True, background=background) as w:
+    bg = {"background": bool(background), "file_process": background == "process"}
+    with _writer(path, flush_every=5, trajectory=True, **bg) as w:
         _write(w, d, as_tensors=as_tensors, trajectory=True)
         w.append_eval(0, test_loss=2.5, test_acc=0.1)
         w.append_eval(10, test_loss=torch.tensor(1.5), test_acc=0.6, train_acc=0.7)
@@ -431,31 +432,38 @@ def test_background_writer_casts_float64_gpu_rows_on_the_device(tmp_path: Path) 
     cast per flush); the file equals the blocking writer's and the rows rounded once to float32."""
     g = torch.Generator().manual_seed(0)
     params = [torch.randn(K, dtype=torch.float64, generator=g).cuda() for _ in range(7)]
-    for bg in (False, True):
-        with _writer(tmp_path / f"{bg}.h5", flush_every=3, background=bg) as w:
+    for bg, proc in ((False, False), (True, False), (True, True)):  # plain, writer thread, its process
+        with _writer(tmp_path / f"{bg}{proc}.h5", flush_every=3, background=bg, file_process=proc) as w:
             w.write_initial(torch.tensor(1.0, dtype=torch.float64, device="cuda"))
             for t, p in enumerate(params):
                 layer = torch.stack([p[:3].sum(), p[3:].sum()])
                 w.append(t, p.sum(), p.sum(), p[0], 2, True, layer, p, copy=False)
                 assert t % 3 == 2 or w._rows["param"][-1].dtype == torch.float64  # uncast until flushed
-    a, b = _datasets(tmp_path / "False.h5"), _datasets(tmp_path / "True.h5")
-    for k in a:
-        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
-    np.testing.assert_array_equal(b["lca/param"], torch.stack(params).float().cpu().numpy())
+    a = _datasets(tmp_path / "FalseFalse.h5")
+    for name in ("TrueFalse.h5", "TrueTrue.h5"):
+        b = _datasets(tmp_path / name)
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=f"{name}: {k}")
+        np.testing.assert_array_equal(b["lca/param"], torch.stack(params).float().cpu().numpy())
 
 
 @pytest.mark.gpu
 def test_background_writer_from_gpu_rows_equals_blocking_writer(tmp_path: Path) -> None:
-    """The fast path (pinned, non-blocking copies; writer thread) writes exactly what the plain path does."""
+    """The fast path (pinned, non-blocking copies; writer thread, and its child process as train.py uses it)
+    writes exactly what the plain path does."""
     d = _rows(23)
     cuda = {k: torch.as_tensor(v).cuda() for k, v in d.items()}
-    for bg in (False, True):
-        with _writer(tmp_path / f"{bg}.h5", flush_every=5, trajectory=True, background=bg) as w:
+    for bg, proc in ((False, False), (True, False), (True, True)):  # plain, writer thread, its process
+        with _writer(
+            tmp_path / f"{bg}{proc}.h5", flush_every=5, trajectory=True, background=bg, file_process=proc
+        ) as w:
             _write(w, cuda, as_tensors=True, trajectory=True)
-    a, b = _datasets(tmp_path / "False.h5"), _datasets(tmp_path / "True.h5")
-    assert a.keys() == b.keys()
-    for k in a:
-        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    a = _datasets(tmp_path / "FalseFalse.h5")
+    for name in ("TrueFalse.h5", "TrueTrue.h5"):
+        b = _datasets(tmp_path / name)
+        assert a.keys() == b.keys()
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=f"{name}: {k}")
 
 
 def test_copy_false_buffers_fresh_tensors_and_copy_true_snapshots_reused_ones(
