@@ -29,7 +29,9 @@ For every net × precision × method it measures, on synthetic data of the paper
 * **storage stall** (``--storage``): the engine loop without and with per-parameter rows written through
   :class:`lca_lab.store.RunWriter`, in ``--storage-repeats`` pairs of loops run alternately; the median
   over pairs of (mean time per iteration with storage ÷ without − 1), and the same from median times
-  (what every iteration pays; the rest is the few iterations that flush).
+  (what every iteration pays; the rest is the few iterations that flush). On a GPU the writer does its
+  HDF5 calls in a child process, as ``train.py`` does; ``--writer thread|both`` measures the writer
+  thread's own HDF5 calls instead or as well, in the same repeats (JSON ``storage_thread_*``).
 * ``--cuda-graph on|both``: rows with each full-data pass replayed as one CUDA graph (``lca.cuda_graph``);
   ``--cudnn-benchmark on|both``: rows with cuDNN's autotuner on for the engine's passes
   (``lca.cudnn_benchmark``; the naive baseline keeps PyTorch's default, off, as first written);
@@ -155,11 +157,14 @@ class BenchOptions:
     cudnn_benchmarks: list[bool] = field(default_factory=lambda: [False])  # rows with lca.cudnn_benchmark
     compiles: list[bool] = field(default_factory=lambda: [False])  # rows with lca.compile off/on
     storage_repeats: int = 3  # on/off loop pairs for the storage stall
+    # --storage on a GPU: the run writer's HDF5 writes in a child process (as train.py) and/or its thread
+    writers: list[str] = field(default_factory=lambda: ["process"])
     profile_dir: str | None = None  # write a torch.profiler table of a few engine iterations per row
     keep_param: bool = False  # keep per-iteration per-parameter LCA arrays in the result (tests)
     run: bool = True  # also time the real training loop (lca_lab.train.run) on synthetic data of the shape
     layer_sums: bool = False  # also time the per-layer sums (index_add_ against LayerSums) for each net
     count_ops: bool = False  # also count the ops (and CUDA launches) per LCA iteration of the training loop
+    writer_pauses: bool = False  # also measure the pauses the run writer's flushes cause a busy Python thread
 
 
 # --cuda-graph / --cudnn-benchmark / --compile: the setting of each row
@@ -220,6 +225,15 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchOptions:
         "both: a row for each",
     )  # fmt: skip
     p.add_argument(
+        "--writer-pauses", action="store_true",
+        help="also measure the pauses the run writer's flushes cause a busy Python thread (per --writer)",
+    )  # fmt: skip
+    p.add_argument(
+        "--writer", choices=["process", "thread", "both"], default="process",
+        help="with --storage on a GPU: HDF5 writes in a child process (as train.py), in the writer thread, "
+        "or both side by side (default process)",
+    )  # fmt: skip
+    p.add_argument(
         "--storage-repeats", type=int, default=3,
         help="with --storage: pairs of loops without/with the writer, run alternately",
     )  # fmt: skip
@@ -273,7 +287,8 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchOptions:
         cuda_graphs=ROW_SETTINGS[a.cuda_graph], cudnn_benchmarks=ROW_SETTINGS[a.cudnn_benchmark],
         compiles=ROW_SETTINGS[a.compile],
         storage_repeats=a.storage_repeats, profile_dir=a.profile_dir,
-        run=a.run, layer_sums=a.layer_sums, count_ops=a.count_ops,
+        writers=["process", "thread"] if a.writer == "both" else [a.writer],
+        run=a.run, layer_sums=a.layer_sums, count_ops=a.count_ops, writer_pauses=a.writer_pauses,
     )  # fmt: skip
     try:
         check_options(opts)
@@ -512,6 +527,7 @@ def engine_loop(
     channels_last: bool,
     writer_dir: str | None = None,
     cuda_graph: bool = False,
+    file_process: bool = True,
     profile_path: str | None = None,
     cudnn_bm: bool = False,
     compiled: bool = False,
@@ -523,7 +539,8 @@ def engine_loop(
     ``splits``, ``error``, ``total``, ``loss0``, ``loss1`` [iters] (host lists, float64 where numeric),
     ``thetas`` (the ``iters + 1`` flat parameter vectors θ_t of the measured segment, on the device),
     ``chunk_size`` (as the engine reports it), ``model`` and, with ``o.keep_param``, ``param``
-    [iters, K] float64 numpy. With ``writer_dir``, rows (per-parameter included) go to a run file there.
+    [iters, K] float64 numpy. With ``writer_dir``, rows (per-parameter included) go to a run file there
+    (on a GPU by the writer thread and, with ``file_process``, its child process, as in ``train.py``).
     """
     device = x.device
     spec = NET_SPECS[net]
@@ -564,6 +581,7 @@ def engine_loop(
             flush_every=o.flush_every,
             expected_rows=n_total + n_extra,
             background=device.type == "cuda",  # as train.py: rows leave the GPU without a blocking copy
+            file_process=file_process,  # as train.py: HDF5 calls outside this process's GIL
         )
 
     model.train()
@@ -862,7 +880,10 @@ def storage_stall(
     times (without, with, without, with, …), so that drift of the machine (clocks, other jobs) falls on
     both sides alike. Each loop is a fresh run of the same iterations; per pair, the stall is mean time per
     iteration with the writer ÷ without − 1; the order alternates between pairs (off-on, on-off, …). Returns
-    the median stall over pairs and every pair's.
+    the median stall over pairs and every pair's. With several writer kinds (``o.writers``: ``process``,
+    ``thread``; on the CPU the writer is synchronous, ``sync``) each repeat runs the loop without the writer
+    once and one loop per kind, in alternating order; the first kind's results have the plain
+    ``storage_*`` keys, a second's ``storage_<kind>_*``.
 
     The same from median iteration times (``storage_stall_median_pct``) is the cost every iteration pays
     (buffering the rows); what the mean-based stall has beyond it comes from the few iterations that flush
@@ -878,42 +899,53 @@ def storage_stall(
     (so that one flush falls inside) into ``<prefix>_storage_off.txt`` and ``<prefix>_storage_on.txt``.
     """
 
-    def loop(writer: bool, profile: bool) -> tuple[float, float]:
-        prof = f"{profile_prefix}_storage_{'on' if writer else 'off'}.txt" if profile else None
+    kinds = list(o.writers) if str(o.device).startswith("cuda") else ["sync"]  # CPU: train.py writes inline
+
+    def loop(kind: str | None, profile: bool) -> tuple[float, float]:
+        name = "off" if kind is None else "on" if kind == kinds[0] else f"on_{kind}"
+        prof = f"{profile_prefix}_storage_{name}.txt" if profile else None
         with tempfile.TemporaryDirectory(prefix="lca_bench_") as tmp:
-            wd = tmp if writer else None
             res = engine_loop(
-                net, x, y, method, o, cl, writer_dir=wd, cuda_graph=cuda_graph, cudnn_bm=cudnn_bm,
-                compiled=compiled, profile_path=prof, profile_iters=max(5, o.flush_every),
+                net, x, y, method, o, cl, writer_dir=tmp if kind else None, cuda_graph=cuda_graph,
+                file_process=kind == "process", cudnn_bm=cudnn_bm, compiled=compiled, profile_path=prof,
+                profile_iters=max(5, o.flush_every),
             )  # fmt: skip
-        if writer:
-            host.append(res["writer_host_s"])
+        if kind:
+            host[kind].append(res["writer_host_s"])
         return statistics.fmean(res["times"]), statistics.median(res["times"])
 
-    pairs, host = [], []
+    # per repeat: the loop without the writer and one per writer kind, in an order that alternates
+    # (off, a, b; b, a, off; …) so that a linear drift of the machine falls on every side alike
+    pairs: dict[str, list[tuple]] = {k: [] for k in kinds}
+    host: dict[str, list[list[float]]] = {k: [] for k in kinds}
     for j in range(o.storage_repeats):
-        profile = j == 0 and profile_prefix is not None
-        if j % 2:  # on, off: with off, on before it, a linear drift cancels over two pairs
-            on = loop(True, profile)
-            off = loop(False, profile)
-        else:
-            off = loop(False, profile)
-            on = loop(True, profile)
-        pairs.append((off, on, 100 * (on[0] / off[0] - 1), 100 * (on[1] / off[1] - 1)))
-    return {
-        "storage_off_mean_s_per_it": statistics.median(p[0][0] for p in pairs),
-        "storage_on_mean_s_per_it": statistics.median(p[1][0] for p in pairs),
-        "storage_stall_pct": statistics.median(p[2] for p in pairs),
-        "storage_stall_pct_pairs": [p[2] for p in pairs],
-        "storage_stall_ms": 1e3 * statistics.median(p[1][0] - p[0][0] for p in pairs),
-        "storage_stall_median_pct": statistics.median(p[3] for p in pairs),
-        "storage_stall_median_pct_pairs": [p[3] for p in pairs],
-        # the writer's path on the training thread (append and its flushes), ms per iteration
-        "storage_host_ms": 1e3 * statistics.median(statistics.fmean(h) for h in host) if all(host) else None,
-        "storage_host_median_ms": (
-            1e3 * statistics.median(statistics.median(h) for h in host) if all(host) else None
-        ),
-    }
+        order: list[str | None] = [None, *kinds]
+        if j % 2:
+            order.reverse()
+        times = {k: loop(k, j == 0 and profile_prefix is not None) for k in order}
+        off = times[None]
+        for k in kinds:
+            on = times[k]
+            pairs[k].append((off, on, 100 * (on[0] / off[0] - 1), 100 * (on[1] / off[1] - 1)))
+    out: dict[str, Any] = {"storage_writer": kinds[0]}
+    for i, k in enumerate(kinds):
+        pre = "storage_" if i == 0 else f"storage_{k}_"
+        ps, hs = pairs[k], host[k]
+        out.update({
+            f"{pre}off_mean_s_per_it": statistics.median(p[0][0] for p in ps),
+            f"{pre}on_mean_s_per_it": statistics.median(p[1][0] for p in ps),
+            f"{pre}stall_pct": statistics.median(p[2] for p in ps),
+            f"{pre}stall_pct_pairs": [p[2] for p in ps],
+            f"{pre}stall_ms": 1e3 * statistics.median(p[1][0] - p[0][0] for p in ps),
+            f"{pre}stall_median_pct": statistics.median(p[3] for p in ps),
+            f"{pre}stall_median_pct_pairs": [p[3] for p in ps],
+            # the writer's path on the training thread (append and its flushes), ms per iteration
+            f"{pre}host_ms": 1e3 * statistics.median(statistics.fmean(h) for h in hs) if all(hs) else None,
+            f"{pre}host_median_ms": (
+                1e3 * statistics.median(statistics.median(h) for h in hs) if all(hs) else None
+            ),
+        })  # fmt: skip
+    return out
 
 
 def run_rate(
@@ -1190,12 +1222,15 @@ def run_case(
             log(f"{tag}: storage stall, {o.storage_repeats} pairs of loops without/with the writer")
             prefix = os.path.join(o.profile_dir, tag.replace(" ", "_")) if o.profile_dir else None
             row.update(storage_stall(net, x, y, method, o, cl, cuda_graph, cudnn_bm, compiled, prefix))
-            if row["storage_host_ms"] is not None:
-                log(
-                    f"{tag}: stall {row['storage_stall_ms']:.3f} ms/it; the writer's path on the training "
-                    f"thread {row['storage_host_ms']:.3f} ms/it (median iteration "
-                    f"{row['storage_host_median_ms']:.3f})"
-                )
+            for i, kind in enumerate(o.writers if str(o.device).startswith("cuda") else ["sync"]):
+                pre = "storage_" if i == 0 else f"storage_{kind}_"
+                if row[f"{pre}host_ms"] is not None:
+                    log(
+                        f"{tag}: stall ({kind} writer) {row[f'{pre}stall_pct']:+.1f}/"
+                        f"{row[f'{pre}stall_median_pct']:+.1f}%, {row[f'{pre}stall_ms']:.3f} ms/it; the "
+                        f"writer's path on the training thread {row[f'{pre}host_ms']:.3f} ms/it (median "
+                        f"iteration {row[f'{pre}host_median_ms']:.3f})"
+                    )
         del eng
     return row
 
@@ -1236,6 +1271,111 @@ def run_bench(o: BenchOptions) -> dict[str, Any]:
     }
     if o.layer_sums:
         out["layer_sums"] = [layer_sums_cost(net, data[NET_SPECS[net]["data"]][0], o.seed) for net in o.nets]
+    if o.writer_pauses:
+        out["writer_pauses"] = [writer_pauses(net, data[NET_SPECS[net]["data"]][2], o) for net in o.nets]
+    return out
+
+
+def _python_work(n: int) -> int:
+    """``n`` steps of pure Python: a stand-in for a loop bound by its Python thread."""
+    s = 0
+    for i in range(n):
+        s += i
+    return s
+
+
+def writer_pauses(
+    net: str, x: torch.Tensor, o: BenchOptions, flushes: int = 20, iter_ms: float = 2.0, repeats: int = 5
+) -> dict[str, Any]:
+    """What the run writer's background flushes cost a training loop bound by its Python thread.
+
+    The loop's stand-in: per iteration ``iter_ms`` of pure Python (calibrated; a small net's GPU loop is
+    its Python thread launching kernels, which holds the GIL), then the ``append`` of one LCA row of
+    ``net``'s size (per-parameter float32 [K], per-layer, scalars; host rows, so the copy off a GPU is
+    not part of this) to a :class:`RunWriter` with ``background=True``; ``flushes × o.flush_every``
+    iterations. Its wall time against the same loop without a writer is what the writer cost it: the
+    training thread's own path (``append``, a flush's stacking) and every pause the writer's thread or
+    process caused it (the GIL handed over at each h5py call of a writer thread; on a machine with few
+    cores, the CPU time they take). Kinds (``o.writers``: HDF5 calls in the writer ``thread``, or in its
+    child ``process``) and the loop without alternate, ``repeats`` times.
+
+    Returns ``K``, ``flush_every``, ``iter_ms``, ``none_ms_per_it`` (the loop without, median) and per
+    kind ``<kind>_ms_per_flush`` (wall time with − without, per flush; median over repeats),
+    ``<kind>_pct`` (with ÷ without − 1, %; median) and ``<kind>_flush_ms`` (median wall time of a flush
+    in the writer's thread, the writing included).
+    """
+    from .store import RunWriter  # h5py only when asked
+
+    model = _build(net, tuple(x.shape[1:]), o.seed, torch.device("cpu"), False)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = layer_groups(model)
+    K = sum(p.numel() for _, p in named)
+    rng = np.random.default_rng(o.seed)
+    param = rng.standard_normal(K).astype(np.float32)
+    layer = rng.standard_normal(len(groups))
+    n_it = flushes * o.flush_every
+    probe = 100_000
+    rates = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        _python_work(probe)
+        rates.append((time.perf_counter() - t0) / probe)
+    n_work = max(1, int(iter_ms / 1e3 / statistics.median(rates)))
+
+    def loop(kind: str | None) -> tuple[float, list[float]]:
+        flush_s: list[float] = []
+        with tempfile.TemporaryDirectory(prefix="lca_bench_") as tmp:
+            writer = None
+            if kind is not None:
+                writer = RunWriter(
+                    os.path.join(tmp, "lca.h5"), param_names=[n for n, _ in named],
+                    param_shapes=[tuple(p.shape) for _, p in named], param_layer=param_layer_index(model),
+                    layer_names=[g[0] for g in groups], attrs={"config": "bench"}, flush_every=o.flush_every,
+                    expected_rows=n_it, background=True, file_process=kind == "process",
+                )  # fmt: skip
+                writer.write_initial(1.0)
+                writer._wait()  # the child started and row 0 written before the clock starts
+                write_jobs = writer._write_jobs
+
+                def timed_jobs() -> None:
+                    t0 = time.perf_counter()
+                    write_jobs()
+                    flush_s.append(time.perf_counter() - t0)
+
+                writer._write_jobs = timed_jobs  # type: ignore[method-assign]
+            t0 = time.perf_counter()
+            for it in range(n_it):
+                _python_work(n_work)
+                if writer is not None:
+                    writer.append(it, 1.0, 0.5, 1e-5, 1, True, layer, param)
+            elapsed = time.perf_counter() - t0
+            if writer is not None:
+                writer.close()
+        return elapsed, flush_s
+
+    kinds = list(o.writers)
+    res: dict[str | None, list[tuple[float, list[float]]]] = {k: [] for k in (None, *kinds)}
+    for j in range(repeats):
+        order: list[str | None] = [None, *kinds]
+        for k in order[::-1] if j % 2 else order:
+            res[k].append(loop(k))
+    none = [t for t, _ in res[None]]
+    out: dict[str, Any] = {
+        "net": net, "K": K, "flush_every": o.flush_every, "iter_ms": iter_ms, "flushes": flushes,
+        "none_ms_per_it": 1e3 * statistics.median(none) / n_it,
+    }  # fmt: skip
+    for k in kinds:
+        out[f"{k}_ms_per_flush"] = 1e3 * statistics.median(
+            (t - t0) / flushes for (t, _), t0 in zip(res[k], none, strict=True)
+        )
+        out[f"{k}_pct"] = 100 * statistics.median(t / t0 - 1 for (t, _), t0 in zip(res[k], none, strict=True))
+        out[f"{k}_flush_ms"] = 1e3 * statistics.median(s for _, fs in res[k] for s in fs[1:] or fs)
+    log(
+        f"{net}: a busy Python loop, {iter_ms:g} ms iterations, a flush every {o.flush_every} rows (K={K}): "
+        + ", ".join(
+            f"{k} {out[k + '_ms_per_flush']:+.2f} ms per flush ({out[k + '_pct']:+.2f} %)" for k in kinds
+        )
+    )
     return out
 
 
@@ -1389,7 +1529,7 @@ COLUMNS: list[tuple[str, str, Callable[[dict[str, Any]], str]]] = [
 def format_table(result: dict[str, Any]) -> str:
     """The result rows as a fixed-width text table with a header line naming the device."""
     cells = [[f(r) for _, _, f in COLUMNS] for r in result["rows"]]
-    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, (h, _, _) in enumerate(COLUMNS)]
+    widths = [max([len(h), *(len(c[i]) for c in cells)]) for i, (h, _, _) in enumerate(COLUMNS)]
 
     def line(vals: Sequence[str]) -> str:
         return "  ".join(format(v, f"{a}{w}") for v, (_, a, _), w in zip(vals, COLUMNS, widths))
@@ -1430,6 +1570,23 @@ def format_table(result: dict[str, Any]) -> str:
                     f"{cell(r, 'sum_then_layers')} / one product (with_total) {cell(r, 'with_total')}"
                     f"   total |diff| {r['total_abs_diff']:.1e}"
                 )
+    if result.get("writer_pauses"):
+        lines += [
+            "",
+            "the run writer's cost to a loop bound by its Python thread (--writer-pauses): wall time with "
+            "the writer − without, ms per flush and % (a flush's own time in the writer)",
+        ]
+        for r in result["writer_pauses"]:
+            kinds = [k.removesuffix("_flush_ms") for k in r if k.endswith("_flush_ms")]
+            lines.append(
+                f"{r['net']:<9} K={r['K']:<8} flush every {r['flush_every']} rows, "
+                f"{r['none_ms_per_it']:.2f} ms per iteration: "
+                + " / ".join(
+                    f"{k} {r[k + '_ms_per_flush']:+.2f} ms ({r[k + '_pct']:+.1f} %; "
+                    f"flush {r[k + '_flush_ms']:.1f} ms)"
+                    for k in kinds
+                )
+            )
     return "\n".join(lines)
 
 

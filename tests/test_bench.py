@@ -282,6 +282,57 @@ def test_storage_stall_separates_every_iteration_from_flush_spikes(monkeypatch):
     )
 
 
+def test_storage_stall_with_both_writers_runs_them_in_the_same_repeats(monkeypatch):
+    """`--writer both` on a GPU: each repeat runs the loop without the writer once and one loop per writer
+    kind, in alternating order; each kind is compared with the same repeat's loop without."""
+    calls = []
+    per_it = {None: 1.0, True: 1.1, False: 1.5}  # without / the child process / the writer thread
+
+    def engine_loop(*args, writer_dir=None, file_process=True, **kwargs):
+        kind = None if writer_dir is None else file_process
+        calls.append(kind)
+        host = [] if kind is None else [0.01 if kind else 0.02] * 4
+        return {"times": [per_it[kind]] * 4, "writer_host_s": host}
+
+    monkeypatch.setattr(bench, "engine_loop", engine_loop)
+    o = bench.BenchOptions(
+        nets=["fc"], storage=True, storage_repeats=2, device="cuda", writers=["process", "thread"]
+    )
+    r = bench.storage_stall("fc", None, None, "rk4", o, False, False)
+    assert calls == [None, True, False, False, True, None]
+    assert r["storage_writer"] == "process"
+    assert r["storage_stall_pct"] == pytest.approx(10.0) and r["storage_thread_stall_pct"] == pytest.approx(
+        50.0
+    )
+    assert r["storage_thread_stall_pct_pairs"] == pytest.approx([50.0, 50.0])
+    assert r["storage_host_ms"] == pytest.approx(10.0) and r["storage_thread_host_ms"] == pytest.approx(20.0)
+    # on the CPU train.py writes synchronously: one kind, whatever --writer says
+    calls.clear()
+    r = bench.storage_stall("fc", None, None, "rk4", dataclasses.replace(o, device="cpu"), False, False)
+    assert r["storage_writer"] == "sync" and "storage_thread_stall_pct" not in r and len(calls) == 4
+    assert bench.parse_args(["--device", "cpu", "--writer", "both"]).writers == ["process", "thread"]
+    assert bench.parse_args(["--device", "cpu"]).writers == ["process"]
+
+
+def test_writer_pauses_measures_each_writer_kind_on_the_nets_rows():
+    """`--writer-pauses`: a busy Python loop appends rows of the net's size through each writer kind and
+    without one; the result has the cost per flush and the flush times per kind, and a line in the table."""
+    assert bench.parse_args(["--device", "cpu", "--writer-pauses"]).writer_pauses
+    o = bench.BenchOptions(nets=["fc"], flush_every=3, writers=["thread", "process"])
+    x, _ = bench.make_data("mnist", 8, seed=0)
+    r = bench.writer_pauses("fc", x, o, flushes=2, iter_ms=1.0, repeats=1)
+    model = bench._build("fc", (1, 28, 28), 0, torch.device("cpu"), False)
+    assert r["K"] == sum(p.numel() for p in model.parameters()) and r["flush_every"] == 3
+    assert 0.3 < r["none_ms_per_it"] < 30  # the calibrated Python work: about iter_ms per iteration
+    for kind in ("thread", "process"):
+        assert math.isfinite(r[f"{kind}_ms_per_flush"]) and r[f"{kind}_flush_ms"] > 0
+        # both from the same loops: the per-flush cost and the percentage agree in sign
+        assert (r[f"{kind}_ms_per_flush"] > 0) == (r[f"{kind}_pct"] > 0)
+    table = bench.format_table({"device": "cpu", "torch": "x", "date": "d", "rows": [], "writer_pauses": [r],
+                                "options": {"warmup": 0, "iters": 0, "tolerance": 1e-3}})  # fmt: skip
+    assert f"process {r['process_ms_per_flush']:+.2f} ms" in table and f"K={r['K']}" in table
+
+
 def test_engine_loop_with_a_writer_stores_every_row_it_timed(tmp_path):
     import h5py
 
