@@ -3,12 +3,12 @@
 h5py 3.16 releases the GIL around its HDF5 calls, so a writer *thread* hands the GIL back and forth with
 the training thread at every call (a flush of the run file's ~10 per-row datasets makes dozens of them).
 Where the training loop is bound by the host (small nets on a GPU: the loop is the Python thread
-launching kernels), each hand-over is a pause of that thread. Measured on a 2-core VM with a thread that
-runs Python without a pause, flushing 50 rows of 84,060 float32 plus 8 scalar series: 16–20 ms of pauses
-of the busy thread per flush with the writer thread, 1.0 ms with this process (``/work`` scratch probe,
-see the README's storage notes). Here the training process's writer thread only copies the large arrays
-into a shared arena (``numpy.copyto``, one GIL release) and sends the list of writes down a pipe; this
-process opens the file in SWMR mode, writes, closes it and answers.
+launching kernels), each hand-over is a pause of that thread. Here the training process's writer thread
+only copies the large arrays into a shared arena (``numpy.copyto``, one GIL release) and sends the list of
+writes down a pipe; this process opens the file in SWMR mode, writes, closes it and answers.
+``python -m lca_lab.bench --writer-pauses --writer both`` measures what each way costs a busy Python loop
+per flush of MNIST-FC's 50 rows: 13.4 ms with the writer thread against 0.9 ms with this process on a
+2-core VM, 7.2 against 4.9 ms on an H200's host (2026-11-27; README, run F).
 
 Protocol (pickle over the child's stdin/stdout): a request is ``(path, [(dataset, row offset, array)])``
 where an array is a numpy array or ``("arena", byte offset, dtype str, shape)``, written in list order;

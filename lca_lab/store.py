@@ -44,7 +44,8 @@ Crash safety
 Concurrency
     Readers in other processes may hold the file open while a run writes (file locking is off on both
     sides; call :meth:`RunFile.refresh` to see new rows). In the *same* process HDF5 cannot open a file
-    for writing that is open read-only, so close a :class:`RunFile` before the writer's next flush.
+    for writing that is open read-only, so close a :class:`RunFile` before the writer's next flush (with
+    ``file_process``, as ``train.py`` writes on a GPU, the flushes happen in a child process instead).
 """
 
 from __future__ import annotations
