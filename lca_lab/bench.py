@@ -864,6 +864,12 @@ def batch_points_for(o: BenchOptions) -> int:
     return 64 if str(o.device).startswith("cuda") else 1
 
 
+def _storage_kinds(o: BenchOptions) -> list[str]:
+    """The writer kinds the storage stall times: ``o.writers`` on a GPU; on the CPU ``train.py`` writes
+    synchronously, one kind (``sync``)."""
+    return list(o.writers) if str(o.device).startswith("cuda") else ["sync"]
+
+
 def storage_stall(
     net: str,
     x: torch.Tensor,
@@ -899,7 +905,7 @@ def storage_stall(
     (so that one flush falls inside) into ``<prefix>_storage_off.txt`` and ``<prefix>_storage_on.txt``.
     """
 
-    kinds = list(o.writers) if str(o.device).startswith("cuda") else ["sync"]  # CPU: train.py writes inline
+    kinds = _storage_kinds(o)
 
     def loop(kind: str | None, profile: bool) -> tuple[float, float]:
         name = "off" if kind is None else "on" if kind == kinds[0] else f"on_{kind}"
@@ -1222,7 +1228,7 @@ def run_case(
             log(f"{tag}: storage stall, {o.storage_repeats} pairs of loops without/with the writer")
             prefix = os.path.join(o.profile_dir, tag.replace(" ", "_")) if o.profile_dir else None
             row.update(storage_stall(net, x, y, method, o, cl, cuda_graph, cudnn_bm, compiled, prefix))
-            for i, kind in enumerate(o.writers if str(o.device).startswith("cuda") else ["sync"]):
+            for i, kind in enumerate(_storage_kinds(o)):
                 pre = "storage_" if i == 0 else f"storage_{kind}_"
                 if row[f"{pre}host_ms"] is not None:
                     log(

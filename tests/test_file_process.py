@@ -238,3 +238,28 @@ def test_rows_in_flight_are_waited_for_once_per_flush(tmp_path: Path, monkeypatc
     # one wait per flush that had rows in flight, for its last copy (flushes of several rows each)
     assert len(last_of_each_flush) >= 3 and Flight.made > len(last_of_each_flush)
     assert waits == last_of_each_flush
+
+
+def test_no_room_for_the_arena_warns_with_the_fix_and_the_writer_thread_writes(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """A full /dev/shm is a clear error when the arena is reserved (not a SIGBUS later); the run goes on
+    with the writer thread doing the HDF5 calls, and the file is the same."""
+    from lca_lab import file_process
+
+    with pytest.raises(OSError, match="cannot reserve .* shared memory .* lower store.flush_every"):
+        file_process.FileProcess(10**15)  # more than any /dev/shm or temp folder holds
+    real = file_process.FileProcess
+    monkeypatch.setattr(store, "FileProcess", lambda nbytes: real(nbytes + 10**15))
+    rows = _rows(14)
+    with pytest.warns(UserWarning, match="cannot reserve .* written by the writer thread instead"):
+        w = _writer(tmp_path / "proc.h5", True)
+    assert w._file_process is None and w._pool is not None
+    w.write_initial(0.5)
+    _append(w, rows, 0, 14)
+    w.close()
+    ref = _writer(tmp_path / "ref.h5", False)
+    ref.write_initial(0.5)
+    _append(ref, rows, 0, 14)
+    ref.close()
+    _same_files(tmp_path / "ref.h5", tmp_path / "proc.h5")
