@@ -11,7 +11,7 @@ For every net × precision × method it measures, on synthetic data of the paper
 * **limit**: the best time of one full-data forward+backward pass of the plain model (a loop over chunks,
   no LCA machinery), both in the engine's chunk size and as one chunk of the whole set (where memory
   allows), with ``--cuda-graph on|both`` also the pass replayed as one CUDA graph, and with
-  ``--cudnn-benchmark both`` also with cuDNN's autotuner on, with ``--compile`` also through
+  ``--cudnn-benchmark both`` (CPU) also with cuDNN's autotuner on, with ``--compile`` also through
   ``torch.compile``; the fastest is the limit.
 * **engine**: an online-LCA training loop pipelined as ``lca_lab/train.py`` runs it (SGD step t and
   ``LCAEngine.launch`` of its LCA, then step t−1's ``result()``, the one host read of the error per
@@ -33,8 +33,10 @@ For every net × precision × method it measures, on synthetic data of the paper
   HDF5 calls in a child process, as ``train.py`` does; ``--writer thread|both`` measures the writer
   thread's own HDF5 calls instead or as well, in the same repeats (JSON ``storage_thread_*``).
 * ``--cuda-graph on|both``: rows with each full-data pass replayed as one CUDA graph (``lca.cuda_graph``);
-  ``--cudnn-benchmark on|both``: rows with cuDNN's autotuner on for the engine's passes
-  (``lca.cudnn_benchmark``; the naive baseline keeps PyTorch's default, off, as first written);
+  ``--cudnn-benchmark on``: rows with cuDNN's autotuner on for the engine's passes
+  (``lca.cudnn_benchmark``; the naive baseline keeps PyTorch's default, off, as first written, and runs in
+  a fresh process, since PyTorch keeps the plans of the engine's autotuned passes for the whole process;
+  ``both`` adds a row per setting on the CPU only, for the same reason);
   ``--compile on|both``: rows with the engine's passes through ``torch.compile`` (``lca.compile``), and a
   compiled pass in the limit;
   ``--profile DIR``: a ``torch.profiler`` table of 5 further engine iterations per row, for finding where
@@ -58,10 +60,12 @@ stderr.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import copy
 import datetime as _dt
 import json
 import math
+import multiprocessing
 import os
 import platform
 import statistics
@@ -165,6 +169,8 @@ class BenchOptions:
     layer_sums: bool = False  # also time the per-layer sums (index_add_ against LayerSums) for each net
     count_ops: bool = False  # also count the ops (and CUDA launches) per LCA iteration of the training loop
     writer_pauses: bool = False  # also measure the pauses the run writer's flushes cause a busy Python thread
+    # the naive baseline in a fresh process: auto (where rows use cuDNN's autotuner on CUDA) | on | off
+    naive_process: str = "auto"
 
 
 # --cuda-graph / --cudnn-benchmark / --compile: the setting of each row
@@ -196,6 +202,11 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchOptions:
         "--naive", action=argparse.BooleanOptionalAction, default=True, help="run the naive baseline"
     )
     p.add_argument("--naive-iters", type=int, help="naive iterations (default: fc 10, others 3; ≤ --iters)")
+    p.add_argument(
+        "--naive-process", choices=["auto", "on", "off"], default="auto",
+        help="run the naive baseline in a fresh process, where cuDNN has cached no algorithm (auto: when "
+        "rows use cuDNN's autotuner on CUDA, whose choices the process would otherwise reuse)",
+    )  # fmt: skip
     p.add_argument("--storage", action="store_true", help="also measure the run-file writer's stall")
     p.add_argument(
         "--flush-every", type=int, default=50, help="RunWriter rows per flush with --storage (as train.py)"
@@ -217,7 +228,8 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchOptions:
     p.add_argument(
         "--cudnn-benchmark", default="off", nargs="?", const="on", choices=["off", "on", "both"],
         help="cuDNN times its algorithms once per shape for the engine's passes (lca.cudnn_benchmark; "
-        "the naive baseline keeps PyTorch's default, off); both: a row for each",
+        "the naive baseline keeps PyTorch's default, off, in a fresh process); both: a row for each (CPU "
+        "only: on CUDA the first setting's plans would stay for the second's rows)",
     )  # fmt: skip
     p.add_argument(
         "--compile", default="off", nargs="?", const="on", choices=["off", "on", "both"],
@@ -289,6 +301,7 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchOptions:
         storage_repeats=a.storage_repeats, profile_dir=a.profile_dir,
         writers=["process", "thread"] if a.writer == "both" else [a.writer],
         run=a.run, layer_sums=a.layer_sums, count_ops=a.count_ops, writer_pauses=a.writer_pauses,
+        naive_process=a.naive_process,
     )  # fmt: skip
     try:
         check_options(opts)
@@ -340,6 +353,16 @@ def check_options(o: BenchOptions) -> None:
         raise ValueError("--cuda-graph on/both records CUDA graphs; use --cuda-graph off on the CPU")
     if any(o.compiles) and any(o.cuda_graphs):
         raise ValueError("--compile and --cuda-graph are separate rows' settings; give one of them as off")
+    if len(set(o.cudnn_benchmarks)) > 1 and str(o.device).startswith("cuda"):
+        # PyTorch caches one cuDNN plan per convolution shape per process, found by the first pass of the
+        # shape whatever cudnn.benchmark says later: the second setting's rows would time the first's.
+        raise ValueError(
+            "--cudnn-benchmark both on CUDA: cuDNN keeps the algorithm the first pass of each shape chose "
+            "for the rest of the process, so the second setting's rows would time the first's; run the "
+            "bench once with --cudnn-benchmark off and once with --cudnn-benchmark on"
+        )
+    if o.naive_process not in ("auto", "on", "off"):
+        raise ValueError(f"--naive-process {o.naive_process!r}: choose auto, on or off")
     if o.profile_dir is not None and not os.path.isdir(o.profile_dir):
         raise ValueError(f"--profile {o.profile_dir}: not an existing folder")
 
@@ -789,6 +812,59 @@ def naive_replay(
     return out
 
 
+def naive_needs_fresh_process(o: BenchOptions) -> bool:
+    """Whether the naive baseline runs in a fresh process (``o.naive_process``; auto: rows use cuDNN's
+    autotuner on CUDA). PyTorch keeps one cuDNN plan per convolution shape for the life of the process
+    (per thread; the backward's in the autograd engine's device thread), found by the first pass of that
+    shape whatever ``cudnn.benchmark`` says later. After the engine's autotuned passes in chunks of the
+    same shape, the baseline would reuse their algorithms instead of PyTorch's defaults (measured on an
+    H200, ResNet-20 fp32 NCHW: 4.67 s per naive iteration after autotuned passes, 5.15–5.51 s in
+    processes that had not autotuned those shapes)."""
+    if o.naive_process != "auto":
+        return o.naive_process == "on"
+    return any(o.cudnn_benchmarks) and str(o.device).startswith("cuda")
+
+
+def _naive_worker(path: str) -> dict[str, Any]:
+    """The fresh process's side of :func:`naive_replay_fresh`: load the job from ``path`` and replay it."""
+    job = torch.load(path, weights_only=False)  # written by this module's parent process just before
+    device = job["device"]
+    with matmul_precision(job["precision"]), cudnn_benchmark(False):
+        return naive_replay(
+            job["model"].to(device), job["thetas"], job["x_cpu"], job["y_cpu"], job["chunk"],
+            job["integrator"], device, job["keep_param"],
+        )  # fmt: skip
+
+
+def naive_replay_fresh(
+    model: nn.Module,
+    thetas: Sequence[torch.Tensor],
+    x_cpu: torch.Tensor,
+    y_cpu: torch.Tensor,
+    chunk: int,
+    integrator: str,
+    device: torch.device | str,
+    keep_param: bool,
+    precision: str,
+) -> dict[str, Any]:
+    """:func:`naive_replay` in a freshly spawned Python process, whose cuDNN has cached no plan, under
+    ``precision``'s TF32 flags: the baseline as a new user's first script would run. The model and θs go
+    over on the CPU; the result is the same dict."""
+    ctx = multiprocessing.get_context("spawn")  # a fork would inherit this process's CUDA state
+    job = {
+        "model": copy.deepcopy(model).cpu(), "thetas": [t.detach().cpu() for t in thetas], "x_cpu": x_cpu,
+        "y_cpu": y_cpu, "chunk": chunk, "integrator": integrator, "device": str(device),
+        "keep_param": keep_param, "precision": precision,
+    }  # fmt: skip
+    # Through a file, not the pipe: pickled CPU tensors would go through /dev/shm, which containers keep
+    # small (the CIFAR-shaped set is 553 MB).
+    with tempfile.TemporaryDirectory(prefix="lca_bench_naive_") as tmp:
+        path = os.path.join(tmp, "job.pt")
+        torch.save(job, path)
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
+            return pool.submit(_naive_worker, path).result()
+
+
 # ------------------------------------------------------------------------------------------------------
 # one case and the whole run
 
@@ -1174,10 +1250,21 @@ def run_case(
             nkey = (net, precision, method)
             nv = (naive_cache or {}).get(nkey)
             if nv is None:
-                log(f"{tag}: naive baseline ({integ}), {k} iterations on the same trajectory")
-                nv = naive_replay(
-                    eng["model"], eng["thetas"][: k + 1], x_cpu, y_cpu, chunk, integ, device, o.keep_param
+                fresh = naive_needs_fresh_process(o)
+                log(
+                    f"{tag}: naive baseline ({integ}), {k} iterations on the same trajectory"
+                    + (", in a fresh process" if fresh else "")
                 )
+                if fresh:
+                    nv = naive_replay_fresh(
+                        eng["model"], eng["thetas"][: k + 1], x_cpu, y_cpu, chunk, integ, device,
+                        o.keep_param, precision,
+                    )  # fmt: skip
+                else:
+                    nv = naive_replay(
+                        eng["model"], eng["thetas"][: k + 1], x_cpu, y_cpu, chunk, integ, device, o.keep_param
+                    )
+                nv["fresh_process"] = fresh
                 nv["thetas"] = eng["thetas"][: k + 1]
                 if naive_cache is not None:
                     naive_cache[nkey] = nv
@@ -1203,6 +1290,7 @@ def run_case(
                 naive_max_abs_diff=max(comparable) if same and comparable else None,
                 naive_vs_engine_max_abs=max(diffs) if same_path else None,
                 naive_same_trajectory=same_path,
+                naive_fresh_process=nv["fresh_process"],
                 naive_total=nv["total"],
             )
             if o.keep_param:

@@ -218,6 +218,9 @@ class FullBatchLoss:
             each pass): cuDNN times its convolution algorithms once per shape and keeps the fastest.
             Every pass repeats the same chunk shapes, so the timing is paid once. The chosen algorithms
             may differ from run to run, so the numbers agree between runs only to float rounding.
+            PyTorch keeps the plan the first pass of a convolution shape found for the rest of the
+            process, whatever the flag says later: a shape run first without the autotuner keeps its
+            heuristic algorithm (and one run first with it keeps the timed one for other callers).
             No effect without cuDNN (CPU, nets without convolutions).
         compile: run each chunk's forward and loss (and so its backward) through ``torch.compile``
             (TorchInductor, static shapes): elementwise layers such as BatchNorm and ReLU are fused into

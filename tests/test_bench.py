@@ -459,6 +459,45 @@ def test_compile_and_cuda_graph_rows_are_refused_together():
         bench.check_options(o)
 
 
+def test_cudnn_benchmark_both_is_refused_on_cuda_and_names_the_two_commands():
+    """cuDNN keeps the plan the first pass of a shape found for the rest of the process, so on CUDA rows with
+    and without the autotuner in one process would time the same algorithms (an H200 run of `both` showed
+    1073.64 and 1073.52 ms). On the CPU there is no cuDNN and `both` stays allowed."""
+    o = bench.BenchOptions(device="cuda", cudnn_benchmarks=[False, True])
+    with pytest.raises(ValueError, match="once with --cudnn-benchmark off and once with --cudnn-benchmark"):
+        bench.check_options(o)
+    bench.check_options(bench.BenchOptions(device="cuda", cudnn_benchmarks=[True]))
+    bench.check_options(bench.BenchOptions(device="cpu", cudnn_benchmarks=[False, True]))
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--device", "cpu", "--naive-process", "sometimes"])
+
+
+def test_naive_baseline_in_a_fresh_process_gives_the_in_process_numbers():
+    """Regression (H200, ResNet-20 fp32 NCHW): after the engine's autotuned passes the naive baseline reused
+    their cuDNN algorithms (4.67 s per iteration instead of 5.15 s). With rows on the autotuner on CUDA it
+    now runs in a spawned process: the same LCA on the same trajectory, only its cuDNN cache is empty."""
+    assert bench.naive_needs_fresh_process(bench.BenchOptions(device="cuda", cudnn_benchmarks=[True]))
+    assert not bench.naive_needs_fresh_process(bench.BenchOptions(device="cuda", cudnn_benchmarks=[False]))
+    assert not bench.naive_needs_fresh_process(bench.BenchOptions(device="cpu", cudnn_benchmarks=[True]))
+    assert not bench.naive_needs_fresh_process(bench.BenchOptions(device="cuda", naive_process="off",
+                                                                  cudnn_benchmarks=[True]))  # fmt: skip
+    assert bench.naive_needs_fresh_process(bench.BenchOptions(device="cpu", naive_process="on"))
+    rows = {}
+    for mode in ("off", "on"):
+        o = bench.BenchOptions(nets=["fc"], iters=2, warmup=1, n_train=N, chunk_size=N // 2, naive_iters=2,
+                               limit_repeats=1, methods=["rk4"], recompute_iters=0, run=False, max_splits=2,
+                               naive_process=mode, keep_param=True)  # fmt: skip
+        rows[mode] = bench.run_bench(o)["rows"][0]
+    same, fresh = rows["off"], rows["on"]
+    assert same["naive_fresh_process"] is False and fresh["naive_fresh_process"] is True
+    assert fresh["naive_same_trajectory"] and fresh["naive_max_abs_diff"] < 1e-6
+    # The two processes replay one trajectory with one float32 model: the per-parameter LCA agrees to
+    # float64 accumulation of the same float32 gradients (a wrong θ or weight would be off by ≥ 1e-6).
+    np.testing.assert_allclose(fresh["naive_param"], same["naive_param"], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(fresh["naive_total"], same["naive_total"], rtol=0, atol=1e-12)
+    assert fresh["naive_s_per_it"] > 0
+
+
 def test_count_ops_counts_the_training_loops_ops_per_iteration(monkeypatch):
     """`--count-ops`: ops per LCA iteration of python -m lca_lab's loop, from two profiled runs. Three more
     ops in every iteration's reducer update show as exactly three more per iteration."""
