@@ -202,6 +202,9 @@ def test_bench_cudnn_benchmark_rows_on_resnet20():
     )  # fmt: skip
     (row,) = bench.run_bench(o)["rows"]
     assert row["cudnn_benchmark"] is True and row["channels_last"] is False
+    # One autotuner setting: the chunked pass is timed with it alone, and the limit is the best pass.
+    assert row["limit_chunk_bm_s"] is None and row["limit_chunk_s"] > 0
+    assert row["limit_s"] == min(row["limit_chunk_s"], row["limit_whole_s"] or 1e9)
     assert row["naive_fresh_process"] is True and row["naive_s_per_it"] > 0
     # Where the naive replayed the engine's trajectory, the totals agree to float32 rounding of L (measured
     # on an H200 on the same trajectory: 1.2e-6 … 1.2e-5, totals 0.02–0.3, L ≈ 2.5); 1e-4 is a tenth of the
