@@ -31,6 +31,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import h5py
 import numpy as np
@@ -200,7 +201,11 @@ class FileProcess:
                 need += -(-a.nbytes // _ALIGN) * _ALIGN
             else:
                 starts.append(None)
-        if need > self._size or self._proc is None or self._proc.poll() is not None:
+        if self._proc is not None and self._proc.poll() is not None:
+            # Died between flushes (killed, out of memory): say so, as when it dies during a write,
+            # rather than replace it unnoticed; the caller keeps the rows for the next flush.
+            self._raise_exited(self._proc, path, None)
+        if need > self._size or self._proc is None:
             self._start(max(need, self._want))
         items = []
         for (name, offset, _), a, start in zip(writes, big, starts, strict=True):
@@ -217,15 +222,21 @@ class FileProcess:
             proc.stdin.flush()
             answer = pickle.load(proc.stdout)
         except (BrokenPipeError, EOFError, OSError) as err:
-            code = proc.poll()
-            self.close()
-            raise RuntimeError(
-                f"the run file's writer process (pid {proc.pid}) exited"
-                + (f" with code {code}" if code is not None else "")
-                + f" before writing to {path}; the rows are kept and the next flush starts a new one"
-            ) from err
+            self._raise_exited(proc, path, err)
         if answer is not None:
             raise answer
+
+    def _raise_exited(
+        self, proc: subprocess.Popen, path: str | os.PathLike, err: BaseException | None
+    ) -> NoReturn:
+        """Free the dead child's resources and raise the error a flush reports (its rows stay queued)."""
+        code = proc.poll()
+        self.close()
+        raise RuntimeError(
+            f"the run file's writer process (pid {proc.pid}) exited"
+            + (f" with code {code}" if code is not None else "")
+            + f" before writing to {path}; the rows are kept and the next flush starts a new one"
+        ) from err
 
     def close(self) -> None:
         """End the child (it finishes the write in progress) and free the arena. Idempotent."""

@@ -130,7 +130,12 @@ def test_writer_process_error_surfaces_at_the_next_flush_and_rows_are_retried(tm
     _same_files(tmp_path / "ref.h5", path)
 
 
-def test_killed_writer_process_is_replaced_and_no_row_is_lost(tmp_path: Path) -> None:
+@pytest.mark.parametrize("when", ["between flushes", "during the write"])
+def test_killed_writer_process_is_replaced_and_no_row_is_lost(tmp_path: Path, monkeypatch, when) -> None:
+    """A child killed between two flushes (reaped before the next one) or found dead only by the write
+    itself: either way the next flush says so, and the one after starts a new child and writes every row.
+    Regression: CI (2026-11-27) ran the kill and the next flush far enough apart that the child was
+    already reaped, and the flush replaced it without a word; the error now surfaces in both orders."""
     rows = _rows(21)
     path = tmp_path / "lca.h5"
     w = _writer(path, True, trajectory=True)
@@ -138,7 +143,11 @@ def test_killed_writer_process_is_replaced_and_no_row_is_lost(tmp_path: Path) ->
     _append(w, rows, 0, 7)
     w._wait()
     first = w._file_process.pid
+    proc = w._file_process._proc
     os.kill(first, signal.SIGKILL)
+    proc.wait(timeout=30)  # dead and reaped
+    if when == "during the write":  # the check before the write still sees it alive: the pipe finds out
+        monkeypatch.setattr(proc, "poll", lambda: None)
     _append(w, rows, 7, 14)
     concurrent.futures.wait([w._future])
     with pytest.raises(RuntimeError, match="writer process .* exited .*next flush starts a new one"):
