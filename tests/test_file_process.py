@@ -75,6 +75,15 @@ def _same_files(a: Path, b: Path) -> None:
         np.testing.assert_array_equal(da[k], db[k], err_msg=k)
 
 
+def _same_as_plain_writer(path: Path, rows: list[dict]) -> None:
+    """``path`` equals the file the synchronous writer makes of ``rows`` (written next to it)."""
+    ref = _writer(path.with_name("ref.h5"), False)
+    ref.write_initial(0.5)
+    _append(ref, rows, 0, len(rows))
+    ref.close()
+    _same_files(path.with_name("ref.h5"), path)
+
+
 @pytest.mark.parametrize(
     "per_param,trajectory,n_classes", [(True, True, 3), (True, False, None), (False, False, None)]
 )
@@ -123,11 +132,7 @@ def test_writer_process_error_surfaces_at_the_next_flush_and_rows_are_retried(tm
     away.rename(path)
     _append(w, rows, 14, 21)
     w.close()
-    ref = _writer(tmp_path / "ref.h5", False)
-    ref.write_initial(0.5)
-    _append(ref, rows, 0, 21)
-    ref.close()
-    _same_files(tmp_path / "ref.h5", path)
+    _same_as_plain_writer(path, rows)
 
 
 @pytest.mark.parametrize("when", ["between flushes", "during the write"])
@@ -267,8 +272,4 @@ def test_no_room_for_the_arena_warns_with_the_fix_and_the_writer_thread_writes(
     w.write_initial(0.5)
     _append(w, rows, 0, 14)
     w.close()
-    ref = _writer(tmp_path / "ref.h5", False)
-    ref.write_initial(0.5)
-    _append(ref, rows, 0, 14)
-    ref.close()
-    _same_files(tmp_path / "ref.h5", tmp_path / "proc.h5")
+    _same_as_plain_writer(tmp_path / "proc.h5", rows)
