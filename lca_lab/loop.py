@@ -229,7 +229,8 @@ class StepRecorder:
         bar: a tqdm bar whose postfix shows L, the error and the splits, or None.
         fresh: the step's tensors are fresh and never modified, so the writer keeps them without a copy.
         passes_row: also store the gradient passes of each row (``recompute/passes`` [T] int32).
-        divergence_hint: the fix named when L(θ_{t+1}) is not finite (a FloatingPointError).
+        divergence_hint: the fix named when L(θ_{t+1}) is not finite (a FloatingPointError); None: no
+            check (the rows of a diverged stored trajectory are recorded as they are).
     """
 
     def __init__(
@@ -244,7 +245,7 @@ class StepRecorder:
         bar: Any = None,
         fresh: bool = True,
         passes_row: bool = False,
-        divergence_hint: str = "lower opt.lr",
+        divergence_hint: str | None = "lower opt.lr",
     ):
         self.reducer, self.writer, self.tracker, self.bar = reducer, writer, tracker, bar
         self.per_param, self.trajectory, self.fresh, self.passes_row = (
@@ -273,7 +274,7 @@ class StepRecorder:
         """Finish ``step`` (the one host read, made by the engine) and keep its results → its StepLCA."""
         st = step.handle.result()
         loss1, err = self._host_scalars(st)
-        if not math.isfinite(loss1):
+        if self.divergence_hint is not None and not math.isfinite(loss1):
             raise FloatingPointError(
                 f"training loss became {loss1} at iteration {step.t}; {self.divergence_hint}"
             )
