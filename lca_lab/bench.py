@@ -94,7 +94,9 @@ from .lca import (
     matmul_precision,
     saved_activation_bytes,
 )
+from .loop import Launched, LCADriver, StepRecorder
 from .nets import build_net, entry_layer_index, layer_groups, param_layer_index
+from .reducers import LCAReducer
 
 # Per-net settings mirroring conf/net/*.yaml (kwargs of build_net, SGD learning rate) and train.py's batch
 # sizes (tests/test_bench.py checks the kwargs and rates against the YAML files).
@@ -556,165 +558,223 @@ def engine_loop(
     compiled: bool = False,
     profile_iters: int = 5,
 ) -> dict[str, Any]:
-    """Online LCA training loop as in ``train.py``: ``warmup + iters`` iterations, the last ``iters`` timed.
+    """The online LCA loop of ``python -m lca_lab`` (:class:`lca_lab.loop.LCADriver` and
+    :class:`~lca_lab.loop.StepRecorder`: SGD step t, the launch of its LCA, the record of step t−1 with the
+    reducers): ``warmup + iters`` iterations, the last ``iters`` timed.
 
     Returns per-iteration wall times ``times`` [iters] (s, optimizer step included), ``passes``,
     ``splits``, ``error``, ``total``, ``loss0``, ``loss1`` [iters] (host lists, float64 where numeric),
     ``thetas`` (the ``iters + 1`` flat parameter vectors θ_t of the measured segment, on the device),
     ``chunk_size`` (as the engine reports it), ``model`` and, with ``o.keep_param``, ``param``
     [iters, K] float64 numpy. With ``writer_dir``, rows (per-parameter included) go to a run file there
-    (on a GPU by the writer thread and, with ``file_process``, its child process, as in ``train.py``).
+    (on a GPU by the writer thread and, with ``file_process``, its child process, as in ``train.py``);
+    ``writer_host_s`` [iters]: the training thread's time in the writer's path per measured row.
     """
-    device = x.device
-    spec = NET_SPECS[net]
-    model = _build(net, tuple(x.shape[1:]), o.seed, device, channels_last)
+    device, spec = x.device, NET_SPECS[net]
+    model, fbl, engine, index = _online_engine(
+        net, x, y, method, o, channels_last, cuda_graph, cudnn_bm, compiled
+    )
     pnames = [n for n, p in model.named_parameters() if p.requires_grad]
     named = dict(model.named_parameters())
     opt = torch.optim.SGD(model.parameters(), lr=spec["lr"], momentum=0.9)
+    n_extra = profile_iters if profile_path else 0  # profiled after the measured iterations, not timed
+    n_total = o.warmup + o.iters
+    gen = torch.Generator().manual_seed(o.seed + 1)
+    batches = torch.randint(0, len(x), (n_total + n_extra, spec["batch"]), generator=gen).to(device)
+    writer = None
+    if writer_dir is not None:
+        writer = _TimedWriter(
+            _bench_writer(writer_dir, model, o.flush_every, n_total + n_extra, file_process),
+            range(o.warmup, n_total),
+        )
+    recorder = StepRecorder(
+        LCAReducer(index, engine.layer_sums.n_layers, engine.layer_sums), writer,
+        divergence_hint=f"{net}: the benchmark needs a finite run",
+    )  # fmt: skip
+
+    def flat() -> torch.Tensor:
+        return torch.cat([named[n].detach().reshape(-1) for n in pnames])
+
+    def step(i: int) -> torch.Tensor:
+        """Training step i (SGD on a fixed random batch) → its mini-batch loss."""
+        idx = batches[i]
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        loss.backward()
+        opt.step()
+        return loss
+
+    model.train()
+    driver = LCADriver(engine, recorder, flat, (0, n_total + n_extra))
+    clock = _LoopClock(o.warmup, device, driver.start())  # θ_0 primed and recorded before the clock
+    driver.train(range(n_total), step, [clock], after=clock.after)
+    clock.stop()
+    if profile_path:
+        _profile_loop(driver, step, range(n_total, n_total + n_extra), profile_path, device, (
+            f"{n_extra} engine iterations ({net}, {method}, cuda_graph={cuda_graph}, "
+            f"cudnn_benchmark={cudnn_bm}) on {device}"
+            + (f", with the run-file writer (a flush every {o.flush_every} rows)" if writer else "")
+        ))  # fmt: skip
+    if writer is not None:
+        writer.close()
+    return _loop_result(clock, model, fbl, writer, o.keep_param)
+
+
+def _loop_result(
+    clock: _LoopClock, model: nn.Module, fbl: FullBatchLoss, writer: Any, keep_param: bool
+) -> dict:
+    """:func:`engine_loop`'s result from its measured steps (recorded already: no compute here)."""
+    steps = [launched.handle.result() for launched in clock.measured]
+    res: dict[str, Any] = {
+        "times": clock.times,
+        "passes": [int(s.passes) for s in steps],
+        "splits": [int(s.splits) for s in steps],
+        "thetas": clock.thetas,
+        "chunk_size": int(fbl.chunk_size),
+        "model": model,
+        "compile_error": fbl.compile_error,
+        "param_names": [n for n, p in model.named_parameters() if p.requires_grad],
+        "writer_host_s": writer.host_s if writer is not None else [],
+    }
+    # One host transfer for all measured scalars, after timing.
+    scal = torch.stack([torch.stack([s.error, s.total, s.loss0, s.loss1]) for s in steps]).double().cpu()
+    res["error"], res["total"], res["loss0"], res["loss1"] = (scal[:, j].tolist() for j in range(4))
+    if keep_param:
+        res["param"] = torch.stack([s.param for s in steps]).double().cpu().numpy()
+    return res
+
+
+def _online_engine(
+    net: str,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    method: str,
+    o: BenchOptions,
+    channels_last: bool,
+    cuda_graph: bool,
+    cudnn_bm: bool,
+    compiled: bool,
+) -> tuple[nn.Module, FullBatchLoss, LCAEngine, torch.Tensor]:
+    """The net (seeded), L's passes, the engine of an engine row (each step's per-layer LCA from the
+    engine, in the product that gives its total, as ``train.py``) and the [K] layer index of θ's entries."""
+    device = x.device
+    model = _build(net, tuple(x.shape[1:]), o.seed, device, channels_last)
+    pnames = [n for n, p in model.named_parameters() if p.requires_grad]
     chunk = auto_chunk_size(model, len(x), device, x) if o.chunk_size == "auto" else int(o.chunk_size)
     fbl = FullBatchLoss(
         model, x, y, chunk, param_names=pnames, channels_last=channels_last, cuda_graph=cuda_graph,
         cudnn_benchmark=cudnn_bm, compile=compiled,
     )  # fmt: skip
-    groups = layer_groups(model)
-    # As train.py: each step's per-layer LCA comes from the engine, in the product that gives its total.
-    layer_sums = LayerSums(entry_layer_index(model).to(device), len(groups))
-    engine = LCAEngine(fbl, method, tolerance=o.tolerance, max_splits=o.max_splits, layer_sums=layer_sums)
+    index = entry_layer_index(model).to(device)
+    sums = LayerSums(index, len(layer_groups(model)))
+    engine = LCAEngine(fbl, method, tolerance=o.tolerance, max_splits=o.max_splits, layer_sums=sums)
+    return model, fbl, engine, index
 
-    def flat() -> torch.Tensor:
-        return torch.cat([named[n].detach().reshape(-1) for n in pnames])
 
-    n_extra = profile_iters if profile_path else 0  # profiled after the measured iterations, not timed
-    n_total = o.warmup + o.iters
-    gen = torch.Generator().manual_seed(o.seed + 1)
-    batches = torch.randint(0, len(x), (n_total + n_extra, spec["batch"]), generator=gen).to(device)
+class _LoopClock:
+    """Wall time of each measured iteration of :func:`engine_loop` (s), without a sync of its own: in the
+    steady state, the loop's throughput. A :class:`~lca_lab.loop.Boundary` at the warm-up's end: there
+    the clock starts once the warm-up's work is finished (recorded and synchronised: on a big net, its
+    queued passes would otherwise fall into the first measured iterations); :meth:`stop` adds the time
+    until the last measured step's LCA is recorded, so the times add up to exactly the measured work.
 
-    writer = None
-    if writer_dir is not None:
-        from .store import RunWriter  # h5py only when storage is measured
+    ``measured``: the launched steps of the measured iterations; ``thetas``: their θ_t, θ_{t+1}, … [K].
+    """
 
-        writer = RunWriter(
-            os.path.join(writer_dir, "lca.h5"),
-            param_names=pnames,
-            param_shapes=[tuple(named[n].shape) for n in pnames],
-            param_layer=param_layer_index(model),
-            layer_names=[g[0] for g in groups],
-            attrs={"config": "bench", "device": str(device)},
-            per_param=True,
-            flush_every=o.flush_every,
-            expected_rows=n_total + n_extra,
-            background=device.type == "cuda",  # as train.py: rows leave the GPU without a blocking copy
-            file_process=file_process,  # as train.py: HDF5 calls outside this process's GIL
-        )
+    def __init__(self, warmup: int, device: torch.device, theta0: torch.Tensor):
+        self.warmup, self.device, self.theta = warmup, device, theta0
+        self.times: list[float] = []
+        self.thetas: list[torch.Tensor] = []
+        self.measured: list[Launched] = []
+        _sync(device)
+        self.t = time.perf_counter()
 
-    model.train()
-    theta0 = flat()
-    loss_start = engine.prime(theta0)
-    if writer is not None:
-        writer.write_initial(loss_start)
-
-    def train_and_launch(i: int, theta0: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        """Training step i and the launch of its LCA, as in train.py → (θ_{i+1}, PendingStep)."""
-        idx = batches[i]
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x[idx]), y[idx]).backward()
-        opt.step()
-        theta1 = flat()
-        return theta1, engine.launch(theta0, theta1)
-
-    def record(i: int, pending: Any) -> Any:
-        """Step i's result (the one host read train.py makes) and its rows → StepLCA."""
-        st = pending.result()
-        if not math.isfinite(st.host_error):
-            raise FloatingPointError(
-                f"{net}: the loss diverged at iteration {i}; the benchmark needs a finite run"
-            )
-        if writer is not None:
-            t_w = time.perf_counter()
-            writer.append(
-                i, st.loss1, st.total, st.error, st.splits, st.converged, st.layer, st.param, copy=False
-            )  # as train.py: fresh tensors, buffered without a copy
-            if o.warmup <= i < n_total:  # the training thread's time in the writer's path, its flushes too
-                writer_host.append(time.perf_counter() - t_w)
-        return st
-
-    # Pipelined as in train.py: iteration i trains step i and launches its LCA, then records step i-1 (whose
-    # GPU work was queued first). Each iteration's wall time, without a sync of its own, is then the loop's
-    # throughput in the steady state. The clock starts once the warm-up's work is finished (recorded and
-    # synchronised: on a big net, its queued passes would otherwise fall into the first measured
-    # iterations) and stops once the last measured step's LCA is (added to the last iteration's time), so
-    # the measured times add up to exactly the measured iterations' work.
-    times, steps, thetas, writer_host = [], [], [], []
-    pending = None
-    _sync(device)
-    t = time.perf_counter()
-    for i in range(n_total):
-        if i == o.warmup and pending is not None:
-            record(i - 1, pending)
-            pending = None
-            _sync(device)
-            t = time.perf_counter()
-        theta1, launched = train_and_launch(i, theta0)
-        if pending is not None:
-            st = record(i - 1, pending)
-            if i - 1 >= o.warmup:
-                steps.append(st)
-        pending = launched
+    def after(self, it: int, launched: Launched | None) -> None:
+        """After iteration ``it − 1``: its time, if measured."""
         now = time.perf_counter()
-        if i >= o.warmup:
-            if not thetas:
-                thetas.append(theta0)
-            times.append(now - t)
-            thetas.append(theta1)
-        t = now
-        theta0 = theta1
-    steps.append(record(n_total - 1, pending))
-    _sync(device)
-    times[-1] += time.perf_counter() - t
-    if profile_path:
-        acts = [torch.profiler.ProfilerActivity.CPU]
+        if it - 1 >= self.warmup:
+            if not self.thetas:
+                self.thetas.append(self.theta)
+            self.times.append(now - self.t)
+            self.thetas.append(launched.theta1)
+            self.measured.append(launched)
+        self.t, self.theta = now, launched.theta1
+
+    def due(self, it: int) -> bool:
+        return it == self.warmup
+
+    def __call__(self, it: int) -> None:
+        _sync(self.device)
+        self.t = time.perf_counter()
+
+    def stop(self) -> None:
+        _sync(self.device)
+        self.times[-1] += time.perf_counter() - self.t
+
+
+class _TimedWriter:
+    """A :class:`~lca_lab.store.RunWriter` whose row calls are timed: ``host_s``, the training thread's
+    time (s) in the writer's path for each row of ``rows`` (its per-row series and its LCA row, with the
+    flushes they trigger)."""
+
+    def __init__(self, writer: Any, rows: range):
+        self.writer, self.rows, self.host_s, self._pending_s = writer, rows, [], 0.0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.writer, name)
+
+    def append_dataset(self, *args: Any, **kwargs: Any) -> None:
+        t = time.perf_counter()
+        self.writer.append_dataset(*args, **kwargs)
+        self._pending_s += time.perf_counter() - t
+
+    def append(self, row: int, *args: Any, **kwargs: Any) -> None:
+        t = time.perf_counter()
+        self.writer.append(row, *args, **kwargs)
+        spent, self._pending_s = self._pending_s + time.perf_counter() - t, 0.0
+        if row in self.rows:
+            self.host_s.append(spent)
+
+
+def _bench_writer(writer_dir: str, model: nn.Module, flush_every: int, rows: int, file_process: bool) -> Any:
+    """The run-file writer of a benchmark loop, set up as ``train.py`` sets up a run's."""
+    from .store import RunWriter  # h5py only when storage is measured
+
+    named = dict(model.named_parameters())
+    pnames = [n for n, p in named.items() if p.requires_grad]
+    device = next(model.parameters()).device
+    return RunWriter(
+        os.path.join(writer_dir, "lca.h5"),
+        param_names=pnames,
+        param_shapes=[tuple(named[n].shape) for n in pnames],
+        param_layer=param_layer_index(model),
+        layer_names=[g[0] for g in layer_groups(model)],
+        attrs={"config": "bench", "device": str(device)},
+        per_param=True,
+        flush_every=flush_every,
+        expected_rows=rows,
+        background=device.type == "cuda",  # as train.py: rows leave the GPU without a blocking copy
+        file_process=file_process,  # as train.py: HDF5 calls outside this process's GIL
+    )
+
+
+def _profile_loop(
+    driver: LCADriver, step: Callable, iterations: range, path: str, device: torch.device, title: str
+) -> None:
+    """Profile further iterations of the loop (not timed) into a table at ``path``."""
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=acts) as prof:
+        driver.train(iterations, step)
+        _sync(device)
+    with open(path, "w") as f:
+        f.write(title + "\n")
+        table = prof.key_averages()
         if device.type == "cuda":
-            acts.append(torch.profiler.ProfilerActivity.CUDA)
-        with torch.profiler.profile(activities=acts) as prof:
-            pending = None
-            for i in range(n_total, n_total + n_extra):
-                theta0, launched = train_and_launch(i, theta0)
-                if pending is not None:
-                    record(i - 1, pending)
-                pending = launched
-            record(n_total + n_extra - 1, pending)
-            _sync(device)
-        with open(profile_path, "w") as f:
-            f.write(
-                f"{n_extra} engine iterations ({net}, {method}, cuda_graph={cuda_graph}, "
-                f"cudnn_benchmark={cudnn_bm}) on {device}"
-                + (f", with the run-file writer (a flush every {o.flush_every} rows)" if writer else "")
-                + "\n"
-            )
-            table = prof.key_averages()
-            if device.type == "cuda":
-                f.write("by GPU time:\n" + table.table(sort_by="self_cuda_time_total", row_limit=40) + "\n")
-            # Host time: what bounds small nets' loops, and where a writer's per-row work shows.
-            f.write("by host time:\n" + table.table(sort_by="self_cpu_time_total", row_limit=40))
-    if writer is not None:
-        writer.close()
-    res: dict[str, Any] = {
-        "times": times,
-        "passes": [int(s.passes) for s in steps],
-        "splits": [int(s.splits) for s in steps],
-        "thetas": thetas,
-        "chunk_size": int(fbl.chunk_size),
-        "model": model,
-        "compile_error": fbl.compile_error,
-        "param_names": pnames,
-        "writer_host_s": writer_host,
-    }
-    # One host transfer for all measured scalars, after timing.
-    scal = torch.stack([torch.stack([s.error, s.total, s.loss0, s.loss1]) for s in steps]).double().cpu()
-    res["error"], res["total"], res["loss0"], res["loss1"] = (scal[:, j].tolist() for j in range(4))
-    if o.keep_param:
-        res["param"] = torch.stack([s.param for s in steps]).double().cpu().numpy()
-    return res
+            f.write("by GPU time:\n" + table.table(sort_by="self_cuda_time_total", row_limit=40) + "\n")
+        # Host time: what bounds small nets' loops, and where a writer's per-row work shows.
+        f.write("by host time:\n" + table.table(sort_by="self_cpu_time_total", row_limit=40))
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -37,7 +37,6 @@ from __future__ import annotations
 import datetime as _dt
 import fcntl
 import json
-import math
 import os
 import re
 import sys
@@ -71,6 +70,7 @@ from .lca import (
     has_batchnorm,
     set_matmul_precision,
 )
+from .loop import Launched, LCADriver, RunningSums, StepRecorder, lca_summary
 from .nets import build_net
 from .reducers import LCAReducer
 from .store import RunWriter, open_run, resolve_path
@@ -193,7 +193,7 @@ class Trajectory:
                 )
             if not rf.config:
                 raise RecomputeError(f"{p} has no 'config' attribute: cannot rebuild its data and network")
-            if "trajectory/iteration" in f:  # LCA was off: θ-only rows (train._append_theta)
+            if "trajectory/iteration" in f:  # LCA was off: θ-only rows (loop.StepRecorder.theta_row)
                 n = min(f["trajectory/theta"].shape[0], f["trajectory/iteration"].shape[0])
                 iters = f["trajectory/iteration"][:n].astype(np.int64)
             else:  # LCA was on: θ rows aligned with train/loss, row r+1 after LCA row r's step
@@ -467,58 +467,63 @@ def compute_shard(
 
 
 def _write_shard_rows(writer, setup: _Setup, f, traj: Trajectory, lo, hi, per_param, progress, desc) -> None:
-    n_layers, index, dev = setup.n_layers, setup.index, setup.device
-    reducer = LCAReducer(index, n_layers, setup.engine.layer_sums)
-    layer_sums = reducer.layer_sums  # [..., K] → [..., n_layers] float64
-    K = index.numel()
-    first_motion = torch.zeros(K, dtype=torch.int8, device=dev)
-    first_grad = torch.zeros(K, dtype=torch.int8, device=dev)
-    thetas = _ThetaReader(f, dev, setup.dtype, lo, hi)
+    """LCA of the steps ``lo..hi-1`` into ``writer``, recorded as the training loop records its steps
+    (:mod:`lca_lab.loop`), plus ``recompute/passes`` per row, the reducer's counters and the signs that
+    join them across shard boundaries (``reduce_state/*``)."""
+    reducer = LCAReducer(setup.index, setup.n_layers, setup.engine.layer_sums)
     bar = tqdm(total=hi - lo, desc=desc, unit="it", dynamic_ncols=True, disable=not progress)
-    bp = setup.settings["batch_points"]
-    if bp is None:  # auto: batched where it pays (launch-bound GPU nets without BN: B× activations),
-        # unless CUDA graphs were asked for: they replay the point-by-point passes, not the vmap ones
-        batched = dev.type == "cuda" and not setup.engine.loss.has_bn and not setup.settings["cuda_graph"]
-        bp = 64 if batched else 1
-    for r, st in recompute_range(setup.engine, thetas, lo, hi, bp):
-        if r == lo:
-            writer.write_initial(st.loss0)
-            if st.class_loss0 is not None:
-                writer.append_dataset("class/loss", st.class_loss0)
-            if st.test_loss0 is not None:
-                writer.append_dataset("test/loss", st.test_loss0)
-        loss1, total, err = torch.stack([st.loss1, st.total, st.error]).tolist()  # one host read per row
-        views = reducer.update(st.param, st.delta, st.grad0)
-        # First non-zero signs of this range: the merge joins the oscillation counters across shards.
-        first_motion = torch.where(first_motion != 0, first_motion, torch.sign(st.delta).to(torch.int8))
-        first_grad = torch.where(first_grad != 0, first_grad, torch.sign(st.grad0).to(torch.int8))
-        for name in REDUCE_ROW:
-            writer.append_dataset(f"reduce/{name}", views[name])
-        class_layer = None
-        if st.class_param is not None:
-            class_layer = layer_sums(st.class_param)  # [n_classes, n_layers]
-            writer.append_dataset("class/loss", st.class_loss1)
-        if st.test_param is not None:
-            writer.append_dataset("test/loss", st.test_loss1)
-            writer.append_dataset("lca_test/layer", layer_sums(st.test_param))
-            writer.append_dataset("lca_test/total", st.test_param.sum())
-            writer.append_dataset("lca_test/error", st.test_error)
-        writer.append_dataset("recompute/passes", st.passes, np.int32)
-        writer.append(
-            int(traj.iterations[r]), loss1, total, err, st.splits, st.converged,
-            st.layer, st.param if per_param else None, class_layer=class_layer,
-        )  # fmt: skip
-        bar.set_postfix(L=f"{loss1:.4f}", err=f"{err:+.1e}", splits=st.splits, refresh=False)
-        bar.update(1)
+    recorder = _ShardRecorder(
+        reducer, writer, per_param=per_param, bar=bar, fresh=False, passes_row=True, divergence_hint=None
+    )
+    thetas = _ThetaReader(f, setup.device, setup.dtype, lo, hi)
+    steps = (
+        (int(traj.iterations[r]), st)
+        for r, st in recompute_range(setup.engine, thetas, lo, hi, _points(setup))
+    )
+    driver = LCADriver(setup.engine, recorder)
+    driver.run(driver.computed(steps), after=lambda _launched: bar.update(1))
     bar.close()
-    for name, arr in reducer.result().items():
-        writer.write_array(f"reduce/{name}", arr.cpu().numpy())
+    recorder.write_counters()
     state = {
-        "first_motion": first_motion, "last_motion": reducer._last_motion,
-        "first_grad": first_grad, "last_grad": reducer._last_grad,
+        "first_motion": recorder.first_motion, "last_motion": reducer.last_motion,
+        "first_grad": recorder.first_grad, "last_grad": reducer.last_grad,
     }  # fmt: skip
     for name, arr in state.items():
         writer.write_array(f"reduce_state/{name}", arr.cpu().numpy())
+
+
+def _points(setup: _Setup) -> int:
+    """Path points evaluated together: ``lca.batch_points``, or auto: batched where it pays (launch-bound
+    GPU nets without BN: B× activations), unless CUDA graphs were asked for: they replay the
+    point-by-point passes, not the vmap ones."""
+    bp = setup.settings["batch_points"]
+    if bp is not None:
+        return bp
+    batched = (
+        setup.device.type == "cuda" and not setup.engine.loss.has_bn and not setup.settings["cuda_graph"]
+    )
+    return 64 if batched else 1
+
+
+class _ShardRecorder(StepRecorder):
+    """The loop's recorder, also keeping the first non-zero signs of Δθ and of the gradient in this range
+    (``first_motion``, ``first_grad`` [K] int8): the merge joins the oscillation counters across shards."""
+
+    def __init__(self, reducer: LCAReducer, writer: RunWriter, **kwargs: Any):
+        super().__init__(reducer, writer, **kwargs)
+        K, dev = reducer.index.numel(), reducer.index.device
+        self.first_motion = torch.zeros(K, dtype=torch.int8, device=dev)
+        self.first_grad = torch.zeros(K, dtype=torch.int8, device=dev)
+
+    def record(self, step: Launched) -> StepLCA:
+        st = super().record(step)
+        self.first_motion = torch.where(
+            self.first_motion != 0, self.first_motion, torch.sign(st.delta).to(torch.int8)
+        )
+        self.first_grad = torch.where(
+            self.first_grad != 0, self.first_grad, torch.sign(st.grad0).to(torch.int8)
+        )
+        return st
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -723,25 +728,10 @@ def _merged_arrays(shards: list) -> dict[str, np.ndarray]:
 
 
 def _summary(a: dict[str, np.ndarray]) -> dict[str, Any]:
-    """The scalar ``summary/*`` attrs of a training run, from the merged rows (same definitions)."""
+    """The scalar ``summary/*`` attrs of a training run from the merged rows: the same definitions
+    (:func:`lca_lab.loop.lca_summary`)."""
     n = len(a["total"])
-    dl = float(a["loss"][-1] - a["loss"][0])
-    cum = float(a["error"].sum())
-    return {
-        "lca_rows": n,
-        "L_start": float(a["loss"][0]),
-        "L_end": float(a["loss"][-1]),
-        "frac_helping": float(a["fh"].mean()),
-        "frac_hurting": float(a["fu"].mean()),
-        "frac_zero": float(a["fz"].mean()),
-        "pct_helping_nonzero": float(100 * np.mean(a["fh"] / np.maximum(a["fh"] + a["fu"], 1e-300))),
-        "max_abs_error": float(np.abs(a["error"]).max()),
-        "cumulative_error": cum,
-        "cumulative_rel_error": abs(cum) / abs(dl) if dl != 0 else math.inf,
-        "not_converged": int((~a["converged"].astype(bool)).sum()),
-        "mean_splits": float(a["splits"].mean()),
-        "grad_passes_per_iter": float(a["passes"].mean()),
-    }
+    return {"lca_rows": n, **lca_summary(RunningSums.from_rows(a), n)}
 
 
 def _copy_from_source(writer: RunWriter, source: Path) -> None:

@@ -108,6 +108,18 @@ class LCAReducer:
             "grad_sign_changes": self.grad_changes,
         }
 
+    @property
+    def last_motion(self) -> torch.Tensor:
+        """[K] int8, the last non-zero sign of each parameter's motion Δθ (0: it never moved); a view of
+        the running state, not a copy."""
+        return self._last_motion
+
+    @property
+    def last_grad(self) -> torch.Tensor:
+        """[K] int8, the last non-zero sign of each parameter's full-training-set gradient (0: never
+        non-zero); a view of the running state, not a copy."""
+        return self._last_grad
+
     def state_dict(self) -> dict[str, torch.Tensor | int]:
         """The running state (CPU copies), for checkpoints: counters [K] int32, last signs [K] int8."""
         return {

@@ -6,7 +6,6 @@ called from tests and notebooks as well as from ``python -m lca_lab``.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import errno
 import math
@@ -17,6 +16,8 @@ import statistics
 import subprocess
 import time
 import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,8 @@ from .checkpoint import (
 )
 from .config import ConfigError, validate
 from .data import load_data_config
-from .lca import FullBatchLoss, LayerSums, LCAEngine, PendingStep, auto_chunk_size, set_matmul_precision
+from .lca import FullBatchLoss, LayerSums, LCAEngine, auto_chunk_size, set_matmul_precision
+from .loop import LCADriver, StepRecorder
 from .nets import build_net, entry_layer_index, layer_groups, param_layer_index
 from .optim import apply_freezes, build_optimizer, plan_layers
 from .reducers import LCAReducer
@@ -129,14 +131,6 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: in
     return float(loss) / len(x), float(correct) / len(x)
 
 
-def _append_theta(writer: RunWriter, theta: torch.Tensor, t: int) -> None:
-    """One row of the θ-only trajectory of a run with LCA off (read by ``lca_lab.recompute``):
-    ``trajectory/theta`` [T+1, K] float32 and ``trajectory/iteration`` [T+1] int64 (θ after t steps).
-    With LCA on, θ is stored with the LCA rows instead (``trajectory/theta`` aligned with ``train/loss``)."""
-    writer.append_dataset("trajectory/theta", theta, np.float32)
-    writer.append_dataset("trajectory/iteration", t, np.int64)  # after θ: its length commits the row
-
-
 def run(
     cfg: dict[str, Any],
     run_dir: str | os.PathLike,
@@ -180,20 +174,47 @@ def run(
         ) from e
 
 
-def _run(
-    cfg: dict[str, Any],
-    run_dir: Path,
-    extra_attrs: dict[str, str] | None,
-    device: torch.device,
-    mode: str,
-    ck: dict[str, Any] | None,
-    signals: PreemptionSignals,
-    tracker: Any = None,
-) -> dict[str, Any]:
-    """The body of :func:`run` with the run directory locked; ``mode`` is new / restart / resume."""
-    set_determinism(int(cfg["seed"]), bool(cfg["deterministic"]))
-    set_matmul_precision(str(cfg["lca"].get("precision", "fp32")))  # training and LCA alike
-    dcfg, ncfg, ocfg, lcfg, scfg = cfg["data"], cfg["net"], cfg["opt"], cfg["lca"], cfg["store"]
+@dataclass
+class Built:
+    """What :func:`build` makes of a config: the parts of one run, before any compute.
+
+    Attributes:
+        data: the :class:`~lca_lab.data.DataBundle` on the device (``train_x`` [N, C, H, W] …).
+        model: the network (training mode), on the device, in its memory format.
+        optimizer: built with the per-layer param groups.
+        groups: [(layer name, [parameter names])], input → output.
+        named: {name: parameter}; pnames: names of the trainable ones, in θ's order.
+        param_layer: layer index of each tensor of ``pnames``; index: [K] int64 layer of every entry of θ.
+        K: number of trainable scalars.
+        chunk: examples per chunk of L's passes (resolved ``lca.chunk_size``).
+        channels_last, cuda_graph, cudnn_bm, compile_passes: how L's passes run.
+        engine: the :class:`~lca_lab.lca.LCAEngine`, None with LCA off.
+        per_class, test_lca: per-class and held-out LCA on.
+    """
+
+    data: Any
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    groups: list
+    named: dict[str, torch.nn.Parameter]
+    pnames: list[str]
+    param_layer: Any
+    index: torch.Tensor
+    K: int
+    chunk: int
+    channels_last: bool
+    cuda_graph: bool
+    cudnn_bm: bool
+    compile_passes: bool
+    engine: LCAEngine | None
+    per_class: bool
+    test_lca: bool
+
+
+def build(cfg: dict[str, Any], device: torch.device) -> Built:
+    """Data, network, speed settings of L's passes, chunk size, layer plans, optimizer and LCA engine of
+    ``cfg`` on ``device`` (ConfigError naming the key for a bad value)."""
+    dcfg, ncfg, ocfg, lcfg = cfg["data"], cfg["net"], cfg["opt"], cfg["lca"]
     cuda_graph = bool(lcfg.get("cuda_graph", False))
     cudnn_bm = bool(lcfg.get("cudnn_benchmark", False))
     compile_passes = bool(lcfg.get("compile", False))
@@ -250,50 +271,7 @@ def _run(
             f"batch_size={cfg['batch_size']} is larger than the training set ({n_train} examples of "
             f"{data.source}); use batch_size ≤ {n_train}"
         )
-    per_epoch = math.ceil(n_train / int(cfg["batch_size"]))
-    total_iters = per_epoch * int(cfg["epochs"])
     lca_on = bool(lcfg.get("enabled", True))
-    window = lcfg.get("window")
-    lo, hi = (0, total_iters) if window is None else (int(window[0]), min(int(window[1]), total_iters))
-    n_rows = max(hi - lo, 0) if lca_on else 0
-    # LCA off + store.trajectory: keep θ_t for t = lo..hi anyway, for offline LCA (lca_lab.recompute).
-    theta_only = bool(scfg["trajectory"]) and not lca_on
-
-    size = estimate_bytes(K, n_rows, bool(scfg["per_param"]), bool(scfg["trajectory"]), len(groups))
-    size += 4 * K * (max(hi - lo, 0) + 1) if theta_only else 0
-    budget = float(scfg["max_gb"]) * 1e9
-    if size > budget:
-        raise ConfigError(
-            f"the run file would be {size / 1e9:.2f} GB ({n_rows} LCA rows × {K:,} parameters), over "
-            f"store.max_gb={scfg['max_gb']}. Shrink it with store.per_param=false (keeps per-layer LCA), "
-            f"store.trajectory=false, a shorter lca.window=[start,stop], fewer epochs, or raise store.max_gb."
-        )
-    free = shutil.disk_usage(run_dir).free
-    if size > free:
-        raise ConfigError(
-            f"the run file needs about {size / 1e9:.2f} GB but only {free / 1e9:.2f} GB is free in "
-            f"{run_dir}; free space or use store.per_param=false."
-        )
-
-    if callable(tracker) and not hasattr(tracker, "log_iteration"):
-        # A tracker factory: its (W&B) run starts only now, after every start-up check has passed.
-        tracker = tracker()
-        extra_attrs = {**(extra_attrs or {}), **(getattr(tracker, "attrs", None) or {})}
-    attrs = {
-        "config": yaml.safe_dump(cfg, sort_keys=False),
-        "lca_lab_version": __version__,
-        "git_sha": git_sha(),
-        "torch_version": torch.__version__,
-        "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
-        "data_source": data.source,
-        "lca_chunk_size": chunk,  # resolved (lca.chunk_size=auto): part of L's definition for BN nets
-        "lca_channels_last": channels_last,
-        "lca_cuda_graph": cuda_graph,
-        "lca_cudnn_benchmark": cudnn_bm,
-        "lca_compile": compile_passes,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        **(extra_attrs or {}),
-    }
     engine = None
     per_class = bool(lcfg.get("per_class", False))
     test_lca = bool(lcfg.get("test", False)) and len(data.test_x) > 0
@@ -317,41 +295,131 @@ def _run(
             bool(lcfg.get("adaptive", True)), per_class=per_class, test_loss=test_fbl,
             layer_sums=LayerSums(index, len(groups)),  # each step's per-layer LCA comes with its total
         )  # fmt: skip
+    return Built(
+        data, model, optimizer, groups, named, pnames, param_layer, index, K, chunk, channels_last,
+        cuda_graph, cudnn_bm, compile_passes, engine, per_class, test_lca,
+    )  # fmt: skip
 
-    def flat() -> torch.Tensor:
-        return torch.cat([named[n].detach().reshape(-1) for n in pnames])
 
-    milestones = [int(e) * per_epoch for e in (ocfg.get("lr_decay_epochs") or [])]
-    decay = float(ocfg.get("lr_decay_factor", 0.1))
-    batch_gen = torch.Generator(device="cpu").manual_seed(int(cfg["seed"]))
-    eval_every = int(cfg["eval_every"])
-    chunk_eval = chunk
+def _run(
+    cfg: dict[str, Any],
+    run_dir: Path,
+    extra_attrs: dict[str, str] | None,
+    device: torch.device,
+    mode: str,
+    ck: dict[str, Any] | None,
+    signals: PreemptionSignals,
+    tracker: Any = None,
+) -> dict[str, Any]:
+    """The body of :func:`run` with the run directory locked (``mode``: new / restart / resume):
+    build → loop → finish."""
+    set_determinism(int(cfg["seed"]), bool(cfg["deterministic"]))
+    set_matmul_precision(str(cfg["lca"].get("precision", "fp32")))  # training and LCA alike
+    b = build(cfg, device)
+    plan = _Plan.of(cfg, b)
+    _check_size(cfg, b, plan, run_dir)
+    if callable(tracker) and not hasattr(tracker, "log_iteration"):
+        # A tracker factory: its (W&B) run starts only now, after every start-up check has passed.
+        tracker = tracker()
+        extra_attrs = {**(extra_attrs or {}), **(getattr(tracker, "attrs", None) or {})}
+    attrs = _attrs(cfg, b, device, extra_attrs)
+    writer = _open_writer(run_dir / "lca.h5", cfg, b, plan, attrs, mode, ck)
+    loop = _TrainLoop(cfg, b, plan, writer, tracker)
+    if ck is not None:
+        loop.resume(ck, attrs["created"])
+        del ck
+    ck_on = bool((cfg.get("checkpoint") or {}).get("enabled", True))
+    with writer:
+        if mode != "resume":
+            writer.write_array("data/train_index", np.asarray(b.data.train_index, dtype=np.int64))
+        loop.run(_boundaries(cfg, loop, plan, run_dir, attrs["config"], signals, ck_on))
+        summary = _finish(loop, plan, attrs["device"])
+    if ck_on:
+        (run_dir / CHECKPOINT_NAME).unlink(missing_ok=True)  # complete: nothing left to resume
+    return summary
 
-    # Running statistics kept on the device; read once at the end (no per-iteration sync for them).
-    counts = torch.zeros(4, dtype=torch.float64, device=device)  # summed over iterations
-    reducer = LCAReducer(index, len(groups), engine.layer_sums if engine is not None else None)
-    layer_sums = reducer.layer_sums  # [..., K] → [..., n_layers] float64
-    layer_total = torch.zeros(len(groups), dtype=torch.float64, device=device)
-    max_abs_err, not_converged, total_splits, passes = 0.0, 0, 0, 0
-    loss_start = loss_end = cum_err = 0.0
-    # Wall time of every LCA iteration of this process (training step t, launching its LCA, recording step
-    # t-1's: reducers, storage, tracker). Reading step t-1's error makes each iteration wait for the GPU work
-    # queued before it, so in the steady state these are the throughput, and the host clock is honest.
-    lca_iter_s: list[float] = []
 
-    path = run_dir / "lca.h5"
+@dataclass
+class _Plan:
+    """The run's length and LCA window: ``per_epoch`` iterations per epoch, ``total_iters``, LCA of the
+    steps ``lo ≤ t < hi`` (``n_rows`` rows; 0 with LCA off), ``theta_only``: LCA off with
+    ``store.trajectory``, θ_t kept for t = lo..hi anyway, for offline LCA (lca_lab.recompute)."""
+
+    per_epoch: int
+    total_iters: int
+    lo: int
+    hi: int
+    n_rows: int
+    theta_only: bool
+
+    @classmethod
+    def of(cls, cfg: dict[str, Any], b: Built) -> _Plan:
+        per_epoch = math.ceil(len(b.data.train_x) / int(cfg["batch_size"]))
+        total_iters = per_epoch * int(cfg["epochs"])
+        lca_on = b.engine is not None
+        window = cfg["lca"].get("window")
+        lo, hi = (0, total_iters) if window is None else (int(window[0]), min(int(window[1]), total_iters))
+        n_rows = max(hi - lo, 0) if lca_on else 0
+        return cls(per_epoch, total_iters, lo, hi, n_rows, bool(cfg["store"]["trajectory"]) and not lca_on)
+
+
+def _check_size(cfg: dict[str, Any], b: Built, plan: _Plan, run_dir: Path) -> None:
+    """Refuse, before any compute, a run file over ``store.max_gb`` or over the free disk space."""
+    scfg = cfg["store"]
+    size = estimate_bytes(b.K, plan.n_rows, bool(scfg["per_param"]), bool(scfg["trajectory"]), len(b.groups))
+    size += 4 * b.K * (max(plan.hi - plan.lo, 0) + 1) if plan.theta_only else 0
+    if size > float(scfg["max_gb"]) * 1e9:
+        raise ConfigError(
+            f"the run file would be {size / 1e9:.2f} GB ({plan.n_rows} LCA rows × {b.K:,} parameters), over "
+            f"store.max_gb={scfg['max_gb']}. Shrink it with store.per_param=false (keeps per-layer LCA), "
+            f"store.trajectory=false, a shorter lca.window=[start,stop], fewer epochs, or raise store.max_gb."
+        )
+    free = shutil.disk_usage(run_dir).free
+    if size > free:
+        raise ConfigError(
+            f"the run file needs about {size / 1e9:.2f} GB but only {free / 1e9:.2f} GB is free in "
+            f"{run_dir}; free space or use store.per_param=false."
+        )
+
+
+def _attrs(
+    cfg: dict[str, Any], b: Built, device: torch.device, extra: dict[str, str] | None
+) -> dict[str, Any]:
+    """The run file's attributes (the resolved config, versions, device, how L's passes run)."""
+    return {
+        "config": yaml.safe_dump(cfg, sort_keys=False),
+        "lca_lab_version": __version__,
+        "git_sha": git_sha(),
+        "torch_version": torch.__version__,
+        "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+        "data_source": b.data.source,
+        "lca_chunk_size": b.chunk,  # resolved (lca.chunk_size=auto): part of L's definition for BN nets
+        "lca_channels_last": b.channels_last,
+        "lca_cuda_graph": b.cuda_graph,
+        "lca_cudnn_benchmark": b.cudnn_bm,
+        "lca_compile": b.compile_passes,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **(extra or {}),
+    }
+
+
+def _open_writer(
+    path: Path, cfg: dict[str, Any], b: Built, plan: _Plan, attrs: dict[str, Any], mode: str, ck: Any
+) -> RunWriter:
+    """The run file's writer: new, restarted (``overwrite``) or resumed at the checkpoint's rows."""
+    scfg, lca_on, device = cfg["store"], b.engine is not None, b.index.device
     writer = RunWriter(
         path,
-        param_names=pnames,
-        param_shapes=[tuple(named[n].shape) for n in pnames],
-        param_layer=param_layer,
-        layer_names=[g[0] for g in groups],
+        param_names=b.pnames,
+        param_shapes=[tuple(b.named[n].shape) for n in b.pnames],
+        param_layer=b.param_layer,
+        layer_names=[g[0] for g in b.groups],
         attrs=attrs,
         per_param=bool(scfg["per_param"]),
         trajectory=bool(scfg["trajectory"]) and lca_on,
         flush_every=int(scfg["flush_every"]),
-        expected_rows=n_rows,
-        n_classes=data.n_classes if per_class and lca_on else None,
+        expected_rows=plan.n_rows,
+        n_classes=b.data.n_classes if b.per_class and lca_on else None,
         background=device.type == "cuda",  # rows leave the GPU without stalling it (writer thread)
         file_process=device.type == "cuda",  # and HDF5 is written by a child process, outside our GIL
         overwrite=mode == "restart",
@@ -359,275 +427,252 @@ def _run(
     )
     if mode == "restart":
         tqdm.write(f"WARNING: {path} had no checkpoint: starting it again from iteration 0 (resume=true)")
+    return writer
 
-    ckcfg = cfg.get("checkpoint") or {}
-    ck_on = bool(ckcfg.get("enabled", True))
-    ck_every = int(ckcfg.get("every") or 0)
-    ck_seconds = float(ckcfg.get("seconds") or 0)
-    kill_at = int(os.environ.get(TEST_KILL_ENV, "-1"))
-    start_it, resumed_perm, theta_next = 0, None, None
-    if ck is not None:
-        # Everything the loop carries from one iteration to the next, as it was at the checkpoint.
-        start_it = int(ck["iteration"])
-        model.load_state_dict(ck["model"])
-        optimizer.load_state_dict(ck["optimizer"])
-        reducer.load_state_dict(ck["reducer"])
-        batch_gen.set_state(ck["batch_gen"])
-        resumed_perm = ck["perm"]
-        lp = ck["loop"]
-        counts.copy_(lp["counts"])
-        layer_total.copy_(lp["layer_total"])
-        max_abs_err, not_converged = float(lp["max_abs_err"]), int(lp["not_converged"])
-        total_splits, passes = int(lp["total_splits"]), int(lp["passes"])
-        loss_start, loss_end, cum_err = float(lp["loss_start"]), float(lp["loss_end"]), float(lp["cum_err"])
-        set_rng_state(ck["rng"], device)
-        writer.set_attr("resumed", f"from iteration {start_it} at {attrs['created']}")  # the latest resume
-        if engine is not None and lo < start_it < hi:
-            # The engine's cached endpoint gradient is not in the checkpoint: recompute it at θ_t
-            # (the same function of the same θ, so the same bits on CPU).
-            theta_next = flat()
-            engine.prime(theta_next)
-        tqdm.write(f"resuming {path} from its checkpoint at iteration {start_it} of {total_iters}")
-        del ck
 
-    def checkpoint(it: int, perm: torch.Tensor) -> None:
-        """Flush the run file and save the loop state at the boundary before iteration ``it``."""
-        save_checkpoint(
-            run_dir,
-            {
-                "config": attrs["config"],
-                "iteration": it,
-                "rows": writer.committed_rows(),
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "reducer": reducer.state_dict(),
-                "batch_gen": batch_gen.get_state(),
-                "perm": perm.cpu(),
-                "rng": rng_state(device),
-                "loop": {
-                    "counts": counts.cpu(),
-                    "layer_total": layer_total.cpu(),
-                    "max_abs_err": max_abs_err,
-                    "not_converged": not_converged,
-                    "total_splits": total_splits,
-                    "passes": passes,
-                    "loss_start": loss_start,
-                    "loss_end": loss_end,
-                    "cum_err": cum_err,
-                },
-            },
-        )
+class _Trainer:
+    """The training side of the loop: each epoch's batch order, the learning-rate schedule, one step.
 
-    summary: dict[str, Any] = {}
-    layer_names = [g[0] for g in groups]
-    # Pipelining: step t's LCA is launched (its passes queued on the GPU), then the host trains step t+1,
-    # whose kernels queue behind those passes, and only then reads step t's result and records it. The
-    # host's work (training step, reducers, rows, tracker) thus overlaps the GPU's passes instead of
-    # alternating with them. The numbers are those of the plain order; on the CPU only the order of the
-    # work changes. ``pending`` is the launched step not yet recorded; it is recorded ("drained") before
-    # anything that needs every row so far: an evaluation, a checkpoint, the end of the LCA window, a kill
-    # test, a signal, an error.
-    pending: tuple | None = None  # (iteration t, PendingStep, θ_{t+1}, batch loss of step t)
+    ``perm`` [N] int64 (on the device) is the current epoch's order of the training examples, drawn from
+    ``batch_gen`` (CPU generator seeded with ``seed``) when the epoch starts.
+    """
 
-    def record(t: int, handle: PendingStep, theta1: torch.Tensor, batch_loss: torch.Tensor) -> None:
-        """Finish step t's LCA (the one host read) and send it to the sums, the run file and the tracker."""
-        nonlocal loss_end, cum_err, max_abs_err, not_converged, total_splits, passes, layer_total, counts
-        st = handle.result()
-        # The progress bar, the divergence check and the running sums need L and the error on the host:
-        # the engine read them for its refinement decision.
-        loss_end, err = st.host_loss1, st.host_error
-        lca_total = st.total  # stays on the device: the writer and tracker batch it
-        if not math.isfinite(loss_end):
-            raise FloatingPointError(f"training loss became {loss_end} at iteration {t}; lower opt.lr")
-        per_layer = st.layer  # [n_layers], from the engine's product that gave the total
-        layer_total += per_layer
-        views = reducer.update(st.param, st.delta, st.grad0)
-        fh, fu = views["frac_helping"], views["frac_hurting"]
-        # helping, hurting, zero; then helping among non-zero entries (the paper's Table 1)
-        counts += torch.stack([fh, fu, views["frac_zero"], fh / (fh + fu).clamp_min(1e-300)])
-        for name, v in views.items():
-            writer.append_dataset(f"reduce/{name}", v, copy=False)  # fresh views, never modified
-        if st.class_param is not None:
-            class_layer = layer_sums(st.class_param)  # [n_classes, n_layers]
-            writer.append_dataset("class/loss", st.class_loss1)
-        if st.test_param is not None:
-            writer.append_dataset("test/loss", st.test_loss1)
-            writer.append_dataset("lca_test/layer", layer_sums(st.test_param))
-            writer.append_dataset("lca_test/total", st.test_param.sum())
-            writer.append_dataset("lca_test/error", st.test_error)
-        cum_err += err
-        max_abs_err = max(max_abs_err, abs(err))
-        not_converged += int(not st.converged)
-        total_splits += st.splits
-        passes += st.passes
-        writer.append(
-            t,
-            loss_end,
-            lca_total,
-            err,
-            st.splits,
-            st.converged,
-            per_layer,
-            st.param if scfg["per_param"] else None,
-            theta1 if scfg["trajectory"] else None,
-            class_layer=class_layer if st.class_param is not None else None,
-            copy=False,  # every tensor here is fresh this iteration and never modified (θ_{t+1} neither)
-        )
-        if tracker is not None:  # device tensors: the tracker copies them in batches
-            tracker.log_iteration(
-                t, loss=loss_end, lca_total=lca_total, lca_error=err, splits=st.splits,
-                frac_helping=fh, frac_hurting=fu, frac_zero=views["frac_zero"],
-                batch_loss=batch_loss, layer_lca=dict(zip(layer_names, per_layer)),
-            )  # fmt: skip
-        bar.set_postfix(L=f"{loss_end:.4f}", err=f"{err:+.1e}", splits=st.splits, refresh=False)
+    def __init__(self, cfg: dict[str, Any], b: Built, per_epoch: int):
+        self.model, self.optimizer, self.data = b.model, b.optimizer, b.data
+        self.batch_size, self.per_epoch, self.epochs = int(cfg["batch_size"]), per_epoch, int(cfg["epochs"])
+        ocfg = cfg["opt"]
+        self.milestones = [int(e) * per_epoch for e in (ocfg.get("lr_decay_epochs") or [])]
+        self.decay = float(ocfg.get("lr_decay_factor", 0.1))
+        self.batch_gen = torch.Generator(device="cpu").manual_seed(int(cfg["seed"]))
+        self.perm: torch.Tensor | None = None
+        self.resumed_perm: torch.Tensor | None = None  # the checkpoint's epoch order [N] (CPU)
 
-    def drain() -> None:
-        nonlocal pending
-        if pending is not None:
-            done, pending = pending, None
-            record(*done)
+    def iterations(self, start: int) -> Iterator[int]:
+        """Iterations ``start`` … end of the last epoch; ``perm`` is the current epoch's order."""
+        device, n_train = self.data.train_x.device, len(self.data.train_x)
+        it = start
+        for epoch in range(start // self.per_epoch, self.epochs):
+            b0 = it - epoch * self.per_epoch  # > 0 only when resuming in the middle of an epoch
+            if b0 > 0:
+                self.perm = self.resumed_perm.to(device)
+            else:
+                self.perm = torch.randperm(n_train, generator=self.batch_gen).to(device)
+            for _ in range(b0, self.per_epoch):
+                yield it
+                it += 1
 
-    with writer:
-        if mode != "resume":
-            writer.write_array("data/train_index", np.asarray(data.train_index, dtype=np.int64))
-        model.train()
-        it = start_it
-        bar = tqdm(
-            total=total_iters, initial=start_it, desc=f"{ncfg['name']}/{data.source}", unit="it",
-            dynamic_ncols=True,
+    def step(self, it: int) -> torch.Tensor:
+        """Training iteration ``it``: the schedule, then one optimizer step → the batch loss (0-d)."""
+        if it in self.milestones:
+            for g in self.optimizer.param_groups:
+                g["lr"] *= self.decay
+        apply_freezes(self.optimizer, it)
+        b = it % self.per_epoch
+        idx = self.perm[b * self.batch_size : (b + 1) * self.batch_size]
+        self.optimizer.zero_grad(set_to_none=True)
+        batch_loss = F.cross_entropy(self.model(self.data.train_x[idx]), self.data.train_y[idx])
+        batch_loss.backward()
+        self.optimizer.step()
+        return batch_loss
+
+
+class _TrainLoop:
+    """One run's loop: the trainer, the recorder of its LCA rows and the pipelined driver, with the
+    checkpoint state of the three (:meth:`state`, :meth:`resume`)."""
+
+    def __init__(self, cfg: dict[str, Any], b: Built, plan: _Plan, writer: RunWriter, tracker: Any):
+        self.b, self.plan, self.writer, self.tracker = b, plan, writer, tracker
+        self.device = b.index.device
+        self.trainer = _Trainer(cfg, b, plan.per_epoch)
+        reducer = LCAReducer(b.index, len(b.groups), b.engine.layer_sums if b.engine is not None else None)
+        self.start_it, self.desc = 0, f"{cfg['net']['name']}/{b.data.source}"
+        scfg = cfg["store"]
+        self.recorder = StepRecorder(
+            reducer, writer, per_param=bool(scfg["per_param"]), trajectory=bool(scfg["trajectory"]),
+            tracker=tracker, layer_names=[g[0] for g in b.groups],
         )  # fmt: skip
-        last_ck = time.monotonic()
-        try:
-            for _epoch in range(start_it // per_epoch, int(cfg["epochs"])):
-                b0 = it - _epoch * per_epoch  # > 0 only when resuming in the middle of an epoch
-                if b0 > 0:
-                    perm = resumed_perm.to(device)
-                else:
-                    perm = torch.randperm(n_train, generator=batch_gen).to(device)
-                for b in range(b0, per_epoch):
-                    if it in milestones:
-                        for g in optimizer.param_groups:
-                            g["lr"] *= decay
-                    apply_freezes(optimizer, it)
-                    do_lca = engine is not None and lo <= it < hi
-                    t_iter = time.perf_counter()
-                    # θ_{t+1} of the last step is θ_t of this one: reusing the tensor lets the engine reuse
-                    # its endpoint gradient without comparing values.
-                    if not do_lca:
-                        theta_next = None
-                    theta0 = (theta_next if theta_next is not None else flat()) if do_lca else None
-                    if do_lca and it == lo:
-                        loss_start = float(engine.prime(theta0))
-                        loss_end = loss_start
-                        writer.write_initial(loss_start, theta0 if scfg["trajectory"] else None)
-                        start_point = engine.cached_point
-                        if per_class:
-                            writer.append_dataset("class/loss", start_point["Lc"])
-                        if test_lca:
-                            writer.append_dataset("test/loss", start_point["Lt"])
-                    if theta_only and it == lo:
-                        _append_theta(writer, flat(), it)
-                    idx = perm[b * int(cfg["batch_size"]) : (b + 1) * int(cfg["batch_size"])]
-                    optimizer.zero_grad(set_to_none=True)
-                    batch_loss = F.cross_entropy(model(data.train_x[idx]), data.train_y[idx])
-                    batch_loss.backward()
-                    optimizer.step()
-                    if theta_only and lo <= it < hi:
-                        _append_theta(writer, flat(), it + 1)
-                    if do_lca:
-                        theta1 = theta_next = flat()
-                        launched = (it, engine.launch(theta0, theta1), theta1, batch_loss.detach())
-                        drain()  # step t-1: its passes were queued before this step's, so they are done first
-                        pending = launched
-                        lca_iter_s.append(time.perf_counter() - t_iter)
-                    it += 1
-                    if it >= hi:
-                        drain()
-                    if it % eval_every == 0 and it != total_iters:
-                        drain()  # the tracker's steps must increase
-                        tl, ta = evaluate(model, data.test_x, data.test_y, chunk_eval)
-                        writer.append_eval(it, test_loss=tl, test_acc=ta)
-                        if tracker is not None:
-                            tracker.log_eval(it, test_loss=tl, test_acc=ta)
-                    bar.update(1)
-                    if it == kill_at:
-                        drain()
-                        os.kill(os.getpid(), signal.SIGKILL)
-                    if ck_on and it < total_iters:
-                        due = (ck_every and it % ck_every == 0) or (
-                            ck_seconds and time.monotonic() - last_ck >= ck_seconds
-                        )
-                        if due or signals.signum is not None:
-                            drain()
-                            checkpoint(it, perm)
-                            last_ck = time.monotonic()
-                        if signals.signum is not None:
-                            bar.close()
-                            name = signal.Signals(signals.signum).name
-                            writer.close(f"preempted: {name} at iteration {it}; rerun to continue")
-                            prev = signals.previous.get(signals.signum)
-                            raise RunPreempted(signals.signum, it, run_dir, prev)
-            drain()
-        except BaseException:
-            with contextlib.suppress(Exception):
-                drain()  # the launched step's rows are kept: nothing already computed is lost
-            raise
+        self.driver = LCADriver(b.engine, self.recorder, self.flat, (plan.lo, plan.hi), plan.theta_only)
+
+    def flat(self) -> torch.Tensor:
+        """θ: a fresh flat [K] copy of the trainable parameters."""
+        return torch.cat([self.b.named[n].detach().reshape(-1) for n in self.b.pnames])
+
+    def state(self, it: int, config: str) -> dict[str, Any]:
+        """The checkpoint at the boundary before iteration ``it``: everything the loop carries on."""
+        rec = self.recorder.state_dict()
+        return {
+            "config": config,
+            "iteration": it,
+            "rows": self.writer.committed_rows(),
+            "model": self.b.model.state_dict(),
+            "optimizer": self.b.optimizer.state_dict(),
+            "reducer": rec["reducer"],
+            "batch_gen": self.trainer.batch_gen.get_state(),
+            "perm": self.trainer.perm.cpu(),
+            "rng": rng_state(self.device),
+            "loop": rec["loop"],
+        }
+
+    def resume(self, ck: dict[str, Any], created: str) -> None:
+        """Everything the loop carries from one iteration to the next, as it was at the checkpoint."""
+        self.start_it = int(ck["iteration"])
+        self.b.model.load_state_dict(ck["model"])
+        self.b.optimizer.load_state_dict(ck["optimizer"])
+        self.recorder.load_state_dict(ck)
+        self.trainer.batch_gen.set_state(ck["batch_gen"])
+        self.trainer.resumed_perm = ck["perm"]
+        set_rng_state(ck["rng"], self.device)
+        self.writer.set_attr("resumed", f"from iteration {self.start_it} at {created}")  # the latest resume
+        if self.b.engine is not None and self.plan.lo < self.start_it < self.plan.hi:
+            self.driver.resume()
+        where = f"{self.writer.path} from its checkpoint at iteration {self.start_it}"
+        tqdm.write(f"resuming {where} of {self.plan.total_iters}")
+
+    def run(self, boundaries: list) -> None:
+        """Train from ``start_it`` to the end, LCA pipelined (see :mod:`lca_lab.loop`)."""
+        self.b.model.train()
+        bar = self.recorder.bar = tqdm(
+            total=self.plan.total_iters, initial=self.start_it, desc=self.desc, unit="it", dynamic_ncols=True
+        )
+        self.driver.train(
+            self.trainer.iterations(self.start_it),
+            self.trainer.step,
+            boundaries,
+            after=lambda it, launched: bar.update(1),
+        )
         bar.close()
 
-        train_loss, train_acc = evaluate(model, data.train_x, data.train_y, chunk_eval)
-        test_loss, test_acc = evaluate(model, data.test_x, data.test_y, chunk_eval)
-        writer.append_eval(
-            total_iters, test_loss=test_loss, test_acc=test_acc, train_loss=train_loss, train_acc=train_acc
-        )
-        if tracker is not None:
-            tracker.log_eval(total_iters, test_loss=test_loss, test_acc=test_acc,
-                             train_loss=train_loss, train_acc=train_acc)  # fmt: skip
-        summary = {
-            "run_file": str(path),
-            "data_source": data.source,
-            "device": attrs["device"],
-            "iterations": total_iters,
-            "lca_rows": n_rows,
-            "final_train_loss_eval": train_loss,
-            "final_train_acc": train_acc,
-            "final_test_loss": test_loss,
-            "final_test_acc": test_acc,
-        }
-        if n_rows:
-            for name, arr in reducer.result().items():
-                writer.write_array(f"reduce/{name}", arr.cpu().numpy())
-            c = (counts / n_rows).tolist()
-            dl = loss_end - loss_start
-            summary.update(
-                {
-                    "L_start": loss_start,
-                    "L_end": loss_end,
-                    "frac_helping": c[0],
-                    "frac_hurting": c[1],
-                    "frac_zero": c[2],
-                    "pct_helping_nonzero": 100 * c[3],
-                    "layer_lca": dict(zip([g[0] for g in groups], layer_total.tolist())),
-                    "max_abs_error": max_abs_err,
-                    "cumulative_error": cum_err,
-                    "cumulative_rel_error": abs(cum_err) / abs(dl) if dl != 0 else float("inf"),
-                    "not_converged": not_converged,
-                    "mean_splits": total_splits / n_rows,
-                    "grad_passes_per_iter": passes / n_rows,
-                }
-            )
-        if lca_iter_s:
-            summary["lca_s_per_iter"] = statistics.median(lca_iter_s)
-            summary["lca_iters_timed"] = len(lca_iter_s)
-        if engine is not None and engine.loss.graph_error:  # asked for, but the eager path ran
-            summary["cuda_graph_error"] = engine.loss.graph_error
-        if engine is not None and engine.loss.compile_error:  # likewise for torch.compile
-            summary["compile_error"] = engine.loss.compile_error
-        for k, v in summary.items():
-            if isinstance(v, (int, float, str)):
-                writer.set_attr(f"summary/{k}", v)
+
+@dataclass
+class _Eval:
+    """Test loss and accuracy every ``every`` iterations (not at the end: :func:`_finish` evaluates)."""
+
+    loop: _TrainLoop
+    every: int
+
+    def due(self, it: int) -> bool:
+        return (
+            it % self.every == 0 and it != self.loop.plan.total_iters
+        )  # drained: the tracker's steps increase
+
+    def __call__(self, it: int) -> None:
+        data, chunk = self.loop.b.data, self.loop.b.chunk
+        tl, ta = evaluate(self.loop.b.model, data.test_x, data.test_y, chunk)
+        self.loop.writer.append_eval(it, test_loss=tl, test_acc=ta)
+        if self.loop.tracker is not None:
+            self.loop.tracker.log_eval(it, test_loss=tl, test_acc=ta)
+
+
+@dataclass
+class _KillTest:
+    """Test hook (``LCA_LAB_TEST_SIGKILL_AT_ITERATION``): SIGKILL once ``at`` iterations are done, their
+    rows buffered or flushed, before any checkpoint at that boundary."""
+
+    at: int
+
+    def due(self, it: int) -> bool:
+        return it == self.at
+
+    def __call__(self, it: int) -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@dataclass
+class _Checkpoint:
+    """Flush the run file and save the loop's state every ``every`` iterations, every ``seconds`` s,
+    and on a preemption signal (never at the end: a complete run needs none)."""
+
+    loop: _TrainLoop
+    run_dir: Path
+    config: str
+    signals: PreemptionSignals
+    every: int
+    seconds: float
+    last: float = field(default_factory=time.monotonic)
+
+    def due(self, it: int) -> bool:
+        if it >= self.loop.plan.total_iters:
+            return False
+        timed = self.seconds and time.monotonic() - self.last >= self.seconds
+        return bool((self.every and it % self.every == 0) or timed or self.signals.signum is not None)
+
+    def __call__(self, it: int) -> None:
+        save_checkpoint(self.run_dir, self.loop.state(it, self.config))
+        self.last = time.monotonic()
+
+
+@dataclass
+class _Preempt:
+    """After a preemption signal's checkpoint: mark the run file ``preempted`` and stop (RunPreempted)."""
+
+    loop: _TrainLoop
+    run_dir: Path
+    signals: PreemptionSignals
+
+    def due(self, it: int) -> bool:
+        return self.signals.signum is not None and it < self.loop.plan.total_iters
+
+    def __call__(self, it: int) -> None:
+        self.loop.recorder.bar.close()
+        name = signal.Signals(self.signals.signum).name
+        self.loop.writer.close(f"preempted: {name} at iteration {it}; rerun to continue")
+        prev = self.signals.previous.get(self.signals.signum)
+        raise RunPreempted(self.signals.signum, it, self.run_dir, prev)
+
+
+def _boundaries(
+    cfg: dict[str, Any], loop: _TrainLoop, plan: _Plan, run_dir: Path, config: str, signals: Any, ck_on: bool
+) -> list:
+    """What runs between iterations, in this order: evaluation, kill test, checkpoint, preemption."""
+    out: list = [_Eval(loop, int(cfg["eval_every"])), _KillTest(int(os.environ.get(TEST_KILL_ENV, "-1")))]
     if ck_on:
-        (run_dir / CHECKPOINT_NAME).unlink(missing_ok=True)  # complete: nothing left to resume
+        ckcfg = cfg.get("checkpoint") or {}
+        every, seconds = int(ckcfg.get("every") or 0), float(ckcfg.get("seconds") or 0)
+        out += [_Checkpoint(loop, run_dir, config, signals, every, seconds), _Preempt(loop, run_dir, signals)]
+    return out
+
+
+def _finish(loop: _TrainLoop, plan: _Plan, device: str) -> dict[str, Any]:
+    """The final evaluation, the reducer's counters and the summary (also the run file's ``summary/*``)."""
+    b, writer, tracker = loop.b, loop.writer, loop.tracker
+    train_loss, train_acc = evaluate(b.model, b.data.train_x, b.data.train_y, b.chunk)
+    test_loss, test_acc = evaluate(b.model, b.data.test_x, b.data.test_y, b.chunk)
+    final = {"test_loss": test_loss, "test_acc": test_acc, "train_loss": train_loss, "train_acc": train_acc}
+    writer.append_eval(plan.total_iters, **final)
+    if tracker is not None:
+        tracker.log_eval(plan.total_iters, **final)
+    summary: dict[str, Any] = {
+        "run_file": str(writer.path),
+        "data_source": b.data.source,
+        "device": device,
+        "iterations": plan.total_iters,
+        "lca_rows": plan.n_rows,
+        "final_train_loss_eval": train_loss,
+        "final_train_acc": train_acc,
+        "final_test_loss": test_loss,
+        "final_test_acc": test_acc,
+    }
+    if plan.n_rows:
+        loop.recorder.write_counters()
+        summary.update(loop.recorder.summary(plan.n_rows))
+    summary.update(_timing(loop.driver.iter_s, b.engine))
+    for k, v in summary.items():
+        if isinstance(v, (int, float, str)):
+            writer.set_attr(f"summary/{k}", v)
     return summary
+
+
+def _timing(iter_s: list[float], engine: LCAEngine | None) -> dict[str, Any]:
+    """Median time per LCA iteration in this process, and why a speed setting asked for did not run."""
+    out: dict[str, Any] = {}
+    if iter_s:
+        out["lca_s_per_iter"] = statistics.median(iter_s)
+        out["lca_iters_timed"] = len(iter_s)
+    if engine is not None and engine.loss.graph_error:  # asked for, but the eager path ran
+        out["cuda_graph_error"] = engine.loss.graph_error
+    if engine is not None and engine.loss.compile_error:  # likewise for torch.compile
+        out["compile_error"] = engine.loss.compile_error
+    return out
 
 
 def format_summary(s: dict[str, Any]) -> str:
