@@ -872,9 +872,20 @@ def _main(cfg) -> dict[str, Any]:
         print(f"shard file        : {res['shard_file']}   ({res['seconds']:.1f} s)")
     if res.get("merged"):
         print(f"merged run file   : {res['merged']}")
+        _track(cfg, res["merged"])
     elif "shard_file" in res:
         print("merged run file   : not yet (other shards still missing; the last one to finish merges)")
     return res
+
+
+def _track(cfg, merged: str) -> None:
+    """A recompute of a tracked training run becomes a W&B run with the training run's Artifact as its
+    input (W&B's mode as for the training run's ``logger.mode=auto``: ``WANDB_MODE``, else credentials)."""
+    from .tracking import log_recompute
+
+    run_id = log_recompute(resolve_path(cfg.run_dir), merged)
+    if run_id:
+        print(f"W&B recompute run : {run_id}")
 
 
 def main() -> None:

@@ -44,6 +44,7 @@ from .nets import build_net, entry_layer_index, layer_groups, param_layer_index
 from .optim import apply_freezes, build_optimizer, plan_layers
 from .reducers import LCAReducer
 from .store import RunWriter, estimate_bytes
+from .tracking import start_tracker
 
 
 def resolve_device(name: str) -> torch.device:
@@ -276,8 +277,9 @@ def _run(
         )
 
     if callable(tracker) and not hasattr(tracker, "log_iteration"):
-        # A tracker factory: its (W&B) run starts only now, after every start-up check has passed.
-        tracker = tracker()
+        # A tracker factory: its (W&B) run starts only now, after every start-up check has passed; a
+        # resumed run continues the W&B run its run file records.
+        tracker = start_tracker(tracker, run_dir / "lca.h5" if ck is not None else None)
         extra_attrs = {**(extra_attrs or {}), **(getattr(tracker, "attrs", None) or {})}
     attrs = {
         "config": yaml.safe_dump(cfg, sort_keys=False),
@@ -381,7 +383,8 @@ def _run(
         total_splits, passes = int(lp["total_splits"]), int(lp["passes"])
         loss_start, loss_end, cum_err = float(lp["loss_start"]), float(lp["loss_end"]), float(lp["cum_err"])
         set_rng_state(ck["rng"], device)
-        writer.set_attr("resumed", f"from iteration {start_it} at {attrs['created']}")  # the latest resume
+        resumed = {"resumed": f"from iteration {start_it} at {attrs['created']}"}  # the latest resume
+        writer.set_attrs({**resumed, **(getattr(tracker, "attrs", None) or {})})  # and its W&B run
         if engine is not None and lo < start_it < hi:
             # The engine's cached endpoint gradient is not in the checkpoint: recompute it at θ_t
             # (the same function of the same θ, so the same bits on CPU).
