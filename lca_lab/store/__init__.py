@@ -3,8 +3,8 @@
 In layers: :mod:`.layout` describes every dataset once (names, dtypes, row shapes, when present) and
 checks files against it; :mod:`.buffer` holds rows between flushes and takes them off the device;
 :mod:`.transport` takes a flush's rows to the file (inline, writer thread, or a child process:
-:mod:`lca_lab.file_process`); :mod:`.writer` (:class:`RunWriter`) composes them; :mod:`.reader`
-(:class:`RunFile`) reads.
+:mod:`lca_lab.file_process`); :mod:`.files` creates, truncates and annotates the file; :mod:`.writer`
+(:class:`RunWriter`) composes them; :mod:`.reader` (:class:`RunFile`) reads.
 
 One file per run, ``<run dir>/lca.h5``. The layout is a contract other tools read (see
 ``shared/design.md``); every name below is fixed once written
@@ -58,6 +58,7 @@ Concurrency
 from __future__ import annotations
 
 from .buffer import InFlight, RowBuffer, StagingPool
+from .files import set_attrs
 from .layout import (
     EVAL_NAMES,
     FILE_NAME,
@@ -72,7 +73,7 @@ from .layout import (
 )
 from .reader import NotStoredError, RunFile, open_run
 from .transport import Inline, Sink, WriterThread
-from .writer import RunWriter, set_attrs
+from .writer import RunWriter
 
 __all__ = [
     "EVAL_NAMES",

@@ -11,38 +11,18 @@ of each run of the writer, in seconds: what ``bench --writer-pauses`` measures).
 from __future__ import annotations
 
 import collections
-import os
 import time
 import warnings
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
-import h5py
 import numpy as np
 
 from ..file_process import FileProcess, write_all, write_rows
 from .buffer import Job
-from .layout import EVAL_ITERATION, chunks
-
-
-def open_plain_write(path: Path) -> h5py.File:
-    """Open for structural changes (new datasets, attributes), which SWMR mode does not allow."""
-    return h5py.File(path, "r+", libver=("v110", "latest"), locking=False)
-
-
-def new_rows_dataset(f: h5py.File, name: str, dtype: np.dtype, row_shape: tuple[int, ...],
-                     expected_rows: int | None, fillvalue: Any = None) -> None:  # fmt: skip
-    """An empty per-row dataset ``[0, *row_shape]``, unlimited along rows, chunked by :func:`chunks`."""
-    f.create_dataset(
-        name,
-        shape=(0, *row_shape),
-        maxshape=(None, *row_shape),
-        dtype=dtype,
-        chunks=chunks(row_shape, dtype.itemsize, expected_rows),
-        fillvalue=fillvalue,
-    )
+from .files import new_rows_dataset, open_plain_write
+from .layout import EVAL_ITERATION
 
 
 class Sink:
@@ -196,20 +176,3 @@ def open_transport(path: Path, known: set[str], expected_rows: int | None, *, ba
             warnings.warn(f"{err}; the run file is written by the writer thread instead", stacklevel=3)
     sink = Sink(path, known, expected_rows, process)
     return WriterThread(sink) if background else Inline(sink)
-
-
-def row_counts(f: h5py.File) -> dict[str, int]:
-    """Rows of every dataset in ``f`` that grows by rows (first axis resizable without limit)."""
-    out: dict[str, int] = {}
-
-    def visit(name: str, obj: Any) -> None:
-        if isinstance(obj, h5py.Dataset) and obj.maxshape and obj.maxshape[0] is None:
-            out[name] = int(obj.shape[0])
-
-    f.visititems(visit)
-    return out
-
-
-def read_row_counts(path: str | os.PathLike) -> dict[str, int]:
-    with h5py.File(path, "r", locking=False) as f:
-        return row_counts(f)

@@ -8,31 +8,13 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import h5py
 import numpy as np
 import torch
 
 from .buffer import RowBuffer, StagingPool, check_len
-from .layout import EVAL_ITERATION, EVAL_NAMES, LAYOUT_VERSION, STR, Layout, resolve_path
-from .transport import new_rows_dataset, open_plain_write, open_transport, read_row_counts, row_counts
-
-
-def as_attr(value: Any) -> Any:
-    """Attribute values as HDF5 can store them: strings stay strings, unknown objects become text."""
-    if isinstance(value, (bool, np.generic, np.ndarray)):
-        return value
-    if isinstance(value, int):
-        return int(value)
-    if isinstance(value, float):
-        return float(value)
-    return str(value)  # also turns str subclasses (torch.__version__) into plain str, which h5py stores
-
-
-def set_attrs(path: str | os.PathLike, attrs: Mapping[str, Any]) -> None:
-    """Set root attributes of a run file that no writer holds (one plain open)."""
-    with open_plain_write(resolve_path(path)) as f:
-        for k, v in attrs.items():
-            f.attrs[k] = as_attr(v)
+from .files import create_file, read_row_counts, reopen_file, set_attrs, write_array
+from .layout import Layout, resolve_path
+from .transport import open_transport
 
 
 class RunWriter:
@@ -110,14 +92,16 @@ class RunWriter:
         self.expected_rows = expected_rows
         self.layout = Layout(self.n_params, self.n_layers, self.n_classes, self.per_param, self.trajectory)
         self._closed = False
-        offsets = self._create(attrs, overwrite) if resume is None else self._reopen(resume)
+        offsets = self._open(attrs, overwrite, resume)
         self._initial_written = offsets.get("train/loss", 0) > 0
         # float64 per-parameter rows handed over fresh (copy=False) wait for the flush uncast when a
         # flush's worth of them is small: one cast kernel per flush instead of one per row.
         defer = self.flush_every * self.n_params * 4 <= self.DEFER_CAST_BYTES
         staging = StagingPool() if background else None
         self.buffer = RowBuffer(self.layout, self.flush_every, staging, defer, offsets)
-        self.buffer.eval_names.update(self._eval_names)
+        # eval series the file holds: a later eval row without one of them writes NaN there
+        self.buffer.eval_names.update({n[len("eval/") :] for n in self._known if n.startswith("eval/")})
+        self.buffer.eval_names.discard("iteration")
         # shared memory for one flush's large rows (per-parameter LCA, the trajectory)
         arena = (self.per_param + self.trajectory) * (self.flush_every + 1) * self.n_params * 4
         self.transport = open_transport(self.path, self._known, expected_rows, background=background,
@@ -125,69 +109,15 @@ class RunWriter:
 
     # -- the file -----------------------------------------------------------------------------------------
 
-    def _create(self, attrs: Mapping[str, Any], overwrite: bool) -> dict[str, int]:
-        """Create the file with every dataset of the layout (no rows) → offsets (none)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # The low bound v110 keeps the file readable by HDF5 >= 1.10 while allowing SWMR (superblock v3).
-        with h5py.File(self.path, "w" if overwrite else "w-", libver=("v110", "latest"), locking=False) as f:
-            for k, v in attrs.items():
-                if v is not None:
-                    f.attrs[k] = as_attr(v)
-            f.attrs["status"] = "running"
-            f.attrs["per_param"] = self.per_param
-            f.attrs["trajectory"] = self.trajectory
-            f.attrs["layout_version"] = LAYOUT_VERSION
-            f.create_dataset("params/names", data=np.array(self.param_names, dtype=object), dtype=STR)
-            shapes = np.array([str(s) for s in self.param_shapes], dtype=object)
-            f.create_dataset("params/shapes", data=shapes, dtype=STR)
-            f.create_dataset("params/layer", data=np.array(self.param_layer, dtype=np.int64))
-            f.create_dataset("layers/names", data=np.array(self.layer_names, dtype=object), dtype=STR)
-            # Every per-row dataset exists from the start: SWMR appends cannot create datasets, and the
-            # plain open that creating one later needs is the one moment a kill leaves the file flagged.
-            for name, (dtype, row_shape) in self.layout.specs().items():
-                new_rows_dataset(f, name, dtype, row_shape, self.expected_rows)
-            new_rows_dataset(f, EVAL_ITERATION, np.dtype("i8"), (), self.expected_rows)
-            for name in EVAL_NAMES:
-                new_rows_dataset(f, f"eval/{name}", np.dtype("f8"), (), self.expected_rows, fillvalue=np.nan)
-        self._known = {*self.layout.specs(), EVAL_ITERATION, *(f"eval/{n}" for n in EVAL_NAMES)}
-        self._eval_names = set(EVAL_NAMES)
-        return {}
-
-    def _reopen(self, counts: Mapping[str, int]) -> dict[str, int]:
-        """Truncate an existing run file to ``counts`` (see ``resume``) → its row counts (offsets)."""
-        if not self.path.exists():
-            raise FileNotFoundError(f"cannot resume {self.path}: the file does not exist")
-        with open_plain_write(self.path) as f:
-            self._check_same_tables(f)
-            missing = [n for n in self.layout.specs() if n not in f or n not in counts]
-            if missing:
-                raise ValueError(f"cannot resume {self.path}: no committed rows recorded for {missing}")
-            resizable = list(row_counts(f))
-            for name in resizable:
-                if name not in counts:  # created after the checkpoint (e.g. end-of-run arrays): recreated
-                    del f[name]
-                    continue
-                if f[name].shape[0] < int(counts[name]):
-                    raise ValueError(
-                        f"cannot resume {self.path}: {name} has {f[name].shape[0]} rows, fewer than the "
-                        f"{counts[name]} the checkpoint committed"
-                    )
-                f[name].resize(int(counts[name]), axis=0)
-            f.attrs["status"] = "running"
-        self._known = {n for n in resizable if n in counts}
-        self._eval_names = {n[len("eval/") :] for n in self._known if n.startswith("eval/")} | set(EVAL_NAMES)
-        self._eval_names.discard("iteration")
-        return {n: int(counts[n]) for n in self._known}
-
-    def _check_same_tables(self, f: h5py.File) -> None:
-        mine = {
-            "params/names": self.param_names,
-            "params/shapes": [str(s) for s in self.param_shapes],
-            "layers/names": self.layer_names,
-        }
-        for key, value in mine.items():
-            if [str(x) for x in f[key].asstr()[()]] != value:
-                raise ValueError(f"cannot resume {self.path}: its {key} differ from this run's")
+    def _open(self, attrs: Mapping[str, Any], overwrite: bool, resume: Mapping[str, int] | None) -> dict:
+        """Create the file, or truncate it for ``resume`` → rows already in it per dataset (offsets)."""
+        tables = {"params/names": self.param_names, "params/shapes": [str(s) for s in self.param_shapes],
+                  "params/layer": self.param_layer, "layers/names": self.layer_names}  # fmt: skip
+        if resume is None:
+            self._known = create_file(self.path, self.layout, tables, attrs, overwrite, self.expected_rows)
+            return {}
+        self._known = reopen_file(self.path, self.layout, tables, resume)
+        return {n: int(resume[n]) for n in self._known}
 
     def committed_rows(self) -> dict[str, int]:
         """Flush, then return the row count of every resizable dataset in the file: what a checkpoint
@@ -326,15 +256,8 @@ class RunWriter:
         """Write a whole array once (e.g. ``data/train_index``), replacing an earlier one of that name."""
         if isinstance(array, torch.Tensor):
             array = array.detach().cpu().numpy()
-        arr = np.asarray(array)
         self.wait()
-        with open_plain_write(self.path) as f:
-            if name in f:
-                del f[name]
-            if arr.dtype.kind in "US" or arr.dtype == object:
-                f.create_dataset(name, data=arr.astype(object), dtype=STR)
-            else:
-                f.create_dataset(name, data=arr)
+        write_array(self.path, name, np.asarray(array))
 
     def close(self, status: str = "complete") -> None:
         """Flush buffered rows, set ``status`` and stop accepting rows. Idempotent.
