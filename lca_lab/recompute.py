@@ -19,7 +19,7 @@ Files, in ``<run_dir>/recompute/`` (``out_dir=`` to change):
     them across shard boundaries (``reduce_state/*``). Written as ``shard-II-of-NN.partial.h5`` and
     renamed when complete, so the final name exists only for a complete shard; a rerun replaces it.
 ``lca.h5``
-    The merged run file (the contract of ``store.py``): attrs of the training run with the ``config``'s
+    The merged run file (the contract of ``lca_lab.store``): attrs of the training run with the ``config``'s
     ``lca`` section set to the settings used, ``params/*``, ``layers/*``, ``train/loss``, ``lca/*``,
     ``reduce/*`` (counters joined exactly as one uninterrupted stream would have counted),
     ``eval/*`` and ``data/train_index`` copied from the training run, ``summary/*`` attrs, ``status``.
