@@ -291,10 +291,6 @@ class RowBuffer:
         """LCA rows waiting for the next flush."""
         return len(self.rows["iteration"])
 
-    def full(self) -> bool:
-        return max(len(self.rows["iteration"]), len(self.eval), *(len(r) for _, r in self.series.values()),
-                   0) >= self.flush_every  # fmt: skip
-
     # -- appending ----------------------------------------------------------------------------------------
 
     def add_initial(self, loss0: Any, theta0: Any) -> None:
@@ -305,7 +301,10 @@ class RowBuffer:
         self._stage_loss()
 
     def add_lca(self, iteration: int, loss_next: Any, theta_next: Any, copy: bool, **values: Any) -> None:
-        """One LCA row: ``values`` are :data:`LCA_ARGS` (class_layer, param only when stored)."""
+        """One LCA row (training iteration ``iteration``): ``values`` holds :data:`LCA_ARGS`, scalars
+        ``total``, ``error`` (nats), ``splits``, ``converged`` and arrays ``layer`` [L], ``class_layer``
+        [C, L] or [C·L] and ``param`` [K] (the last two only where the layout stores them); ``loss_next``
+        = L(θ_{t+1}) (nats), ``theta_next`` [K] with the trajectory. ``copy``: see :func:`keep`."""
         r, lay = self.rows, self.layout
         for f in ("total", "error", "splits", "converged"):
             r[f].append(keep(values[f], copy=copy))
@@ -329,9 +328,12 @@ class RowBuffer:
         self._stage_loss()  # row 0 may not have flown
 
     def add_eval(self, iteration: int, scalars: dict[str, Any]) -> None:
+        """One evaluation row: ``eval/<name>`` float64 scalars at training iteration ``iteration``."""
         self.eval.append((int(iteration), {k: keep(v) for k, v in scalars.items()}))
 
     def add_series(self, name: str, value: Any, dtype: Any, copy: bool) -> None:
+        """One row of the free-form series ``name`` (any row shape; ``dtype``: stored numpy dtype, None:
+        the rows' own)."""
         dt, rows = self.series.setdefault(name, (None if dtype is None else np.dtype(dtype), []))
         rows.append(keep(value, copy=copy))
         self._stage(name, rows[-1], dt)
