@@ -26,8 +26,8 @@ from .sweep import FAILED_MARKER, job_device, run_name, wandb_group
 from .train import StorageError, format_summary, run
 
 
-def _tracker(plain: dict[str, Any], hc: Any, multirun: bool, out: Path, overrides: list[str]):
-    """The W&B tracker for ``logger=wandb`` (None for ``logger=none``)."""
+def _tracker(plain: dict[str, Any], hc: Any, multirun: bool, out: Path, overrides: list[str], **kw: Any):
+    """The W&B tracker for ``logger=wandb`` (None for ``logger=none``); ``kw``: ``resume_id``."""
     lcfg = plain.get("logger") or {}
     if lcfg.get("name", "none") == "none":
         return None
@@ -43,6 +43,7 @@ def _tracker(plain: dict[str, Any], hc: Any, multirun: bool, out: Path, override
         group=wandb_group(out, experiment, multirun),
         name=run_name(hc.job.override_dirname, hc.job.num if multirun else None, experiment),
         job_type="train",
+        **kw,
     )
 
 
@@ -59,9 +60,9 @@ def main(cfg: DictConfig) -> dict:
         plain["device"] = job_device(str(plain["device"]), int(hc.job.num), torch.cuda.device_count())
     tracker = None  # set once run() has created it, for every exit path below
 
-    def make_tracker():
+    def make_tracker(**kw: Any):
         nonlocal tracker
-        tracker = _tracker(plain, hc, multirun, out, overrides)
+        tracker = _tracker(plain, hc, multirun, out, overrides, **kw)
         return tracker
 
     code, message = 0, ""

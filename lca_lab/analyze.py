@@ -575,7 +575,8 @@ def _log_to_wandb(rep: dict[str, Any], out: Path, mode: str) -> None:
     groups = [t.get("wandb_group") or None for t in tracked]
     group = max(set(groups), key=groups.count) if groups else None
     project = tracked[0]["wandb_project"] if tracked else "lca_lab"
-    run_id = log_analysis(rep, out, mode=mode, project=project, group=group)
+    inputs = [t["wandb_artifact"] for t in tracked if t.get("wandb_artifact")]  # the runs' files
+    run_id = log_analysis(rep, out, mode=mode, project=project, group=group, inputs=inputs)
     if run_id:
         where = f"group {group}" if group else "no group (the analysed runs had none)"
         print(f"W&B analysis run {run_id} in project {project}, {where}")

@@ -1488,15 +1488,8 @@ def writer_pauses(
                     expected_rows=n_it, background=True, file_process=kind == "process",
                 )  # fmt: skip
                 writer.write_initial(1.0)
-                writer._wait()  # the child started and row 0 written before the clock starts
-                write_jobs = writer._write_jobs
-
-                def timed_jobs() -> None:
-                    t0 = time.perf_counter()
-                    write_jobs()
-                    flush_s.append(time.perf_counter() - t0)
-
-                writer._write_jobs = timed_jobs  # type: ignore[method-assign]
+                writer.wait()  # the child started and row 0 written before the clock starts
+                writer.transport.on_write = flush_s.append  # wall time of each run of the writer thread
             t0 = time.perf_counter()
             for it in range(n_it):
                 _python_work(n_work)

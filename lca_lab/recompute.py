@@ -19,7 +19,7 @@ Files, in ``<run_dir>/recompute/`` (``out_dir=`` to change):
     them across shard boundaries (``reduce_state/*``). Written as ``shard-II-of-NN.partial.h5`` and
     renamed when complete, so the final name exists only for a complete shard; a rerun replaces it.
 ``lca.h5``
-    The merged run file (the contract of ``store.py``): attrs of the training run with the ``config``'s
+    The merged run file (the contract of ``lca_lab.store``): attrs of the training run with the ``config``'s
     ``lca`` section set to the settings used, ``params/*``, ``layers/*``, ``train/loss``, ``lca/*``,
     ``reduce/*`` (counters joined exactly as one uninterrupted stream would have counted),
     ``eval/*`` and ``data/train_index`` copied from the training run, ``summary/*`` attrs, ``status``.
@@ -862,9 +862,20 @@ def _main(cfg) -> dict[str, Any]:
         print(f"shard file        : {res['shard_file']}   ({res['seconds']:.1f} s)")
     if res.get("merged"):
         print(f"merged run file   : {res['merged']}")
+        _track(cfg, res["merged"])
     elif "shard_file" in res:
         print("merged run file   : not yet (other shards still missing; the last one to finish merges)")
     return res
+
+
+def _track(cfg, merged: str) -> None:
+    """A recompute of a tracked training run becomes a W&B run with the training run's Artifact as its
+    input (W&B's mode as for the training run's ``logger.mode=auto``: ``WANDB_MODE``, else credentials)."""
+    from .tracking import log_recompute
+
+    run_id = log_recompute(resolve_path(cfg.run_dir), merged)
+    if run_id:
+        print(f"W&B recompute run : {run_id}")
 
 
 def main() -> None:

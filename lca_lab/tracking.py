@@ -12,6 +12,12 @@ The training loop never imports wandb: the entry point builds a :class:`WandbTra
   and the run file as an Artifact; ``log_figures(run_dir)`` adds the run's PNG figures;
   ``finish(exit_code)`` (in a ``finally``) flushes and closes the run with its exit status.
 
+Continuity: a resumed run continues its W&B run (:func:`start_tracker` passes the id its run file
+records, ``wandb_run_id``, as ``id=…, resume="allow"``). ``log_summary`` records the name of the run
+file's Artifact in the run file (``wandb_artifact``) before uploading it, so that a recompute
+(:func:`log_recompute`) or an analysis (:func:`log_analysis`) of the run records it as its input
+(``use_artifact``; an offline run cannot use artifacts and keeps the names in its config, ``inputs``).
+
 Modes (``logger.mode``): ``auto`` = online when W&B credentials exist (``WANDB_API_KEY`` or a netrc
 entry for the server), otherwise offline; an explicit ``WANDB_MODE`` in the environment wins over
 ``auto``. ``online`` waits at most ``logger.init_timeout`` seconds for the server and falls back to
@@ -21,6 +27,7 @@ the ``wandb sync`` command that uploads them.
 
 from __future__ import annotations
 
+import inspect
 import math
 import netrc
 import os
@@ -100,7 +107,8 @@ class WandbTracker:
     """One W&B run for one training run (see the module docstring for the call sequence).
 
     ``lcfg`` is the ``logger`` config group; ``config`` the resolved run config (logged as the W&B
-    config); ``run_dir`` the run directory (W&B writes ``<logger.dir or run_dir>/wandb``).
+    config); ``run_dir`` the run directory (W&B writes ``<logger.dir or run_dir>/wandb``);
+    ``resume_id``: the id of a W&B run to continue (a resumed training run's).
     """
 
     def __init__(
@@ -112,6 +120,7 @@ class WandbTracker:
         group: str | None = None,
         name: str | None = None,
         job_type: str | None = None,
+        resume_id: str | None = None,
     ) -> None:
         import wandb  # only when W&B is actually used
 
@@ -141,6 +150,8 @@ class WandbTracker:
             # in-process multirun jobs: every job gets a fresh run, never the previous job's
             reinit="create_new",
         )
+        if resume_id:  # a resumed training run: the same W&B run, continued
+            kwargs.update(id=str(resume_id), resume="allow")
         timeout = float(lcfg.get("init_timeout", 30))
         if self.mode == "online":
             try:
@@ -248,8 +259,12 @@ class WandbTracker:
             p = Path(run_file)
             size_mb = p.stat().st_size / 1e6 if p.exists() else math.inf
             if size_mb <= self.artifact_max_mb:
+                from .store import set_attrs
+
+                name = artifact_name(self.run.id)
+                set_attrs(p, {"wandb_artifact": f"{name}:latest"})  # the file names its own Artifact
                 meta = {"bytes": p.stat().st_size}
-                art = wandb.Artifact(f"lca-run-{self.run.id}", type="lca-run", metadata=meta)
+                art = wandb.Artifact(name, type="lca-run", metadata=meta)
                 art.add_file(str(p), name="lca.h5")
                 self.run.log_artifact(art)
             elif p.exists():
@@ -266,6 +281,21 @@ class WandbTracker:
         if pngs:
             self.run.log({f"figures/{p.stem}": self._wandb.Image(str(p)) for p in pngs})
         return len(pngs)
+
+    def use_inputs(self, artifacts: list[str]) -> None:
+        """Record ``artifacts`` (names like ``lca-run-<id>:latest``) as this run's inputs: W&B lineage with
+        ``use_artifact`` online; an offline run cannot use artifacts, so its config keeps the names."""
+        if self.run is None or not artifacts:
+            return
+        self.run.config.update({"inputs": list(artifacts)}, allow_val_change=True)
+        if self.mode != "online":
+            _print(f"{self.mode} run: inputs {', '.join(artifacts)} recorded in its config (inputs) only")
+            return
+        for name in artifacts:
+            try:
+                self.run.use_artifact(name)
+            except Exception as e:  # not uploaded (offline training run, too big): tracking never stops us
+                _print(f"could not record {name} as an input ({type(e).__name__}: {e})")
 
     def finish(self, exit_code: int = 0) -> None:
         """Flush what is buffered and close the run; a non-zero exit code marks the W&B run failed."""
@@ -284,6 +314,67 @@ def _isnan(v: Any) -> bool:
     return isinstance(v, float) and math.isnan(v)
 
 
+def artifact_name(run_id: str) -> str:
+    """The name of a training run's run-file Artifact."""
+    return f"lca-run-{run_id}"
+
+
+def tracked_attrs(run_file: str | os.PathLike) -> dict[str, Any]:
+    """The ``wandb_*`` attributes of a run file whose run was tracked (a W&B run started), else {}."""
+    from .store import open_run
+
+    with open_run(run_file) as r:
+        attrs = r.attrs
+    if not attrs.get("wandb_run_id") or attrs.get("wandb_mode") in ("disabled", "failed"):
+        return {}
+    return {k: v for k, v in attrs.items() if k.startswith("wandb_")}
+
+
+def start_tracker(factory: Any, resumed_file: str | os.PathLike | None) -> Any:
+    """Call a tracker factory; for a resumed run (``resumed_file``: its run file) with the id of the W&B
+    run it recorded (``resume_id``), so that the W&B run continues."""
+    stored = tracked_attrs(resumed_file) if resumed_file is not None else {}
+    try:
+        takes_id = "resume_id" in inspect.signature(factory).parameters or any(
+            p.kind is p.VAR_KEYWORD for p in inspect.signature(factory).parameters.values()
+        )
+    except (TypeError, ValueError):  # no signature to read (a builtin): call it plainly
+        takes_id = False
+    if stored and takes_id:
+        return factory(resume_id=stored["wandb_run_id"])
+    return factory()
+
+
+def log_recompute(run_file: str | os.PathLike, merged: str | os.PathLike, mode: str = "auto") -> str | None:
+    """A recompute of a tracked training run as a W&B run (job_type ``recompute``) in the training run's
+    project and group: the training run's Artifact as its input, the merged file's summary. Returns the
+    W&B run id, or None when the training run was not tracked (no W&B run is made then)."""
+    stored = tracked_attrs(run_file)
+    if not stored:
+        return None
+    from .store import open_run
+
+    with open_run(merged) as r:
+        summary = {k[len("summary/") :]: v for k, v in r.attrs.items() if k.startswith("summary/")}
+    lcfg = {"mode": mode, "project": stored.get("wandb_project") or "lca_lab", "images": False}
+    config = {"run": str(run_file), "merged": str(merged), "training_run_id": stored["wandb_run_id"]}
+    out = Path(merged).parent
+    name = f"recompute {stored['wandb_run_id']}"
+    tr = WandbTracker(
+        lcfg, config, out, group=stored.get("wandb_group") or None, name=name, job_type="recompute"
+    )
+    if tr.run is None:
+        return None
+    code = 1
+    try:
+        tr.use_inputs([stored["wandb_artifact"]] if stored.get("wandb_artifact") else [])
+        tr.run.summary.update(_scalar_leaves("", summary))
+        code = 0
+        return tr.run.id
+    finally:
+        tr.finish(code)
+
+
 def log_analysis(
     report: dict[str, Any],
     out: str | os.PathLike,
@@ -293,9 +384,11 @@ def log_analysis(
     group: str | None,
     entity: str | None = None,
     init_timeout: float = 30,
+    inputs: list[str] | None = None,
 ) -> str | None:
     """Log an ``analyze`` report as a W&B run (job_type ``analysis``) into ``group``: the group table,
-    per-layer effect tables, regressions and the PNG figures in ``out``. Returns the W&B run id."""
+    per-layer effect tables, regressions and the PNG figures in ``out``; ``inputs``: the analysed runs'
+    Artifacts (:meth:`WandbTracker.use_inputs`). Returns the W&B run id."""
     lcfg = {"mode": mode, "project": project, "entity": entity, "init_timeout": init_timeout, "images": True}
     tr = WandbTracker(lcfg, {"path": report["path"]}, out, group=group, name="analysis", job_type="analysis")
     if tr.run is None:
@@ -303,6 +396,7 @@ def log_analysis(
     wandb = tr._wandb
     code = 0
     try:
+        tr.use_inputs(list(inputs or []))
         cols = ["group", "n", "pct_helping_mean", "pct_helping_std", "final_train_loss", "final_test_loss"]
         t = wandb.Table(columns=cols)
         for g in report["groups"]:

@@ -46,6 +46,7 @@ from .nets import build_net, entry_layer_index, layer_groups, param_layer_index
 from .optim import apply_freezes, build_optimizer, plan_layers
 from .reducers import LCAReducer
 from .store import RunWriter, estimate_bytes
+from .tracking import start_tracker
 
 
 def resolve_device(name: str) -> torch.device:
@@ -319,8 +320,9 @@ def _run(
     plan = _Plan.of(cfg, b)
     _check_size(cfg, b, plan, run_dir)
     if callable(tracker) and not hasattr(tracker, "log_iteration"):
-        # A tracker factory: its (W&B) run starts only now, after every start-up check has passed.
-        tracker = tracker()
+        # A tracker factory: its (W&B) run starts only now, after every start-up check has passed; a
+        # resumed run continues the W&B run its run file records.
+        tracker = start_tracker(tracker, run_dir / "lca.h5" if ck is not None else None)
         extra_attrs = {**(extra_attrs or {}), **(getattr(tracker, "attrs", None) or {})}
     attrs = _attrs(cfg, b, device, extra_attrs)
     writer = _open_writer(run_dir / "lca.h5", cfg, b, plan, attrs, mode, ck)
@@ -522,7 +524,8 @@ class _TrainLoop:
         self.trainer.batch_gen.set_state(ck["batch_gen"])
         self.trainer.resumed_perm = ck["perm"]
         set_rng_state(ck["rng"], self.device)
-        self.writer.set_attr("resumed", f"from iteration {self.start_it} at {created}")  # the latest resume
+        resumed = {"resumed": f"from iteration {self.start_it} at {created}"}  # the latest resume
+        self.writer.set_attrs({**resumed, **(getattr(self.tracker, "attrs", None) or {})})  # and its W&B run
         if self.b.engine is not None and self.plan.lo < self.start_it < self.plan.hi:
             self.driver.resume()
         where = f"{self.writer.path} from its checkpoint at iteration {self.start_it}"

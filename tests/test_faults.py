@@ -13,11 +13,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from lca_lab import store
 from lca_lab.analyze import analyze
 from lca_lab.checkpoint import RunDirLock
 from lca_lab.config import ConfigError
-from lca_lab.store import MalformedRunFileError, RunWriter, open_run
+from lca_lab.store import MalformedRunFileError, RunWriter, open_run, transport
 from lca_lab.train import StorageError, run
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -34,7 +33,7 @@ def _cfg(*overrides):
 def test_disk_full_gives_clear_error_and_keeps_committed_rows(tmp_path, monkeypatch):
     ref = run(_cfg("store.flush_every=2"), tmp_path / "ref")
     assert ref["lca_rows"] == 6
-    real, calls, calls_ok = store._write_rows, {"n": 0}, {"rows": 0}
+    real, calls, calls_ok = transport.write_rows, {"n": 0}, {"rows": 0}
 
     def full_disk(ds, offset, arr):  # from the 3rd flush of LCA rows on, the disk is full
         if ds.name == "/lca/total":
@@ -44,7 +43,7 @@ def test_disk_full_gives_clear_error_and_keeps_committed_rows(tmp_path, monkeypa
             calls_ok["rows"] = offset + len(arr)
         real(ds, offset, arr)
 
-    monkeypatch.setattr(store, "_write_rows", full_disk)
+    monkeypatch.setattr(transport, "write_rows", full_disk)
     with pytest.raises(StorageError, match="No space left on device.*keeps every row committed") as e:
         run(_cfg("store.flush_every=2"), tmp_path / "full")
     assert "\n" not in str(e.value)

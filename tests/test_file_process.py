@@ -17,8 +17,10 @@ import numpy as np
 import pytest
 import torch
 
-import lca_lab.store as store
-from lca_lab.store import RunWriter, open_run
+import lca_lab.file_process
+import lca_lab.store.buffer as buffer
+import lca_lab.store.transport as transport
+from lca_lab.store import RowBuffer, RunWriter, WriterThread, open_run
 
 # Two tensors, K = 30,005: a flush of 7 per-parameter rows (840 KB) goes through the shared arena.
 NAMES, SHAPES, LAYER, LAYER_NAMES = ["a", "b"], [(30000,), (5,)], [0, 1], ["l0", "l1"]
@@ -99,7 +101,7 @@ def test_writer_process_writes_the_synchronous_writers_file_and_resumes(
         _append(w, rows, 0, 15, tensors=process)
         counts = w.committed_rows()  # a checkpoint: everything so far on disk, counted
         _append(w, rows, 15, 18)  # rows after the checkpoint: dropped by the resume
-        w._wait()
+        w.wait()
         w._finish("running")  # the process ends without close (as at a preemption)
         w = _writer(tmp_path / name, process, resume=counts, **kw)
         _append(w, rows, 15, 23, tensors=process)
@@ -123,10 +125,10 @@ def test_writer_process_error_surfaces_at_the_next_flush_and_rows_are_retried(tm
     w = _writer(path, True)
     w.write_initial(0.5)
     _append(w, rows, 0, 7)
-    w._wait()
+    w.wait()
     path.rename(away)
     _append(w, rows, 7, 14)  # this flush fails in the child
-    concurrent.futures.wait([w._future])
+    concurrent.futures.wait([w.transport.future])
     with pytest.raises(OSError):
         w.flush()
     away.rename(path)
@@ -146,20 +148,20 @@ def test_killed_writer_process_is_replaced_and_no_row_is_lost(tmp_path: Path, mo
     w = _writer(path, True, trajectory=True)
     w.write_initial(0.5, np.ones(K, np.float32))
     _append(w, rows, 0, 7)
-    w._wait()
-    first = w._file_process.pid
-    proc = w._file_process._proc
+    w.wait()
+    first = w.transport.sink.process.pid
+    proc = w.transport.sink.process._proc
     os.kill(first, signal.SIGKILL)
     proc.wait(timeout=30)  # dead and reaped
     if when == "during the write":  # the check before the write still sees it alive: the pipe finds out
         monkeypatch.setattr(proc, "poll", lambda: None)
     _append(w, rows, 7, 14)
-    concurrent.futures.wait([w._future])
+    concurrent.futures.wait([w.transport.future])
     with pytest.raises(RuntimeError, match="writer process .* exited .*next flush starts a new one"):
         w.flush()
     _append(w, rows, 14, 21)
     w.close()
-    assert w._file_process.pid is None  # closed: the replacement child has exited too
+    assert w.transport.sink.process.pid is None  # closed: the replacement child has exited too
     with open_run(path) as r:
         assert r.status == "complete" and r.n_rows == 21
         np.testing.assert_array_equal(r.param_lca(), np.stack([x["param"] for x in rows]))
@@ -176,16 +178,17 @@ def test_writer_process_ignores_the_training_processs_signals_and_leaves_nothing
     w = _writer(tmp_path / "lca.h5", True)
     w.write_initial(0.5)
     _append(w, rows, 0, 7)
-    w._wait()
-    pid = w._file_process.pid
-    proc = w._file_process._proc
+    w.wait()
+    pid = w.transport.sink.process.pid
+    proc = w.transport.sink.process._proc
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):  # Ctrl-C, a preemption's signals
         os.kill(pid, sig)
     time.sleep(0.2)
     assert proc.poll() is None
     _append(w, rows, 7, 14)
     w.close()
-    assert w._file_process.pid is None and proc.returncode == 0 and pid == proc.pid  # the same child, ended
+    process = w.transport.sink.process
+    assert process.pid is None and proc.returncode == 0 and pid == proc.pid  # the same child, ended
     assert (
         set(shm.glob("lca-arena-*")) if shm.is_dir() else set()
     ) == before  # the arena was unlinked at once
@@ -195,7 +198,7 @@ def test_writer_process_ignores_the_training_processs_signals_and_leaves_nothing
 
 def test_writer_process_module_imports_no_torch() -> None:
     """The child starts in a fraction of a second because it imports numpy and h5py only."""
-    root = str(Path(store.__file__).resolve().parents[1])
+    root = str(Path(lca_lab.file_process.__file__).resolve().parents[1])
     lines = [
         "import sys",
         f"sys.path.insert(0, {root!r})",
@@ -219,7 +222,7 @@ def test_rows_in_flight_are_waited_for_once_per_flush(tmp_path: Path, monkeypatc
         def synchronize(self) -> None:
             waits.append(self.i)
 
-    real = store._InFlight
+    real = buffer.InFlight
 
     class Flight(real):
         made = 0
@@ -229,10 +232,10 @@ def test_rows_in_flight_are_waited_for_once_per_flush(tmp_path: Path, monkeypatc
             Flight.made += 1
             self.event = Event(Flight.made)
 
-    monkeypatch.setattr(store, "_can_fly", lambda rows: bool(rows) and all(torch.is_tensor(x) for x in rows))
-    monkeypatch.setattr(store, "_InFlight", Flight)
+    monkeypatch.setattr(buffer, "can_fly", lambda rows: bool(rows) and all(torch.is_tensor(x) for x in rows))
+    monkeypatch.setattr(buffer, "InFlight", Flight)
     last_of_each_flush = []
-    take = RunWriter._take
+    take = RowBuffer.take
 
     def recording_take(self):
         made = Flight.made
@@ -241,7 +244,7 @@ def test_rows_in_flight_are_waited_for_once_per_flush(tmp_path: Path, monkeypatc
             last_of_each_flush.append(Flight.made)
         return job
 
-    monkeypatch.setattr(RunWriter, "_take", recording_take)
+    monkeypatch.setattr(RowBuffer, "take", recording_take)
     rows = _rows(14)
     for name, process in (("plain.h5", False), ("bg.h5", True)):
         w = _writer(tmp_path / name, process)
@@ -264,11 +267,11 @@ def test_no_room_for_the_arena_warns_with_the_fix_and_the_writer_thread_writes(
     with pytest.raises(OSError, match="cannot reserve .* shared memory .* lower store.flush_every"):
         file_process.FileProcess(10**15)  # more than any /dev/shm or temp folder holds
     real = file_process.FileProcess
-    monkeypatch.setattr(store, "FileProcess", lambda nbytes: real(nbytes + 10**15))
+    monkeypatch.setattr(transport, "FileProcess", lambda nbytes: real(nbytes + 10**15))
     rows = _rows(14)
     with pytest.warns(UserWarning, match="cannot reserve .* written by the writer thread instead"):
         w = _writer(tmp_path / "proc.h5", True)
-    assert w._file_process is None and w._pool is not None
+    assert w.transport.sink.process is None and isinstance(w.transport, WriterThread)
     w.write_initial(0.5)
     _append(w, rows, 0, 14)
     w.close()

@@ -259,3 +259,51 @@ def test_submitit_local_preemption_requeues_and_resumes(tmp_path):
         assert r.attrs["resumed"].startswith("from iteration ")
     logs = "".join(p.read_text() for p in sweep.glob(".submitit/*/*_log.*"))
     assert "Requeued job" in logs
+
+
+def _offline_ids(run_dir):
+    """Run ids of the offline W&B runs under ``run_dir`` (killed ones included: no wait for their end)."""
+    from wandb_offline import _read_run, offline_runs
+
+    return [_read_run(p)["id"] for p in offline_runs(run_dir)]
+
+
+def test_preempted_and_resumed_run_continues_its_wandb_run(tmp_path, monkeypatch):
+    """Both halves of an interrupted run log to one W&B run: the resume passes the id its run file
+    recorded (resume="allow"), through a tracker factory as the CLI builds it."""
+    from lca_lab.tracking import WandbTracker
+
+    made = []
+
+    def factory(**kw):
+        cfg = _cfg()
+        made.append(WandbTracker(cfg["logger"], cfg, tmp_path, **kw))
+        return made[-1]
+
+    monkeypatch.setattr(train_mod, "PreemptionSignals", _SignalNow)
+    with pytest.raises(RunPreempted):
+        run(_cfg(), tmp_path, tracker=factory)
+    first = made[-1].attrs["wandb_run_id"]
+    made[-1].finish(PREEMPTED_EXIT_CODE)
+    monkeypatch.undo()
+    run(_cfg(), tmp_path, tracker=factory)
+    second = made[-1].attrs["wandb_run_id"]
+    made[-1].finish(0)
+    assert first == second and _offline_ids(tmp_path) == [first, first]
+    with open_run(tmp_path) as r:
+        assert r.attrs["wandb_run_id"] == first and r.status == "complete"
+
+
+@pytest.mark.slow
+def test_sigkilled_cli_run_resumes_into_the_same_wandb_run(tmp_path):
+    """`python -m lca_lab` killed (SIGKILL) and run again: one W&B run id in both halves (offline)."""
+    d = tmp_path / "run"
+    p = _cli(d, env={TEST_KILL_ENV: "5"})
+    assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
+    with open_run(d) as r:
+        first = r.attrs["wandb_run_id"]
+    p = _cli(d)
+    assert p.returncode == 0 and "from its checkpoint at iteration 3" in p.stdout, p.stderr[-3000:]
+    assert _offline_ids(d) == [first, first]
+    with open_run(d) as r:
+        assert r.attrs["wandb_run_id"] == first and r.status == "complete"

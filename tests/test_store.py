@@ -399,10 +399,10 @@ def test_background_write_error_surfaces_and_rows_are_retried(tmp_path: Path, mo
     import concurrent.futures
     import errno
 
-    import lca_lab.store as store
+    import lca_lab.store.transport as transport
 
     d = _rows(12)
-    real = store._write_rows
+    real = transport.write_rows
     fail = {"left": 1}
 
     def flaky(ds, offset, arr):
@@ -411,10 +411,10 @@ def test_background_write_error_surfaces_and_rows_are_retried(tmp_path: Path, mo
             raise OSError(errno.ENOSPC, "No space left on device")
         real(ds, offset, arr)
 
-    monkeypatch.setattr(store, "_write_rows", flaky)
+    monkeypatch.setattr(transport, "write_rows", flaky)
     w = _writer(tmp_path / "lca.h5", flush_every=4, background=True)
     _write(w, d, stop=4)  # first flush goes to the thread and fails there
-    concurrent.futures.wait([w._future])  # let the thread fail (test only)
+    concurrent.futures.wait([w.transport.future])  # let the thread fail (test only)
     with pytest.raises(OSError, match="No space"):
         _write(w, d, start=4, stop=8)
     _write(w, d, start=8, stop=12)  # "space freed": the queued rows are written with the new ones
@@ -438,7 +438,7 @@ def test_background_writer_casts_float64_gpu_rows_on_the_device(tmp_path: Path) 
             for t, p in enumerate(params):
                 layer = torch.stack([p[:3].sum(), p[3:].sum()])
                 w.append(t, p.sum(), p.sum(), p[0], 2, True, layer, p, copy=False)
-                assert t % 3 == 2 or w._rows["param"][-1].dtype == torch.float64  # uncast until flushed
+                assert t % 3 == 2 or w.buffer.rows["param"][-1].dtype == torch.float64  # uncast until flushed
     a = _datasets(tmp_path / "FalseFalse.h5")
     for name in ("TrueFalse.h5", "TrueTrue.h5"):
         b = _datasets(tmp_path / name)
@@ -484,8 +484,8 @@ def test_copy_false_buffers_fresh_tensors_and_copy_true_snapshots_reused_ones(
             want_param.append(param.float().numpy())
             fresh_layer = acc * 10  # a new tensor every iteration, never modified afterwards
             w.append_dataset("extra/layer", fresh_layer, copy=False)
-            assert w._series["extra/layer"][1][-1].data_ptr() == fresh_layer.data_ptr()  # not copied
-        assert w._rows["layer"][-1].data_ptr() != acc.data_ptr()  # the accumulator was copied
+            assert w.buffer.series["extra/layer"][1][-1].data_ptr() == fresh_layer.data_ptr()  # not copied
+        assert w.buffer.rows["layer"][-1].data_ptr() != acc.data_ptr()  # the accumulator was copied
     with h5py.File(tmp_path / "a.h5") as f:
         np.testing.assert_array_equal(f["lca/layer"][:], np.stack(want_layer))
         np.testing.assert_array_equal(f["lca/param"][:], np.stack(want_param))
@@ -502,8 +502,9 @@ def test_copy_false_buffers_fresh_tensors_and_copy_true_snapshots_reused_ones(
         with _writer(tmp_path / name, flush_every=100) as w:
             w.write_initial(1.0)
             w.append(0, 0.5, param.sum(), 0.0, 2, True, torch.ones(2, dtype=torch.float64), param, copy=copy)
-            assert w._rows["param"][-1].dtype == buffered_as, name
-            assert (w._rows["param"][-1].data_ptr() == param.data_ptr()) == (buffered_as == torch.float64)
+            buffered = w.buffer.rows["param"][-1]
+            assert buffered.dtype == buffered_as, name
+            assert (buffered.data_ptr() == param.data_ptr()) == (buffered_as == torch.float64)
         with h5py.File(tmp_path / name) as f:
             assert f["lca/param"].dtype == np.float32
             np.testing.assert_array_equal(f["lca/param"][0], param.numpy().astype(np.float32), err_msg=name)
@@ -512,18 +513,18 @@ def test_copy_false_buffers_fresh_tensors_and_copy_true_snapshots_reused_ones(
 def test_in_flight_rows_buffered_as_float64_leave_the_device_as_float32(tmp_path: Path, monkeypatch) -> None:
     """Per-parameter rows that waited uncast (float64) are cast on the device when a flush stacks them: the
     staging buffer is float32 (half the bytes to copy) and the file equals the blocking writer's."""
-    import lca_lab.store as store
+    import lca_lab.store.buffer as buffer
 
-    monkeypatch.setattr(store, "_can_fly", lambda rows: bool(rows) and all(torch.is_tensor(x) for x in rows))
+    monkeypatch.setattr(buffer, "can_fly", lambda rows: bool(rows) and all(torch.is_tensor(x) for x in rows))
     staged = []
-    real = store._InFlight
+    real = buffer.InFlight
 
     class Seen(real):
         def __init__(self, stacked, *a, **k):
             staged.append(stacked.dtype)
             super().__init__(stacked, *a, **k)
 
-    monkeypatch.setattr(store, "_InFlight", Seen)
+    monkeypatch.setattr(buffer, "InFlight", Seen)
     g = torch.Generator().manual_seed(0)
     params = [torch.randn(K, dtype=torch.float64, generator=g) for _ in range(5)]
     for name, background in (("plain.h5", False), ("bg.h5", True)):
@@ -546,9 +547,9 @@ def test_staging_buffers_are_reserved_at_each_series_first_row_and_serve_every_f
     so that no flush in the loop allocates pinned memory: neither the steady ones, nor the short ones (the
     first flush, triggered by a series that holds a row 0; the tail at close), while the writer thread
     keeps up. In-flight path with CPU tensors, as in the test below; the file equals the blocking one's."""
-    import lca_lab.store as store
+    import lca_lab.store.buffer as buffer
 
-    monkeypatch.setattr(store, "_can_fly", lambda rows: bool(rows) and all(torch.is_tensor(x) for x in rows))
+    monkeypatch.setattr(buffer, "can_fly", lambda rows: bool(rows) and all(torch.is_tensor(x) for x in rows))
     g = torch.Generator().manual_seed(0)
     T, fe = 11, 4
     params = [torch.randn(K, dtype=torch.float64, generator=g) for _ in range(T)]
@@ -563,21 +564,21 @@ def test_staging_buffers_are_reserved_at_each_series_first_row_and_serve_every_f
                 layer = torch.stack([p[:3].sum(), p[3:].sum()])
                 w.append(t, p.sum(), p.sum(), p[0], 2, True, layer, p, theta_next=p.float(), copy=False)
                 if bg:
-                    while w._jobs:  # the writer thread keeps up
+                    while w.transport.pending:  # the writer thread keeps up
                         time.sleep(0.001)
                     if t == 0:
-                        reserved = w._staging.allocated
-            pool = w._staging
+                        reserved = w.buffer.staging.allocated
+            pool = w.buffer.staging
         if bg:
             # total, error, layer, param, loss, theta, reduce/x and test/loss: two buffers each
             assert reserved == 2 * 8
             assert pool.allocated == reserved  # no flush allocated, the short first and last included
     # a series whose flushes are big gets one buffer: its flushes are far apart, and pinned memory counts
-    monkeypatch.setattr(store._StagingPool, "SECOND_BELOW", fe * K * 4 - 1)
+    monkeypatch.setattr(buffer.StagingPool, "SECOND_BELOW", fe * K * 4 - 1)
     with _writer(tmp_path / "big.h5", flush_every=fe, background=True) as w:
         w.write_initial(torch.tensor(1.0, dtype=torch.float64))
         w.append(0, params[0].sum(), params[0].sum(), params[0][0], 2, True, params[0][:2], params[0])
-        assert w._staging.allocated == 2 * 4 + 1  # loss, total, error, layer: two; param: one
+        assert w.buffer.staging.allocated == 2 * 4 + 1  # loss, total, error, layer: two; param: one
     a, b = _datasets(tmp_path / "False.h5"), _datasets(tmp_path / "True.h5")
     assert a.keys() == b.keys()
     for k in a:
@@ -590,7 +591,7 @@ def test_staging_pool_hands_out_the_smallest_buffer_that_holds_the_rows() -> Non
     """A flush of n rows takes the smallest free buffer of ≥ n rows of its row shape and dtype, as a view
     of its first n rows, and a new one only if none holds them; buffers are told apart by identity (== on
     tensors compares values: a free list of equal buffers must not hand out the wrong one)."""
-    from lca_lab.store import _StagingPool
+    from lca_lab.store.buffer import StagingPool as _StagingPool
 
     pool = _StagingPool()
     pool.reserve((3,), torch.float32, 5)  # two buffers of 5 rows
@@ -615,33 +616,34 @@ def test_staging_buffers_are_reused_only_after_their_rows_are_written(tmp_path: 
     rows are in the file. Exercised here through the in-flight path with CPU tensors and a slow disk, so
     that flushes pile up behind the writer thread: a buffer handed out again too early would be overwritten
     before its rows were written, and the file would differ from the blocking writer's."""
-    import lca_lab.store as store
+    import lca_lab.store.buffer as buffer
+    import lca_lab.store.transport as transport
 
-    monkeypatch.setattr(store, "_can_fly", lambda rows: bool(rows) and all(torch.is_tensor(x) for x in rows))
-    write_rows = store._write_rows
+    monkeypatch.setattr(buffer, "can_fly", lambda rows: bool(rows) and all(torch.is_tensor(x) for x in rows))
+    write_rows = transport.write_rows
 
     def slow(ds, offset, arr):
         time.sleep(0.01)
         write_rows(ds, offset, arr)
 
-    monkeypatch.setattr(store, "_write_rows", slow)
+    monkeypatch.setattr(transport, "write_rows", slow)
     d = _rows(40)
     tensors = {k: torch.as_tensor(v) for k, v in d.items()}
     with _writer(tmp_path / "plain.h5", flush_every=3, trajectory=True) as w:
         _write(w, tensors, as_tensors=True, trajectory=True)
     with _writer(tmp_path / "bg.h5", flush_every=3, trajectory=True, background=True) as w:
         flights = []
-        real = store._InFlight
+        real = buffer.InFlight
 
         class Counted(real):
             def __init__(self, *a, **k):
                 super().__init__(*a, **k)
                 flights.append(self)
 
-        monkeypatch.setattr(store, "_InFlight", Counted)
-        pool = w._staging
+        monkeypatch.setattr(buffer, "InFlight", Counted)
+        pool = w.buffer.staging
         _write(w, tensors, as_tensors=True, trajectory=True, stop=20)  # flushes pile up behind the writer
-        while w._jobs:  # the writer catches up: every buffer back in the pool
+        while w.transport.pending:  # the writer catches up: every buffer back in the pool
             time.sleep(0.01)
         n1, a1 = len(flights), pool.allocated
         _write(w, tensors, as_tensors=True, trajectory=True, start=20)

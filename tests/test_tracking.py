@@ -1,7 +1,10 @@
 """W&B tracking, offline only: what a run logs equals its run file; modes; the offline fallback."""
 
+import sys
 import time
+import types
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -146,3 +149,85 @@ def test_naming_and_gpu_per_job(tmp_path):
     assert run_name("seed=1", 3, None) == "3:seed=1" and run_name("", None, "table1") == "table1"
     assert [job_device("auto", k, 2) for k in range(3)] == ["cuda:0", "cuda:1", "cuda:0"]
     assert job_device("auto", 5, 1) == "auto" and job_device("cpu", 1, 4) == "cpu"
+
+
+class _FakeWandb(types.ModuleType):
+    """A ``wandb`` module that records what the tracker asks of it (an online run, without a server)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        super().__init__("wandb")
+        self.runs: list[SimpleNamespace] = []
+        self.run_dir = run_dir
+
+    def init(self, **kw):
+        files = self.run_dir / f"run-{len(self.runs)}" / "files"
+        files.mkdir(parents=True)
+        run = SimpleNamespace(
+            id=f"fake{len(self.runs)}", project=kw["project"], group=kw["group"], dir=str(files), init=kw,
+            config=SimpleNamespace(data={}, update=lambda d, **_: run.config.data.update(d)), summary={},
+            used=[], logged=[], exit_code=None,
+        )  # fmt: skip
+        run.define_metric = lambda *a, **k: None
+        run.log = run.logged.append
+        run.use_artifact = run.used.append
+        run.finish = lambda exit_code=0: setattr(run, "exit_code", exit_code)
+        self.runs.append(run)
+        return run
+
+    Settings = dict
+
+    class Table:
+        def __init__(self, columns):
+            self.rows = []
+
+        def add_data(self, *row):
+            self.rows.append(row)
+
+
+def test_recompute_and_analysis_of_a_tracked_run_use_its_artifact(tmp_path, monkeypatch):
+    """The training run's Artifact is named in its run file when it is logged; a recompute and an analysis
+    of the run (online) record it as their input with use_artifact, in the training run's project."""
+    from lca_lab import analyze as an
+    from lca_lab import recompute as rc
+
+    cfg = _cfg("data=synthetic", "data.size=64", "batch_size=32", "epochs=1", "figures=false",
+               "lca.max_splits=2", "store.trajectory=true")  # fmt: skip
+    d = tmp_path / "run"
+    tr = WandbTracker(cfg["logger"], cfg, d, group="g", job_type="train")
+    s = run(cfg, d, extra_attrs=tr.attrs, tracker=tr)
+    tr.log_summary(s, s["run_file"])
+    tr.finish(0)
+    (wb_dir,) = offline_runs(d)
+    wb = read_run(wb_dir)
+    name = f"lca-run-{wb['id']}"
+    assert name in wb["artifacts"]
+    with open_run(d) as r:
+        assert r.attrs["wandb_artifact"] == f"{name}:latest"
+
+    fake = _FakeWandb(tmp_path / "fake")
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.setenv("WANDB_MODE", "online")
+    task = {"run_dir": str(d), "shard": 0, "num_shards": None, "merge": False, "out_dir": None, "lca": {},
+            "device": "cpu", "per_param": None, "flush_every": 50}  # fmt: skip
+    res = rc._main(OmegaConf.create(task))
+    assert res["merged"]
+    (rec,) = fake.runs
+    assert rec.used == [f"{name}:latest"] and rec.config.data["inputs"] == [f"{name}:latest"]
+    assert (rec.init["job_type"], rec.project, rec.group, rec.exit_code) == ("recompute", "lca_lab", "g", 0)
+    assert rec.init["config"]["training_run_id"] == wb["id"]
+
+    rep = an.analyze(d, out=tmp_path / "report", make_figures=False, repeats=10)
+    an._log_to_wandb(rep, tmp_path / "report", "online")
+    ana = fake.runs[-1]
+    assert ana.init["job_type"] == "analysis" and ana.used == [f"{name}:latest"]
+
+
+def test_untracked_run_makes_no_recompute_run(tmp_path, monkeypatch):
+    from lca_lab.tracking import log_recompute
+
+    cfg = _cfg("data=synthetic", "data.size=64", "batch_size=32", "epochs=1", "figures=false",
+               "lca.max_splits=2", "logger=none")  # fmt: skip
+    run(cfg, tmp_path)
+    fake = _FakeWandb(tmp_path / "fake")
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    assert log_recompute(tmp_path / "lca.h5", tmp_path / "lca.h5", mode="online") is None and not fake.runs
