@@ -16,7 +16,6 @@ import signal
 import statistics
 import subprocess
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +37,10 @@ from .checkpoint import (
     set_rng_state,
 )
 from .config import ConfigError, validate
-from .data import load_data_config
 from .lca import FullBatchLoss, LayerSums, LCAEngine, PendingStep, auto_chunk_size, set_matmul_precision
-from .nets import build_net, entry_layer_index, layer_groups, param_layer_index
-from .optim import apply_freezes, build_optimizer, plan_layers
+from .nets import entry_layer_index, param_layer_index
+from .optim import apply_freezes
+from .parts import build_parts, check_parts
 from .reducers import LCAReducer
 from .store import RunWriter, estimate_bytes
 
@@ -113,8 +112,11 @@ def set_determinism(seed: int, deterministic: bool) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int) -> tuple[float, float]:
-    """Mean cross-entropy (nats) and accuracy in eval mode (BN running stats, no dropout)."""
+def evaluate(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int, loss_fn=F.cross_entropy
+) -> tuple[float, float]:
+    """Mean loss (``loss_fn(out, y, reduction="sum")`` / N; cross-entropy in nats by default) and accuracy
+    in eval mode (BN running stats, no dropout)."""
     if len(x) == 0:
         return float("nan"), float("nan")
     was = model.training
@@ -123,7 +125,7 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: in
     correct = torch.zeros((), dtype=torch.int64, device=x.device)
     for s in range(0, len(x), chunk):
         out = model(x[s : s + chunk])
-        loss += F.cross_entropy(out, y[s : s + chunk], reduction="sum").double()
+        loss += loss_fn(out, y[s : s + chunk], reduction="sum").double()
         correct += (out.argmax(1) == y[s : s + chunk]).sum()
     model.train(was)
     return float(loss) / len(x), float(correct) / len(x)
@@ -153,11 +155,16 @@ def run(
 
     The run directory is locked for the whole run (a second process is refused). If it holds a
     checkpoint of this config (or ``resume=true`` is set) the run continues from it; see
-    :func:`lca_lab.checkpoint.plan_resume`. SIGTERM/SIGUSR1/SIGUSR2 make the run checkpoint at the next
+    :func:`lca_lab.checkpoint.plan_resume`. A resumed run is built from ``cfg`` — the caller's config
+    (the command line's), which is trusted as any command is — and never from the config stored in the
+    checkpoint or run file, so no ``_target_`` read from a file is instantiated here (the checkpoint must
+    match ``cfg``); ``lca_lab.recompute``, which does build from a stored config, passes it through
+    :func:`lca_lab.parts.check_targets` first. SIGTERM/SIGUSR1/SIGUSR2 make the run checkpoint at the next
     iteration boundary, set ``status`` to ``preempted: …`` and raise :class:`RunPreempted` — after
     handing the signal to the handler installed before (submitit's requeue), if there was one.
     """
     validate(cfg)
+    check_parts(cfg)  # every _target_ importable, its arguments known (net.width=-3 too): before any data
     device = resolve_device(cfg["device"])
     run_dir = Path(run_dir)
     check_writable(run_dir)
@@ -193,7 +200,7 @@ def _run(
     """The body of :func:`run` with the run directory locked; ``mode`` is new / restart / resume."""
     set_determinism(int(cfg["seed"]), bool(cfg["deterministic"]))
     set_matmul_precision(str(cfg["lca"].get("precision", "fp32")))  # training and LCA alike
-    dcfg, ncfg, ocfg, lcfg, scfg = cfg["data"], cfg["net"], cfg["opt"], cfg["lca"], cfg["store"]
+    ocfg, lcfg, scfg = cfg["opt"], cfg["lca"], cfg["store"]
     cuda_graph = bool(lcfg.get("cuda_graph", False))
     cudnn_bm = bool(lcfg.get("cudnn_benchmark", False))
     compile_passes = bool(lcfg.get("compile", False))
@@ -203,15 +210,10 @@ def _run(
             "set lca.cuda_graph=false or run on a GPU (device=cuda)"
         )
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        data = load_data_config(dcfg, device)
-    for w in caught:
-        tqdm.write(f"WARNING: {w.message}")
-
-    torch.manual_seed(int(cfg["seed"]))  # init does not depend on how much RNG data loading used
-    net_kwargs = {k: v for k, v in ncfg.items() if k not in ("name", "lr")}
-    model = build_net(ncfg["name"], data.input_shape, data.n_classes, **net_kwargs).to(device)
+    # data (on the device), net (seeded), loss, layer groups and plans, optimizer: lca_lab.parts
+    parts = build_parts(cfg, device, warn=tqdm.write)
+    data, model, loss_fn, groups = parts.data, parts.model, parts.loss_fn, parts.groups
+    optimizer = parts.optimizer
     # channels-last (NHWC) conv layouts are what cuDNN's tensor-core kernels want; on the CPU and for
     # nets without convolutions it gains nothing.
     cl = lcfg.get("channels_last", "auto")
@@ -221,23 +223,6 @@ def _run(
         model = model.to(memory_format=torch.channels_last)
     chunk = lcfg.get("chunk_size", 5000)
     chunk = auto_chunk_size(model, len(data.train_x), device, data.train_x) if chunk == "auto" else int(chunk)
-    groups = layer_groups(model)
-    try:
-        plans = plan_layers(groups, cfg.get("layers") or {})
-    except ValueError as e:
-        # One line: the valid layers as "index/negative index name".
-        first = str(e).splitlines()[0].split(" Valid layers")[0]
-        valid = ", ".join(f"{i}/{i - len(groups)} {name}" for i, (name, _) in enumerate(groups))
-        raise ConfigError(f"{first} Valid layers: {valid}" if "\n" in str(e) else str(e)) from None
-    optimizer = build_optimizer(
-        model,
-        groups,
-        ocfg["name"],
-        float(ocfg["lr"]),
-        plans,
-        momentum=float(ocfg.get("momentum") or 0.0),
-        betas=tuple(ocfg.get("betas", (0.9, 0.999))),
-    )
     named = dict(model.named_parameters())
     pnames = [n for n, p in named.items() if p.requires_grad]
     param_layer = param_layer_index(model)
@@ -304,11 +289,11 @@ def _run(
             "compile": compile_passes,
         }  # fmt: skip
         fbl = FullBatchLoss(
-            model, data.train_x, data.train_y, chunk, param_names=pnames,
+            model, data.train_x, data.train_y, chunk, loss_fn=loss_fn, param_names=pnames,
             n_classes=data.n_classes if per_class else None, **fast,
         )  # fmt: skip
         test_fbl = (
-            FullBatchLoss(model, data.test_x, data.test_y, chunk, param_names=pnames, **fast)
+            FullBatchLoss(model, data.test_x, data.test_y, chunk, loss_fn=loss_fn, param_names=pnames, **fast)
             if test_lca
             else None
         )
@@ -493,7 +478,7 @@ def _run(
         model.train()
         it = start_it
         bar = tqdm(
-            total=total_iters, initial=start_it, desc=f"{ncfg['name']}/{data.source}", unit="it",
+            total=total_iters, initial=start_it, desc=f"{parts.label}/{data.source}", unit="it",
             dynamic_ncols=True,
         )  # fmt: skip
         last_ck = time.monotonic()
@@ -529,7 +514,7 @@ def _run(
                         _append_theta(writer, flat(), it)
                     idx = perm[b * int(cfg["batch_size"]) : (b + 1) * int(cfg["batch_size"])]
                     optimizer.zero_grad(set_to_none=True)
-                    batch_loss = F.cross_entropy(model(data.train_x[idx]), data.train_y[idx])
+                    batch_loss = loss_fn(model(data.train_x[idx]), data.train_y[idx], reduction="mean")
                     batch_loss.backward()
                     optimizer.step()
                     if theta_only and lo <= it < hi:
@@ -545,7 +530,7 @@ def _run(
                         drain()
                     if it % eval_every == 0 and it != total_iters:
                         drain()  # the tracker's steps must increase
-                        tl, ta = evaluate(model, data.test_x, data.test_y, chunk_eval)
+                        tl, ta = evaluate(model, data.test_x, data.test_y, chunk_eval, loss_fn)
                         writer.append_eval(it, test_loss=tl, test_acc=ta)
                         if tracker is not None:
                             tracker.log_eval(it, test_loss=tl, test_acc=ta)
@@ -574,8 +559,8 @@ def _run(
             raise
         bar.close()
 
-        train_loss, train_acc = evaluate(model, data.train_x, data.train_y, chunk_eval)
-        test_loss, test_acc = evaluate(model, data.test_x, data.test_y, chunk_eval)
+        train_loss, train_acc = evaluate(model, data.train_x, data.train_y, chunk_eval, loss_fn)
+        test_loss, test_acc = evaluate(model, data.test_x, data.test_y, chunk_eval, loss_fn)
         writer.append_eval(
             total_iters, test_loss=test_loss, test_acc=test_acc, train_loss=train_loss, train_acc=train_acc
         )
