@@ -101,7 +101,7 @@ from .nets import entry_layer_index, layer_groups, param_layer_index
 # rate of conf/experiment/lr/table1*/<net>_sgd.yaml and train.py's batch sizes (tests/test_bench.py checks
 # the kwargs and rates against the YAML files).
 NET_SPECS: dict[str, dict[str, Any]] = {
-    "fc": {"data": "mnist", "kwargs": {"hidden": [100, 50]}, "lr": 0.1, "batch": 250},
+    "fc": {"data": "mnist", "kwargs": {}, "lr": 0.1, "batch": 250},
     "lenet": {"data": "mnist", "kwargs": {"dropout": 0.5, "padding": 2}, "lr": 0.01, "batch": 128},
     "resnet20": {"data": "cifar10", "kwargs": {"width": 16}, "lr": 0.1, "batch": 128},
     "allcnn": {"data": "cifar10", "kwargs": {"width": 1.0}, "lr": 0.05, "batch": 128},

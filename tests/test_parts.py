@@ -246,6 +246,14 @@ def blobs_net_needs_depth(input_shape, n_classes, depth):
     return TinyNet(input_shape, n_classes, hidden=depth)
 
 
+def test_a_users_net_class_from_the_command_line():
+    # python -m lca_lab net._target_=mypkg.MyNet +net.depth=4: nothing left over from the default net file
+    cfg = _cfg(f"net._target_={HERE}.blobs_net_needs_depth", "+net.depth=4", "data=synthetic", "data.size=64")
+    check_parts(cfg)
+    model = build_parts(cfg, torch.device("cpu"), optimizer=False).model
+    assert isinstance(model, TinyNet) and model.body[1].out_features == 4 and model.body[1].in_features == 784
+
+
 # ----------------------------------------------------------------------------------------------------------
 # any torch optimizer; the loss
 
@@ -286,19 +294,65 @@ def test_configured_loss_is_the_default_cross_entropy_bit_for_bit():
 # run files written before targets
 
 
+# The config attribute of a run file written before targets (python -m lca_lab data=synthetic data.size=64
+# batch_size=32 epochs=1 store.trajectory=true), as that version stored it.
 OLD_CONFIG = """\
-data: {name: synthetic, root: ~/.cache/lca_lab/data, split_seed: 0, fallback: null, download: false,
-       shape: mnist, size: 64, normalize: true}
-net: {name: fc, lr: {sgd: 0.1, adam: 0.001, rmsprop: 0.001}}
-opt: {name: sgd, lr: 0.1, momentum: 0.9, lr_decay_epochs: [], lr_decay_factor: 0.1}
-lca: {enabled: true, method: rk4, adaptive: true, tolerance: 0.001, max_splits: 32, chunk_size: auto,
-      precision: fp32, per_class: false, test: false}
+data:
+  name: synthetic
+  root: ~/.cache/lca_lab/data
+  split_seed: 0
+  fallback: null
+  download: false
+  shape: mnist
+  size: 64
+  normalize: true
+net:
+  name: fc
+  lr:
+    sgd: 0.1
+    adam: 0.001
+    rmsprop: 0.001
+opt:
+  name: sgd
+  lr: 0.1
+  momentum: 0.9
+  lr_decay_epochs: []
+  lr_decay_factor: 0.1
+lca:
+  enabled: true
+  method: rk4
+  adaptive: true
+  tolerance: 0.001
+  max_splits: 32
+  chunk_size: auto
+  precision: fp32
+  channels_last: auto
+  cuda_graph: false
+  cudnn_benchmark: false
+  compile: false
+  window: null
+  per_class: false
+  test: false
 layers: {}
-logger: {name: none}
+logger:
+  name: none
 seed: 0
 epochs: 1
 batch_size: 32
-store: {per_param: true, trajectory: true, flush_every: 50, max_gb: 20}
+device: cpu
+eval_every: 50
+deterministic: false
+figures: false
+resume: false
+checkpoint:
+  enabled: true
+  every: null
+  seconds: 600
+store:
+  per_param: true
+  trajectory: true
+  flush_every: 50
+  max_gb: 20
 """
 
 
@@ -306,7 +360,7 @@ def test_upgrade_config_maps_the_old_shape():
     import yaml
 
     new = upgrade_config(yaml.safe_load(OLD_CONFIG))
-    assert new["net"] == {"_target_": "lca_lab.nets.fc"}
+    assert new["net"] == {"_target_": "lca_lab.nets.fc"} == _cfg()["net"]
     assert new["data"]["_target_"] == "lca_lab.data.synthetic" and "name" not in new["data"]
     assert new["opt"] == {"_target_": "torch.optim.SGD", "lr": 0.1, "momentum": 0.9, "lr_decay_epochs": [],
                           "lr_decay_factor": 0.1}  # fmt: skip
@@ -316,14 +370,33 @@ def test_upgrade_config_maps_the_old_shape():
                               "betas": [0.9, 0.999]}}  # fmt: skip
     up = upgrade_config(old_lenet_adam)
     assert up["net"] == {"_target_": "lca_lab.nets.lenet", "dropout": 0.5, "padding": 2}
+    old_vgg = {"net": {"name": "vgg", "width": 1.0, "batchnorm": False, "lr": {"sgd": 0.02}}}
+    assert upgrade_config(old_vgg)["net"] == _cfg("net=vgg")["net"]  # what a resumed old checkpoint compares
     assert up["opt"] == {"_target_": "torch.optim.Adam", "lr": 0.001, "betas": [0.9, 0.999]}
     assert upgrade_config(new) == new  # today's shape is left alone
     check_parts(new)
 
 
+OLD_OVERRIDES = ("data=synthetic", "data.size=64", "batch_size=32", "epochs=1", "store.trajectory=true")
+
+
+def test_old_checkpoint_config_compares_equal_after_upgrade():
+    # a checkpoint written before targets continues under the same command (plan_resume upgrades it)
+    import yaml
+
+    from lca_lab.checkpoint import config_diff
+
+    old, cfg = upgrade_config(yaml.safe_load(OLD_CONFIG)), _cfg(*OLD_OVERRIDES)
+    assert not config_diff({k: old[k] for k in PARTS}, {k: cfg[k] for k in PARTS})
+    assert config_diff({"allow_targets": []}, {"allow_targets": ["x.*"]}) == []  # trust, not results
+
+
+PARTS = ("data", "net", "opt", "loss")
+
+
 def test_old_shape_run_file_recomputes(tmp_path):
     online = tmp_path / "online"
-    run(_cfg("data=synthetic", "data.size=64", "batch_size=32", "epochs=1", "store.trajectory=true"), online)
+    run(_cfg(*OLD_OVERRIDES), online)
     with h5py.File(online / "lca.h5", "r+") as f:  # as a run written before targets stored its config
         f.attrs["config"] = OLD_CONFIG
     res = rc.recompute(online, progress=False)
