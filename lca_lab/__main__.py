@@ -20,7 +20,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from .checkpoint import PREEMPTED_EXIT_CODE, RunPreempted
-from .config import ConfigError, check_group_choices, validate
+from .cli_checks import check_group_choices
+from .config import ConfigError, validate
 from .data import DatasetUnavailableError
 from .sweep import FAILED_MARKER, job_device, run_name, wandb_group
 from .train import StorageError, format_summary, run

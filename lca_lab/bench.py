@@ -82,6 +82,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import nets
 from .jsonable import jsonable
 from .lca import (
     PRECISIONS,
@@ -95,11 +96,12 @@ from .lca import (
     saved_activation_bytes,
 )
 from .loop import Launched, LCADriver, StepRecorder
-from .nets import build_net, entry_layer_index, layer_groups, param_layer_index
+from .nets import entry_layer_index, layer_groups, param_layer_index
 from .reducers import LCAReducer
 
-# Per-net settings mirroring conf/net/*.yaml (kwargs of build_net, SGD learning rate) and train.py's batch
-# sizes (tests/test_bench.py checks the kwargs and rates against the YAML files).
+# Per-net settings mirroring conf/net/*.yaml (kwargs of the factory lca_lab.nets.<net>), the SGD learning
+# rate of conf/experiment/lr/table1*/<net>_sgd.yaml and train.py's batch sizes (tests/test_bench.py checks
+# the kwargs and rates against the YAML files).
 NET_SPECS: dict[str, dict[str, Any]] = {
     "fc": {"data": "mnist", "kwargs": {}, "lr": 0.1, "batch": 250},
     "lenet": {"data": "mnist", "kwargs": {"dropout": 0.5, "padding": 2}, "lr": 0.01, "batch": 128},
@@ -537,7 +539,9 @@ def _build(
     net: str, input_shape: tuple[int, int, int], seed: int, device: torch.device, cl: bool
 ) -> nn.Module:
     torch.manual_seed(seed)
-    model = build_net(net, input_shape, N_CLASSES, **NET_SPECS[net]["kwargs"]).to(device)
+    model = getattr(nets, net)(input_shape=input_shape, n_classes=N_CLASSES, **NET_SPECS[net]["kwargs"]).to(
+        device
+    )
     if cl:
         model = model.to(memory_format=torch.channels_last)
     return model

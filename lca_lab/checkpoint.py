@@ -34,7 +34,9 @@ FORMAT_VERSION = 1
 # "temporary failure, try again" — rerunning the same command in the same directory continues it.
 PREEMPTED_EXIT_CODE = 75
 # Config keys that may differ between a run and its continuation: they do not change its numbers.
-RESUME_IGNORED = ("resume", "checkpoint", "figures", "logger", "store.flush_every", "store.max_gb")
+RESUME_IGNORED = (
+    "resume", "checkpoint", "figures", "logger", "store.flush_every", "store.max_gb", "allow_targets",
+)  # fmt: skip
 # Config keys added after checkpoints existed, with the value that a checkpoint written before them ran
 # with: such a run continues under the new code with that value (and is refused with any other).
 IMPLIED_IN_OLDER = {"lca.cuda_graph": False, "lca.cudnn_benchmark": False, "lca.compile": False}
@@ -251,7 +253,9 @@ def plan_resume(run_dir: Path, cfg: Mapping[str, Any]) -> tuple[str, dict[str, A
                 "checkpoint away to start a new run there"
             )
         ck = load_checkpoint(ck_path)
-        diff = config_diff(yaml.safe_load(ck["config"]), cfg)
+        from .parts import upgrade_config  # a checkpoint written before targets: net.name → net._target_ …
+
+        diff = config_diff(upgrade_config(yaml.safe_load(ck["config"])), cfg)
         if diff:
             raise ConfigError(
                 f"cannot continue the run in {run_dir}: its config differs from the checkpointed one in "

@@ -7,14 +7,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from .lca import PRECISIONS, check_engine_options
-from .optim import OPTIMIZERS, OVERRIDE_KEYS
+from .optim import OVERRIDE_KEYS
 
-DATASETS = ("mnist", "mnist5k", "cifar10", "synthetic")
-NETS = ("fc", "lenet", "allcnn", "resnet20", "vgg")
 BOOL_KEYS = ("deterministic", "figures", "resume", "store.per_param", "store.trajectory", "lca.enabled",
              "lca.adaptive", "lca.per_class", "lca.test", "checkpoint.enabled")  # fmt: skip
 
@@ -56,12 +53,10 @@ def validate(cfg: Mapping[str, Any]) -> None:
     for key in ("epochs", "batch_size", "eval_every"):
         _positive_int(cfg, key)
     _positive_int(cfg, "seed", minimum=0)
-    if _get(cfg, "data.name") not in DATASETS:
-        raise ConfigError(f"data.name={_get(cfg, 'data.name')!r} is not one of {list(DATASETS)} (data=...)")
     fb = _get(cfg, "data.fallback")
     if fb not in (None, "mnist5k"):
         raise ConfigError(f"data.fallback must be mnist5k or null, got {fb!r}")
-    if _get(cfg, "data.name") == "synthetic":
+    if _get(cfg, "data._target_") == "lca_lab.data.synthetic":
         _positive_int(cfg, "data.size", minimum=2)
         if _get(cfg, "data.shape") not in ("mnist", "cifar10"):
             raise ConfigError(f"data.shape must be mnist or cifar10, got {_get(cfg, 'data.shape')!r}")
@@ -70,12 +65,8 @@ def validate(cfg: Mapping[str, Any]) -> None:
                 f"batch_size={_get(cfg, 'batch_size')} is larger than the training set "
                 f"(data.size={_get(cfg, 'data.size')}); use batch_size ≤ {_get(cfg, 'data.size')}"
             )
-    if _get(cfg, "net.name") not in NETS:
-        raise ConfigError(f"net.name={_get(cfg, 'net.name')!r} is not one of {list(NETS)} (net=...)")
-    opt = _get(cfg, "opt.name")
-    if opt not in OPTIMIZERS:
-        raise ConfigError(f"opt.name={opt!r} is not one of {list(OPTIMIZERS)} (opt=...)")
-    _number(cfg, "opt.lr", lo=0, lo_open=True)
+    if _get(cfg, "opt.lr") is not None:
+        _number(cfg, "opt.lr", lo=0, lo_open=True)
     if _get(cfg, "opt.momentum") is not None:
         _number(cfg, "opt.momentum", lo=0, hi=1, hi_open=True)
     decay = _get(cfg, "opt.lr_decay_epochs") or []
@@ -195,25 +186,3 @@ def _int_or_raise(key: str, v: Any) -> int:
     if isinstance(v, bool) or not isinstance(v, int):
         raise ConfigError(f"{key} must be an integer, got {v!r}")
     return v
-
-
-def check_group_choices(argv: list[str], conf_dir: Path) -> str | None:
-    """The first ``group=option`` command-line override naming a config file that does not exist
-    (e.g. ``experiment=tabel1``), as a one-line message listing the valid options; else None.
-
-    Only plain values and comma-separated sweep lists are checked; Hydra's sweep functions
-    (``choice(...)``, ``glob(...)``) and anything else are left to Hydra.
-    """
-    groups = {p.name for p in conf_dir.iterdir() if p.is_dir()}
-    for arg in argv:
-        if "=" not in arg or arg.startswith("-"):
-            continue
-        key, value = arg.split("=", 1)
-        key = key.lstrip("+~")
-        if key not in groups or not value or "(" in value or value == "null":
-            continue
-        options = sorted(p.stem for p in (conf_dir / key).glob("*.yaml"))
-        for v in value.split(","):
-            if v.strip() not in options:
-                return f"{key}={v.strip()} does not exist; choose one of: {', '.join(options)} (conf/{key}/)"
-    return None

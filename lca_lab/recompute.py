@@ -43,7 +43,6 @@ import sys
 import tempfile
 import time
 import uuid
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,7 +57,6 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .config import ConfigError
-from .data import load_data_config
 from .lca import (
     PRECISIONS,
     FullBatchLoss,
@@ -71,7 +69,7 @@ from .lca import (
     set_matmul_precision,
 )
 from .loop import Launched, LCADriver, RunningSums, StepRecorder, lca_summary
-from .nets import build_net
+from .parts import build_parts, check_parts, check_targets, upgrade_config
 from .reducers import LCAReducer
 from .store import RunWriter, open_run, resolve_path
 
@@ -303,12 +301,9 @@ class _Setup:
 
 def _build(rf, run_cfg: dict[str, Any], settings: dict[str, Any], device: torch.device) -> _Setup:
     """Data, net and engine of the run, checked against the run file before any compute."""
-    dcfg, ncfg = run_cfg["data"], run_cfg["net"]
-    with warnings.catch_warnings(record=True) as caught:  # the offline fallback: one line, as a run says it
-        warnings.simplefilter("always")
-        data = load_data_config(dcfg, device)
-    for w in caught:
-        print(f"WARNING: {w.message}", file=sys.stderr)
+    # data on the device, the net seeded (its values are replaced by θ: only the architecture matters), loss
+    parts = build_parts(run_cfg, device, optimizer=False, warn=lambda line: print(line, file=sys.stderr))
+    data, model = parts.data, parts.model
     src = rf.attrs.get("data_source")
     if src is not None and data.source != src:
         raise RecomputeError(
@@ -318,16 +313,13 @@ def _build(rf, run_cfg: dict[str, Any], settings: dict[str, Any], device: torch.
     idx = rf.train_index
     if idx is not None and not np.array_equal(idx, data.train_index):
         raise RecomputeError("the training split loaded here differs from the run's data/train_index")
-    torch.manual_seed(int(run_cfg.get("seed", 0)))  # values are replaced by θ: only the architecture matters
-    kw = {k: v for k, v in ncfg.items() if k not in ("name", "lr")}
-    model = build_net(ncfg["name"], data.input_shape, data.n_classes, **kw).to(device)
     named = dict(model.named_parameters())
     pnames, shapes = rf.param_names, rf.param_shapes
     bad = [n for n, s in zip(pnames, shapes) if n not in named or tuple(named[n].shape) != tuple(s)]
     if bad:
         raise RecomputeError(
             f"parameters {bad[:3]} of the run file do not match the network rebuilt from its config "
-            f"(net={ncfg['name']}); the run file and this lca_lab version disagree"
+            f"(net._target_={run_cfg['net']['_target_']}); the run file and this lca_lab version disagree"
         )
     K = rf.n_params
     if rf.h5["trajectory/theta"].shape[1] != K:
@@ -354,17 +346,33 @@ def _build(rf, run_cfg: dict[str, Any], settings: dict[str, Any], device: torch.
     # How L's passes run (layout, graphs, cuDNN autotuning): its value only to float rounding.
     fast = {k: settings[k] for k in ("cuda_graph", "cudnn_benchmark", "compile")} | {"channels_last": cl}
     fbl = FullBatchLoss(
-        model, data.train_x, data.train_y, chunk, param_names=pnames,
+        model, data.train_x, data.train_y, chunk, loss_fn=parts.loss_fn, param_names=pnames,
         n_classes=data.n_classes if per_class else None, **fast,
     )  # fmt: skip
     test_fbl = None
     if settings["test"] and len(data.test_x) > 0:
-        test_fbl = FullBatchLoss(model, data.test_x, data.test_y, chunk, param_names=pnames, **fast)
+        test_fbl = FullBatchLoss(
+            model, data.test_x, data.test_y, chunk, loss_fn=parts.loss_fn, param_names=pnames, **fast
+        )
     engine = LCAEngine(
         fbl, settings["method"], settings["tolerance"], settings["max_splits"], settings["adaptive"],
         per_class=per_class, test_loss=test_fbl, layer_sums=LayerSums(index, len(rf.layer_names)),
     )  # fmt: skip
     return _Setup(engine, index, len(rf.layer_names), data.n_classes, settings, fbl.dtype, device)
+
+
+def read_run_config(
+    text: str, source: Any, allow_targets: list[str] | tuple[str, ...] = ()
+) -> dict[str, Any]:
+    r"""A run file's ``config`` attribute as a dict in today's shape (:func:`lca_lab.parts.upgrade_config`),
+    its ``_target_``\ s checked against the allowlist plus ``allow_targets``
+    (:func:`lca_lab.parts.check_targets`) and its parts' arguments against their signatures
+    (:func:`lca_lab.parts.check_parts`), before anything is imported from it. ``ConfigError`` names the
+    key and the fix."""
+    run_cfg = upgrade_config(yaml.safe_load(text) or {})
+    check_targets(run_cfg, allow_targets, source)
+    check_parts(run_cfg)
+    return run_cfg
 
 
 def _recompute_config(run_cfg: dict[str, Any], settings: dict[str, Any], per_param: bool) -> dict[str, Any]:
@@ -402,10 +410,14 @@ def compute_shard(
     out_dir: str | os.PathLike | None = None,
     flush_every: int = 50,
     progress: bool = True,
+    allow_targets: list[str] | tuple[str, ...] = (),
 ) -> Path:
-    """Compute LCA for shard ``shard`` of ``num_shards`` of a run's trajectory; return the shard file.
+    r"""Compute LCA for shard ``shard`` of ``num_shards`` of a run's trajectory; return the shard file.
 
-    Every input is checked before any compute. The shard is written as ``*.partial.h5`` and renamed
+    The run's stored config (:func:`read_run_config`) may come from someone else: its ``_target_``\ s
+    are built only when they match ``lca_lab.*``, ``torch.*``, ``torchvision.*`` or a pattern of
+    ``allow_targets`` (the caller's; the file's own list is not trusted). Every input is checked before
+    any compute. The shard is written as ``*.partial.h5`` and renamed
     to its final name only when complete (a failed shard leaves ``status = failed: …`` in the partial).
     """
     traj = Trajectory.from_run(run_dir)
@@ -424,7 +436,7 @@ def compute_shard(
     lo, hi = shard_bounds(traj.n_steps, shard, num_shards)
     dev = _resolve_device(device)
     with open_run(traj.path) as rf:
-        run_cfg = yaml.safe_load(rf.config)
+        run_cfg = read_run_config(rf.config, traj.path, allow_targets)
         settings = engine_settings(run_cfg, lca)
         device_settings(settings, lca, dev)
         store_pp = bool((run_cfg.get("store") or {}).get("per_param", True))
@@ -788,7 +800,8 @@ def recompute(
     """Compute one shard and, if it was the last one missing, merge. Returns paths and timing.
 
     ``kwargs`` go to :func:`compute_shard` (``lca``, ``device``, ``per_param``, ``flush_every``,
-    ``progress``). ``merge=False`` leaves merging to ``merge_shards`` (or ``merge=true`` on the CLI).
+    ``progress``, ``allow_targets``). ``merge=False`` leaves merging to ``merge_shards`` (or
+    ``merge=true`` on the CLI).
     """
     t0 = time.perf_counter()
     path = compute_shard(run_dir, shard, num_shards, out_dir=out_dir, **kwargs)
@@ -849,6 +862,7 @@ def _task(cfg) -> dict[str, Any]:
     return recompute(
         c["run_dir"], c["shard"], n, out_dir=c["out_dir"], lca=lca, device=c["device"],
         per_param=c["per_param"], flush_every=int(c["flush_every"]),
+        allow_targets=list(c.get("allow_targets") or []),
     )  # fmt: skip
 
 

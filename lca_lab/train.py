@@ -15,7 +15,6 @@ import signal
 import statistics
 import subprocess
 import time
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,11 +38,11 @@ from .checkpoint import (
     set_rng_state,
 )
 from .config import ConfigError, validate
-from .data import load_data_config
 from .lca import FullBatchLoss, LayerSums, LCAEngine, auto_chunk_size, set_matmul_precision
 from .loop import LCADriver, StepRecorder
-from .nets import build_net, entry_layer_index, layer_groups, param_layer_index
-from .optim import apply_freezes, build_optimizer, plan_layers
+from .nets import entry_layer_index, param_layer_index
+from .optim import apply_freezes
+from .parts import build_parts, check_parts
 from .reducers import LCAReducer
 from .store import RunWriter, estimate_bytes
 from .tracking import start_tracker
@@ -116,8 +115,11 @@ def set_determinism(seed: int, deterministic: bool) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int) -> tuple[float, float]:
-    """Mean cross-entropy (nats) and accuracy in eval mode (BN running stats, no dropout)."""
+def evaluate(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int, loss_fn=F.cross_entropy
+) -> tuple[float, float]:
+    """Mean loss (``loss_fn(out, y, reduction="sum")`` / N; cross-entropy in nats by default) and accuracy
+    in eval mode (BN running stats, no dropout)."""
     if len(x) == 0:
         return float("nan"), float("nan")
     was = model.training
@@ -126,7 +128,7 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: in
     correct = torch.zeros((), dtype=torch.int64, device=x.device)
     for s in range(0, len(x), chunk):
         out = model(x[s : s + chunk])
-        loss += F.cross_entropy(out, y[s : s + chunk], reduction="sum").double()
+        loss += loss_fn(out, y[s : s + chunk], reduction="sum").double()
         correct += (out.argmax(1) == y[s : s + chunk]).sum()
     model.train(was)
     return float(loss) / len(x), float(correct) / len(x)
@@ -148,11 +150,16 @@ def run(
 
     The run directory is locked for the whole run (a second process is refused). If it holds a
     checkpoint of this config (or ``resume=true`` is set) the run continues from it; see
-    :func:`lca_lab.checkpoint.plan_resume`. SIGTERM/SIGUSR1/SIGUSR2 make the run checkpoint at the next
+    :func:`lca_lab.checkpoint.plan_resume`. A resumed run is built from ``cfg`` — the caller's config
+    (the command line's), which is trusted as any command is — and never from the config stored in the
+    checkpoint or run file, so no ``_target_`` read from a file is instantiated here (the checkpoint must
+    match ``cfg``); ``lca_lab.recompute``, which does build from a stored config, passes it through
+    :func:`lca_lab.parts.check_targets` first. SIGTERM/SIGUSR1/SIGUSR2 make the run checkpoint at the next
     iteration boundary, set ``status`` to ``preempted: …`` and raise :class:`RunPreempted` — after
     handing the signal to the handler installed before (submitit's requeue), if there was one.
     """
     validate(cfg)
+    check_parts(cfg)  # every _target_ importable, its arguments known (net.width=-3 too): before any data
     device = resolve_device(cfg["device"])
     run_dir = Path(run_dir)
     check_writable(run_dir)
@@ -191,6 +198,8 @@ class Built:
         channels_last, cuda_graph, cudnn_bm, compile_passes: how L's passes run.
         engine: the :class:`~lca_lab.lca.LCAEngine`, None with LCA off.
         per_class, test_lca: per-class and held-out LCA on.
+        loss_fn: the configured loss, ``loss_fn(logits, targets, reduction=...)``.
+        label: the net's short name for the progress bar.
     """
 
     data: Any
@@ -210,12 +219,14 @@ class Built:
     engine: LCAEngine | None
     per_class: bool
     test_lca: bool
+    loss_fn: Any
+    label: str
 
 
 def build(cfg: dict[str, Any], device: torch.device) -> Built:
     """Data, network, speed settings of L's passes, chunk size, layer plans, optimizer and LCA engine of
     ``cfg`` on ``device`` (ConfigError naming the key for a bad value)."""
-    dcfg, ncfg, ocfg, lcfg = cfg["data"], cfg["net"], cfg["opt"], cfg["lca"]
+    lcfg = cfg["lca"]
     cuda_graph = bool(lcfg.get("cuda_graph", False))
     cudnn_bm = bool(lcfg.get("cudnn_benchmark", False))
     compile_passes = bool(lcfg.get("compile", False))
@@ -225,15 +236,15 @@ def build(cfg: dict[str, Any], device: torch.device) -> Built:
             "set lca.cuda_graph=false or run on a GPU (device=cuda)"
         )
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        data = load_data_config(dcfg, device)
-    for w in caught:
-        tqdm.write(f"WARNING: {w.message}")
-
-    torch.manual_seed(int(cfg["seed"]))  # init does not depend on how much RNG data loading used
-    net_kwargs = {k: v for k, v in ncfg.items() if k not in ("name", "lr")}
-    model = build_net(ncfg["name"], data.input_shape, data.n_classes, **net_kwargs).to(device)
+    # data (on the device), net (seeded), loss, layer groups and plans, optimizer: lca_lab.parts
+    parts = build_parts(cfg, device, warn=tqdm.write)
+    data, model, loss_fn, groups, optimizer = (
+        parts.data,
+        parts.model,
+        parts.loss_fn,
+        parts.groups,
+        parts.optimizer,
+    )
     # channels-last (NHWC) conv layouts are what cuDNN's tensor-core kernels want; on the CPU and for
     # nets without convolutions it gains nothing.
     cl = lcfg.get("channels_last", "auto")
@@ -243,23 +254,6 @@ def build(cfg: dict[str, Any], device: torch.device) -> Built:
         model = model.to(memory_format=torch.channels_last)
     chunk = lcfg.get("chunk_size", 5000)
     chunk = auto_chunk_size(model, len(data.train_x), device, data.train_x) if chunk == "auto" else int(chunk)
-    groups = layer_groups(model)
-    try:
-        plans = plan_layers(groups, cfg.get("layers") or {})
-    except ValueError as e:
-        # One line: the valid layers as "index/negative index name".
-        first = str(e).splitlines()[0].split(" Valid layers")[0]
-        valid = ", ".join(f"{i}/{i - len(groups)} {name}" for i, (name, _) in enumerate(groups))
-        raise ConfigError(f"{first} Valid layers: {valid}" if "\n" in str(e) else str(e)) from None
-    optimizer = build_optimizer(
-        model,
-        groups,
-        ocfg["name"],
-        float(ocfg["lr"]),
-        plans,
-        momentum=float(ocfg.get("momentum") or 0.0),
-        betas=tuple(ocfg.get("betas", (0.9, 0.999))),
-    )
     named = dict(model.named_parameters())
     pnames = [n for n, p in named.items() if p.requires_grad]
     param_layer = param_layer_index(model)
@@ -283,11 +277,11 @@ def build(cfg: dict[str, Any], device: torch.device) -> Built:
             "compile": compile_passes,
         }  # fmt: skip
         fbl = FullBatchLoss(
-            model, data.train_x, data.train_y, chunk, param_names=pnames,
+            model, data.train_x, data.train_y, chunk, loss_fn=loss_fn, param_names=pnames,
             n_classes=data.n_classes if per_class else None, **fast,
         )  # fmt: skip
         test_fbl = (
-            FullBatchLoss(model, data.test_x, data.test_y, chunk, param_names=pnames, **fast)
+            FullBatchLoss(model, data.test_x, data.test_y, chunk, loss_fn=loss_fn, param_names=pnames, **fast)
             if test_lca
             else None
         )
@@ -298,7 +292,7 @@ def build(cfg: dict[str, Any], device: torch.device) -> Built:
         )  # fmt: skip
     return Built(
         data, model, optimizer, groups, named, pnames, param_layer, index, K, chunk, channels_last,
-        cuda_graph, cudnn_bm, compile_passes, engine, per_class, test_lca,
+        cuda_graph, cudnn_bm, compile_passes, engine, per_class, test_lca, loss_fn, parts.label,
     )  # fmt: skip
 
 
@@ -440,7 +434,7 @@ class _Trainer:
     """
 
     def __init__(self, cfg: dict[str, Any], b: Built, per_epoch: int):
-        self.model, self.optimizer, self.data = b.model, b.optimizer, b.data
+        self.model, self.optimizer, self.data, self.loss_fn = b.model, b.optimizer, b.data, b.loss_fn
         self.batch_size, self.per_epoch, self.epochs = int(cfg["batch_size"]), per_epoch, int(cfg["epochs"])
         ocfg = cfg["opt"]
         self.milestones = [int(e) * per_epoch for e in (ocfg.get("lr_decay_epochs") or [])]
@@ -472,7 +466,9 @@ class _Trainer:
         b = it % self.per_epoch
         idx = self.perm[b * self.batch_size : (b + 1) * self.batch_size]
         self.optimizer.zero_grad(set_to_none=True)
-        batch_loss = F.cross_entropy(self.model(self.data.train_x[idx]), self.data.train_y[idx])
+        batch_loss = self.loss_fn(
+            self.model(self.data.train_x[idx]), self.data.train_y[idx], reduction="mean"
+        )
         batch_loss.backward()
         self.optimizer.step()
         return batch_loss
@@ -487,7 +483,7 @@ class _TrainLoop:
         self.device = b.index.device
         self.trainer = _Trainer(cfg, b, plan.per_epoch)
         reducer = LCAReducer(b.index, len(b.groups), b.engine.layer_sums if b.engine is not None else None)
-        self.start_it, self.desc = 0, f"{cfg['net']['name']}/{b.data.source}"
+        self.start_it, self.desc = 0, f"{b.label}/{b.data.source}"
         scfg = cfg["store"]
         self.recorder = StepRecorder(
             reducer, writer, per_param=bool(scfg["per_param"]), trajectory=bool(scfg["trajectory"]),
@@ -560,7 +556,7 @@ class _Eval:
 
     def __call__(self, it: int) -> None:
         data, chunk = self.loop.b.data, self.loop.b.chunk
-        tl, ta = evaluate(self.loop.b.model, data.test_x, data.test_y, chunk)
+        tl, ta = evaluate(self.loop.b.model, data.test_x, data.test_y, chunk, self.loop.b.loss_fn)
         self.loop.writer.append_eval(it, test_loss=tl, test_acc=ta)
         if self.loop.tracker is not None:
             self.loop.tracker.log_eval(it, test_loss=tl, test_acc=ta)
@@ -638,8 +634,8 @@ def _boundaries(
 def _finish(loop: _TrainLoop, plan: _Plan, device: str) -> dict[str, Any]:
     """The final evaluation, the reducer's counters and the summary (also the run file's ``summary/*``)."""
     b, writer, tracker = loop.b, loop.writer, loop.tracker
-    train_loss, train_acc = evaluate(b.model, b.data.train_x, b.data.train_y, b.chunk)
-    test_loss, test_acc = evaluate(b.model, b.data.test_x, b.data.test_y, b.chunk)
+    train_loss, train_acc = evaluate(b.model, b.data.train_x, b.data.train_y, b.chunk, b.loss_fn)
+    test_loss, test_acc = evaluate(b.model, b.data.test_x, b.data.test_y, b.chunk, b.loss_fn)
     final = {"test_loss": test_loss, "test_acc": test_acc, "train_loss": train_loss, "train_acc": train_acc}
     writer.append_eval(plan.total_iters, **final)
     if tracker is not None:

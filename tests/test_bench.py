@@ -114,9 +114,11 @@ def test_naive_per_parameter_lca_equals_engine_and_float64_reference(net):
 def test_net_specs_match_conf():
     for net, spec in bench.NET_SPECS.items():
         conf = yaml.safe_load((ROOT / "conf" / "net" / f"{net}.yaml").read_text())
-        kwargs = {k: v for k, v in conf.items() if k not in ("name", "lr")}
+        kwargs = {k: v for k, v in conf.items() if k != "_target_"}
         assert spec["kwargs"] == kwargs, net
-        assert spec["lr"] == conf["lr"]["sgd"], net
+        assert conf["_target_"] == f"lca_lab.nets.{net}", net
+        (lr_file,) = (ROOT / "conf" / "experiment" / "lr").glob(f"table1*/{net}_sgd.yaml")
+        assert spec["lr"] == yaml.safe_load(lr_file.read_text())["lr"], net
 
 
 @pytest.mark.skipif(not hasattr(torch.backends, "cudnn"), reason="no cudnn backend module")

@@ -22,7 +22,8 @@ def _compose(overrides=()):
 def test_default_config_is_valid():
     cfg = _compose()
     validate(cfg)
-    assert cfg["data"]["name"] == "mnist" and cfg["net"]["name"] == "fc" and cfg["opt"]["momentum"] == 0.9
+    assert cfg["data"]["_target_"] == "lca_lab.data.mnist" and cfg["net"]["_target_"] == "lca_lab.nets.fc"
+    assert cfg["opt"]["momentum"] == 0.9
     assert cfg["lca"]["tolerance"] == 1e-3 and cfg["lca"]["max_splits"] == 32
 
 

@@ -9,7 +9,23 @@ import pytest
 import torch
 
 import lca_lab.data as data
-from lca_lab.data import DataBundle, DatasetUnavailableError, load_data
+from lca_lab.config import ConfigError
+from lca_lab.data import DataBundle, DatasetUnavailableError
+from lca_lab.parts import check_parts
+
+
+def load_data(
+    name, *, root, split_seed=0, fallback="mnist5k", device="cpu", synthetic_shape="mnist",
+    synthetic_size=1000, synthetic_test_size=None, normalize=True, download=True,
+):  # fmt: skip
+    """The data target ``lca_lab.data.<name>`` called as a config would call it (normalised by default)."""
+    if name == "synthetic":
+        b = data.synthetic(synthetic_shape, synthetic_size, synthetic_test_size, split_seed, normalize)
+    elif name == "mnist":
+        b = data.mnist(root, split_seed, fallback, download, normalize)
+    else:
+        b = getattr(data, name)(root, split_seed, download=download, normalize=normalize)
+    return b.to(device)
 
 
 def _raise_url_error(*args, **kwargs):
@@ -191,9 +207,13 @@ def test_to_device_and_errors():
     moved = b.to("meta")
     assert moved.train_x.device.type == "meta" and moved.test_y.device.type == "meta"
     assert moved.source == b.source and b.train_x.device.type == "cpu"
-    with pytest.raises(ValueError, match="mnist5k"):
-        load_data("imagenet", root=None)
+    with pytest.raises(ConfigError, match="mnist5k"):
+        check_parts({"data": {"_target_": "lca_lab.data.imagenet"}})
     with pytest.raises(ValueError, match="fallback"):
         load_data("mnist", root=None, fallback="cifar10")
     with pytest.raises(ValueError, match="cifar10"):
         load_data("synthetic", root=None, synthetic_shape="svhn")
+    with pytest.raises(ValueError, match="root"):
+        data.mnist(None)
+    with pytest.raises(ValueError, match="size"):
+        data.synthetic(size=1)

@@ -13,12 +13,17 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from pipelined import pipelined_steps
 
+from lca_lab import nets
 from lca_lab.lca import FullBatchLoss, LCAEngine
-from lca_lab.nets import build_net
 from lca_lab.train import run
 
 pytestmark = pytest.mark.gpu
 CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def build_net(name, input_shape, n_classes, **kwargs):
+    """The built-in net ``lca_lab.nets.<name>`` (as ``net=<name>`` builds it)."""
+    return getattr(nets, name)(input_shape=input_shape, n_classes=n_classes, **kwargs)
 
 
 def test_cuda_engine_matches_cpu_float64_reference():

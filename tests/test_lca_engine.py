@@ -560,8 +560,11 @@ def test_auto_chunk_size():
 def test_auto_chunk_size_on_cpu_keeps_the_largest_activation_small():
     """CPU, no BatchNorm: the chunk keeps the largest saved activation under CPU_CHUNK_BYTES (big blocks are
     mmapped and page-faulted in again on every pass); small nets keep 5000; BN nets keep 5000 always."""
+    from lca_lab import nets
     from lca_lab.lca import CPU_CHUNK_BYTES, auto_chunk_size, saved_activation_bytes
-    from lca_lab.nets import build_net
+
+    def build_net(name, shape, n_classes, **kwargs):  # the built-in net lca_lab.nets.<name>
+        return getattr(nets, name)(input_shape=shape, n_classes=n_classes, **kwargs)
 
     x = torch.randn(8, 1, 28, 28)
     lenet = build_net("lenet", (1, 28, 28), 10, padding=2)
@@ -581,8 +584,11 @@ def test_auto_chunk_size_on_a_gpu_keeps_a_chunks_activations_under_the_bound():
     """Regression: on a GPU, auto took the whole set for every net without BatchNorm, and LeNet on 55,000
     MNIST images peaked at 41 GB on an H200 (out of memory on most cards). Now one chunk's saved
     activations stay under GPU_CHUNK_BYTES; MNIST-FC, launch-bound, keeps the whole set."""
+    from lca_lab import nets
     from lca_lab.lca import GPU_CHUNK_BYTES, auto_chunk_size, saved_activation_bytes
-    from lca_lab.nets import build_net
+
+    def build_net(name, shape, n_classes, **kwargs):  # the built-in net lca_lab.nets.<name>
+        return getattr(nets, name)(input_shape=shape, n_classes=n_classes, **kwargs)
 
     x = torch.randn(8, 1, 28, 28)  # the device only selects the rule; the estimate runs where x is
     lenet = build_net("lenet", (1, 28, 28), 10, padding=2)

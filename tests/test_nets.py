@@ -4,9 +4,8 @@ import pytest
 import torch
 from torch import nn
 
+from lca_lab import nets
 from lca_lab.nets import (
-    NET_NAMES,
-    build_net,
     entry_layer_index,
     layer_groups,
     param_layer_index,
@@ -14,6 +13,14 @@ from lca_lab.nets import (
 )
 
 MNIST, CIFAR = (1, 28, 28), (3, 32, 32)
+NET_NAMES = ("fc", "lenet", "allcnn", "resnet20", "vgg")  # the built-in factories lca_lab.nets.<name>
+
+
+def build_net(name, input_shape, n_classes, **kwargs):
+    """The built-in net ``name`` as its config builds it (``_target_: lca_lab.nets.<name>``)."""
+    return getattr(nets, name)(input_shape=input_shape, n_classes=n_classes, **kwargs)
+
+
 # Small widths keep the conv nets fast on 2 CPU cores; architecture/layout is unchanged.
 SMALL = {"fc": {}, "lenet": {}, "allcnn": {"width": 0.1}, "resnet20": {"width": 4}, "vgg": {"width": 0.125}}
 
@@ -67,8 +74,39 @@ def test_init_is_he_normal_with_zero_bias():
 
 
 def test_unknown_net():
-    with pytest.raises(ValueError, match="resnet20"):
-        build_net("resnet18", CIFAR, 10)
+    from lca_lab.config import ConfigError
+    from lca_lab.parts import check_parts
+
+    cfg = {"net": {"_target_": "lca_lab.nets.resnet18"}}
+    with pytest.raises(ConfigError, match="resnet20"):
+        check_parts(cfg)
+
+
+@pytest.mark.parametrize(
+    "name,kwargs,arg",
+    [
+        ("fc", {"hidden": [100, 0]}, "hidden"),
+        ("fc", {"hidden": 100}, "hidden"),
+        ("lenet", {"dropout": 1.0}, "dropout"),
+        ("lenet", {"padding": -1}, "padding"),
+        ("allcnn", {"width": 0}, "width"),
+        ("resnet20", {"width": -3}, "width"),
+        ("resnet20", {"width": 2.5}, "width"),
+        ("vgg", {"width": -1.0}, "width"),
+        ("vgg", {"batchnorm": "yes"}, "batchnorm"),
+        ("vgg", {"hidden": 0}, "hidden"),
+    ],
+)
+def test_factories_check_their_arguments(name, kwargs, arg):
+    factory = getattr(nets, name)
+    with pytest.raises(ValueError, match=rf"^{arg} must"):
+        factory.check_args(**kwargs)
+    with pytest.raises(ValueError, match=rf"^{arg} must"):
+        factory(input_shape=MNIST, n_classes=10, **kwargs)
+    with pytest.raises(ValueError, match="input_shape"):
+        factory(input_shape=(28, 28), n_classes=10)
+    with pytest.raises(ValueError, match="n_classes"):
+        factory(input_shape=MNIST, n_classes=0)
 
 
 def test_fc_layers():

@@ -190,13 +190,15 @@ def test_settings_override_and_clear_errors(online, tmp_path):
 
 def test_data_warning_is_one_line(online, tmp_path, monkeypatch, capsys):
     # Regression: the offline MNIST fallback's warning came out in Python's file:line form with its source.
-    real = rc.load_data_config
+    import lca_lab.parts
+
+    real = lca_lab.parts.build_data
 
     def warn_then_load(dcfg, device):
         warnings.warn("MNIST could not be downloaded; this run uses the bundled digits", stacklevel=1)
         return real(dcfg, device)
 
-    monkeypatch.setattr(rc, "load_data_config", warn_then_load)
+    monkeypatch.setattr(lca_lab.parts, "build_data", warn_then_load)
     rc.recompute(online, out_dir=tmp_path / "w", lca={"method": "first_order"}, progress=False)
     err = capsys.readouterr().err
     assert "WARNING: MNIST could not be downloaded; this run uses the bundled digits\n" in err

@@ -186,9 +186,12 @@ def test_wandb_sweep_matches_its_experiment_and_composes(path):
         for k, v in zip(keys, combo):
             node = OmegaConf.select(OmegaConf.create(cfg), k)
             if k in ("net", "opt"):
-                assert cfg[k]["name"] == v.replace("_nomomentum", "") and (
+                own = OmegaConf.to_container(_compose([f"{k}={v}"]), resolve=True)[k]  # the group file's
+                assert cfg[k]["_target_"] == own["_target_"] and (
                     v != "sgd_nomomentum" or cfg["opt"]["momentum"] == 0.0
                 )
+                same = {n: x for n, x in cfg[k].items() if n != "lr"}
+                assert same == {n: x for n, x in own.items() if n != "lr"}  # the experiment sets only lr
             elif k == "layers":
                 assert _compose([f"layers={v}"]).layers == cfg["layers"]
             else:

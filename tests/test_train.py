@@ -242,9 +242,9 @@ def test_every_experiment_runs_a_few_iterations(tmp_path, experiment):
         "lca.window=[0,2]",
         "figures=false",
     )
-    assert cfg["data"]["name"] == "synthetic"
+    assert cfg["data"]["_target_"] == "lca_lab.data.synthetic"
     if "width" in cfg["net"]:
-        cfg["net"]["width"] = 4 if cfg["net"]["name"] == "resnet20" else 0.1
+        cfg["net"]["width"] = 4 if cfg["net"]["_target_"] == "lca_lab.nets.resnet20" else 0.1
     s = run(cfg, tmp_path)
     assert s["lca_rows"] == 2
     assert s["max_abs_error"] <= 1e-3 or s["not_converged"] > 0
