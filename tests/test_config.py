@@ -2,7 +2,9 @@
 
 import copy
 import dataclasses
+import os
 import re
+import subprocess
 import sys
 import typing
 from pathlib import Path
@@ -227,8 +229,13 @@ def _run_cli_in_process(monkeypatch, capsys, entry, argv):
         ("lca.methd=rk4", "lca.methd is not a setting of lca; did you mean lca.method?"),
         ("net.widht=3", "net.widht is not a key of net; to add it, write +net.widht=3"),
         ("epochs=[1", "cannot parse the override epochs=[1"),
-        ("logger.mode=sometimes", "logger.mode must be one of auto, online, offline, disabled"),
+        ("epochs=abc", "epochs must be an integer ≥ 1, got 'abc' (e.g. epochs=5)"),
+        ("epochs=0", "epochs must be an integer ≥ 1, got 0"),
+        ("lca.method=rk5", "lca.method must be one of rk4, trapezoid, first_order, got 'rk5'"),
         ("lca.tolerance=-1", "lca.tolerance must be > 0"),
+        ("store.per_param=maybe", "store.per_param must be true or false, got 'maybe'"),
+        ("device=gpu", "device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+        ("logger.mode=sometimes", "logger.mode must be one of auto, online, offline, disabled"),
     ],
 )
 def test_cli_errors_are_one_line_with_exit_code_2(monkeypatch, capsys, tmp_path, arg, needle):
@@ -247,6 +254,18 @@ def test_cli_errors_are_one_line_with_exit_code_2(monkeypatch, capsys, tmp_path,
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], err
     assert not (tmp_path / "run" / "lca.h5").exists()
+
+
+def test_cli_composition_error_in_a_subprocess(tmp_path):
+    """The real command line: Hydra's error for a key that does not exist is one line, exit code 2."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), LCA_LAB_DATA=str(tmp_path / "data"))
+    p = subprocess.run(
+        [sys.executable, "-m", "lca_lab", "lca.tolerence=1e-4", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert p.returncode == 2 and len(lines) == 1, p.stderr
+    assert lines[0].startswith("error: lca.tolerence is not a setting of lca; did you mean lca.tolerance?")
 
 
 @pytest.mark.parametrize(
