@@ -214,6 +214,8 @@ def _check_section(data: MutableMapping[str, Any], cls: type, prefix: str, rules
                     value = data[name] = dict(value)
                 _check_section(value, sub, full + ".", rules)
             continue
+        if isinstance(value, str) and "${" in value and _strip_none(tp)[0] is str:
+            continue  # a literal text (resolved already); OmegaConf would take it for an interpolation
         try:
             node[name] = value
             conv = node[name]
