@@ -17,12 +17,13 @@ from typing import Any
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from .checkpoint import PREEMPTED_EXIT_CODE, RunPreempted
 from .cli_checks import check_group_choices
-from .config import ConfigError, validate
+from .config import ConfigError, run_cli, validate
 from .data import DatasetUnavailableError
+from .schema import RunConfig
 from .sweep import FAILED_MARKER, job_device, run_name, wandb_group
 from .train import StorageError, format_summary, run
 
@@ -50,15 +51,11 @@ def _tracker(plain: dict[str, Any], hc: Any, multirun: bool, out: Path, override
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> dict:
-    plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     out = Path(hc.runtime.output_dir)
     overrides = list(hc.overrides.task)  # e.g. ["layers=freeze_last", "seed=1"]: readable labels
-    if multirun:
-        import torch
-
-        plain["device"] = job_device(str(plain["device"]), int(hc.job.num), torch.cuda.device_count())
+    plain: dict[str, Any] = {}
     tracker = None  # set once run() has created it, for every exit path below
 
     def make_tracker(**kw: Any):
@@ -68,7 +65,12 @@ def main(cfg: DictConfig) -> dict:
 
     code, message = 0, ""
     try:
-        validate(plain)
+        # The typed schema and the rules between keys, before anything else: one line, exit code 2.
+        plain = validate(cfg)
+        if multirun:
+            import torch
+
+            plain["device"] = job_device(str(plain["device"]), int(hc.job.num), torch.cuda.device_count())
         # The W&B run is created by run() only after every start-up check has passed (no W&B run for
         # a config that cannot run).
         summary = run(plain, out, extra_attrs={"overrides": json.dumps(overrides)}, tracker=make_tracker)
@@ -131,4 +133,5 @@ if __name__ == "__main__":
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)
-    main()
+    # Hydra's errors while composing the config (e.g. an override of a key that does not exist): one line.
+    run_cli(main, RunConfig)

@@ -56,9 +56,8 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from . import __version__
-from .config import ConfigError
+from .config import ConfigError, check_lca_overrides, run_cli, validate_recompute
 from .lca import (
-    PRECISIONS,
     FullBatchLoss,
     LayerSums,
     LCAEngine,
@@ -71,6 +70,7 @@ from .lca import (
 from .loop import Launched, LCADriver, RunningSums, StepRecorder, lca_summary
 from .parts import build_parts, check_parts, check_targets, upgrade_config
 from .reducers import LCAReducer
+from .schema import RecomputeConfig
 from .store import RunWriter, open_run, resolve_path
 
 __all__ = [
@@ -244,26 +244,15 @@ def engine_settings(run_cfg: dict[str, Any], overrides: dict[str, Any] | None) -
             raise RecomputeError(f"lca.{k} cannot be set for a recompute; settable: {list(ENGINE_KEYS)}")
         if v is not None:
             out[k] = v
-    try:
+    try:  # types, choices and ranges: the lca section of the typed schema (lca_lab.schema)
+        check_lca_overrides(out)
         check_engine_options(str(out["method"]), float(out["tolerance"]), int(out["max_splits"]))
     except (TypeError, ValueError) as e:
         raise RecomputeError(str(e)) from None
-    cs = out["chunk_size"]
-    if cs != "auto" and (isinstance(cs, bool) or not isinstance(cs, int) or cs < 1):
-        raise RecomputeError(f"lca.chunk_size must be an integer ≥ 1 or auto, got {cs!r}")
-    bp = out["batch_points"]
-    if bp is not None and (isinstance(bp, bool) or not isinstance(bp, int) or bp < 1):
-        raise RecomputeError(f"lca.batch_points must be an integer ≥ 1, got {bp!r}")
-    out["batch_points"] = bp
     out["precision"] = out["precision"] or "fp32"
-    if out["precision"] not in PRECISIONS:
-        raise RecomputeError(f"lca.precision must be one of {list(PRECISIONS)}, got {out['precision']!r}")
     out["tolerance"], out["max_splits"] = float(out["tolerance"]), int(out["max_splits"])
     for key in ("cuda_graph", "cudnn_benchmark", "compile"):
-        v = out[key]
-        if v is not None and not isinstance(v, bool):
-            raise RecomputeError(f"lca.{key} must be true or false, got {v!r}")
-        out[key] = bool(v)
+        out[key] = bool(out[key])
     if out["compile"] and out["cuda_graph"]:
         raise RecomputeError(
             "lca.compile=true and lca.cuda_graph=true together are not supported (not measured); "
@@ -849,7 +838,7 @@ def rewrite_argv(argv: list[str]) -> list[str]:
 
 
 def _task(cfg) -> dict[str, Any]:
-    c = OmegaConf.to_container(cfg, resolve=True)
+    c = validate_recompute(cfg)  # the typed schema (lca_lab.schema): one line naming the key
     if not c.get("run_dir"):
         raise RecomputeError(
             "give the training run: python -m lca_lab.recompute RUN_DIR (or run_dir=RUN_DIR)"
@@ -898,7 +887,8 @@ def main() -> None:
     sys.argv = rewrite_argv(sys.argv)
     # An absolute path: Hydra would resolve a relative one as a package (``conf`` is not one).
     conf = str(Path(__file__).resolve().parent.parent / "conf")
-    hydra.main(version_base="1.3", config_path=conf, config_name="recompute")(_main)()
+    # Hydra's errors while composing the config (e.g. a key that does not exist): one line, exit code 2.
+    run_cli(hydra.main(version_base="1.3", config_path=conf, config_name="recompute")(_main), RecomputeConfig)
 
 
 if __name__ == "__main__":
