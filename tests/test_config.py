@@ -194,7 +194,7 @@ def test_schema_is_registered_with_hydra(tmp_path):
         ("+foo=1", "foo", "valid: seed, epochs"),
         ("~lca.compile", "lca.compile", "+lca.compile=auto"),
         ("~store.max_gb", "store.max_gb", "+store.max_gb=20"),
-        ("~net.name", "net", "net._target_="),
+        ("~net._target_", "net", "net._target_="),
     ],
 )
 def test_bad_values_fail_in_one_line_naming_key_and_a_valid_value(override, key, valid):
