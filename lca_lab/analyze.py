@@ -576,7 +576,9 @@ def _log_to_wandb(rep: dict[str, Any], out: Path, mode: str) -> None:
     group = max(set(groups), key=groups.count) if groups else None
     project = tracked[0]["wandb_project"] if tracked else "lca_lab"
     inputs = [t["wandb_artifact"] for t in tracked if t.get("wandb_artifact")]  # the runs' files
-    run_id = log_analysis(rep, out, mode=mode, project=project, group=group, inputs=inputs)
+    run_id = log_analysis(
+        rep, out, mode=mode, project=project, group=group, **({"inputs": inputs} if inputs else {})
+    )
     if run_id:
         where = f"group {group}" if group else "no group (the analysed runs had none)"
         print(f"W&B analysis run {run_id} in project {project}, {where}")
