@@ -100,23 +100,9 @@ def validate(cfg: Mapping[str, Any]) -> None:
             raise ConfigError(
                 f"lca.precision must be one of {list(PRECISIONS)}, got {lca.get('precision')!r}"
             )
-        if lca.get("channels_last", "auto") not in ("auto", True, False):
-            raise ConfigError(
-                f"lca.channels_last must be auto, true or false, got {lca.get('channels_last')!r}"
-            )
-        for key in ("cuda_graph", "cudnn_benchmark", "compile"):
-            if lca.get(key, False) not in (True, False):
-                raise ConfigError(f"lca.{key} must be true or false, got {lca.get(key)!r}")
-        if lca.get("compile", False) and lca.get("cuda_graph", False):
-            raise ConfigError(
-                "lca.compile=true and lca.cuda_graph=true together are not supported (not measured); "
-                "set one of them to false"
-            )
-        if lca.get("cudnn_benchmark", False) and _get(cfg, "deterministic"):
-            raise ConfigError(
-                "lca.cudnn_benchmark=true chooses cuDNN algorithms by timing them, which "
-                "deterministic=true rules out; set lca.cudnn_benchmark=false or deterministic=false"
-            )
+        from .speed import check_settings  # late: speed imports this module's ConfigError
+
+        check_settings(lca, None, bool(_get(cfg, "deterministic")))  # auto | true | false, and their rules
         window = lca.get("window")
         if window is not None:
             w = list(window)

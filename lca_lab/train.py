@@ -43,6 +43,7 @@ from .lca import FullBatchLoss, LayerSums, LCAEngine, PendingStep, auto_chunk_si
 from .nets import build_net, entry_layer_index, layer_groups, param_layer_index
 from .optim import apply_freezes, build_optimizer, plan_layers
 from .reducers import LCAReducer
+from .speed import check_settings, pass_settings
 from .store import RunWriter, estimate_bytes
 
 
@@ -194,14 +195,7 @@ def _run(
     set_determinism(int(cfg["seed"]), bool(cfg["deterministic"]))
     set_matmul_precision(str(cfg["lca"].get("precision", "fp32")))  # training and LCA alike
     dcfg, ncfg, ocfg, lcfg, scfg = cfg["data"], cfg["net"], cfg["opt"], cfg["lca"], cfg["store"]
-    cuda_graph = bool(lcfg.get("cuda_graph", False))
-    cudnn_bm = bool(lcfg.get("cudnn_benchmark", False))
-    compile_passes = bool(lcfg.get("compile", False))
-    if cuda_graph and bool(lcfg.get("enabled", True)) and device.type != "cuda":
-        raise ConfigError(
-            f"lca.cuda_graph=true records the full-data pass as a CUDA graph, but this run is on {device}; "
-            "set lca.cuda_graph=false or run on a GPU (device=cuda)"
-        )
+    check_settings(lcfg, device if lcfg.get("enabled", True) else None, bool(cfg["deterministic"]))
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -212,12 +206,8 @@ def _run(
     torch.manual_seed(int(cfg["seed"]))  # init does not depend on how much RNG data loading used
     net_kwargs = {k: v for k, v in ncfg.items() if k not in ("name", "lr")}
     model = build_net(ncfg["name"], data.input_shape, data.n_classes, **net_kwargs).to(device)
-    # channels-last (NHWC) conv layouts are what cuDNN's tensor-core kernels want; on the CPU and for
-    # nets without convolutions it gains nothing.
-    cl = lcfg.get("channels_last", "auto")
-    is_conv = any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
-    channels_last = (device.type == "cuda" and is_conv) if cl == "auto" else bool(cl) and is_conv
-    if channels_last:
+    speed = pass_settings(model, device, lcfg, bool(cfg["deterministic"]))  # how L's passes run
+    if speed.channels_last:
         model = model.to(memory_format=torch.channels_last)
     chunk = lcfg.get("chunk_size", 5000)
     chunk = auto_chunk_size(model, len(data.train_x), device, data.train_x) if chunk == "auto" else int(chunk)
@@ -287,10 +277,7 @@ def _run(
         "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
         "data_source": data.source,
         "lca_chunk_size": chunk,  # resolved (lca.chunk_size=auto): part of L's definition for BN nets
-        "lca_channels_last": channels_last,
-        "lca_cuda_graph": cuda_graph,
-        "lca_cudnn_benchmark": cudnn_bm,
-        "lca_compile": compile_passes,
+        **speed.attrs(),  # lca_channels_last, lca_cuda_graph, lca_cudnn_benchmark, lca_compile: resolved
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         **(extra_attrs or {}),
     }
@@ -299,10 +286,7 @@ def _run(
     test_lca = bool(lcfg.get("test", False)) and len(data.test_x) > 0
     if lca_on:
         # How L's passes run (layout, graphs, cuDNN autotuning): its value only to float rounding.
-        fast = {
-            "channels_last": channels_last, "cuda_graph": cuda_graph, "cudnn_benchmark": cudnn_bm,
-            "compile": compile_passes,
-        }  # fmt: skip
+        fast = speed.engine_kwargs()
         fbl = FullBatchLoss(
             model, data.train_x, data.train_y, chunk, param_names=pnames,
             n_classes=data.n_classes if per_class else None, **fast,
