@@ -62,6 +62,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import copy
+import dataclasses
 import datetime as _dt
 import json
 import math
@@ -98,6 +99,7 @@ from .lca import (
 from .loop import Launched, LCADriver, StepRecorder
 from .nets import entry_layer_index, layer_groups, param_layer_index
 from .reducers import LCAReducer
+from .speed import PassSettings, pass_settings
 
 # Per-net settings mirroring conf/net/*.yaml (kwargs of the factory lca_lab.nets.<net>), the SGD learning
 # rate of conf/experiment/lr/table1*/<net>_sgd.yaml and train.py's batch sizes (tests/test_bench.py checks
@@ -115,6 +117,19 @@ DATA_SHAPES: dict[str, tuple[int, tuple[int, int, int]]] = {
 }
 N_CLASSES = 10
 CONV_NETS = ("lenet", "resnet20", "allcnn")
+# A bare `python -m lca_lab.bench` by device (flags given keep their meaning). GPU: the four nets at the
+# paper's sizes in both precisions. CPU: fc and lenet on small synthetic sets, so that a bare run ends in
+# minutes on 2 cores (a LeNet pass over 55,000 examples costs ~30 s there; README, "Measured on this
+# 2-core CPU"), a short recompute, and refinement capped at 4 splits: LeNet's first steps on synthetic
+# inputs move L by nats and would refine to 32 splits (19 passes per iteration at 256 examples) —
+# iterations over the tolerance there are counted in max|err|, as in any run.
+GPU_DEFAULTS: dict[str, Any] = {
+    "nets": ["fc", "lenet", "resnet20", "allcnn"], "precisions": ["fp32", "tf32"], "n_train": None,
+    "recompute_iters": 128, "max_splits": 32,
+}  # fmt: skip
+CPU_DEFAULTS: dict[str, Any] = {
+    "nets": ["fc", "lenet"], "precisions": ["fp32"], "n_train": 256, "recompute_iters": 8, "max_splits": 4,
+}  # fmt: skip
 # Naive iterations when --naive-iters is not given: the naive path is several times slower than the
 # engine, so the big nets get few (enough for a median of a steady per-iteration cost).
 DEFAULT_NAIVE_ITERS = {"fc": 10, "lenet": 3, "resnet20": 3, "allcnn": 3}
@@ -161,9 +176,11 @@ class BenchOptions:
     seed: int = 0
     recompute_iters: int = 128  # steps of a stored trajectory recomputed with batched points (0: skip)
     batch_points: int | None = None  # None: 64 on a GPU, 1 on the CPU (as lca_lab.recompute)
-    cuda_graphs: list[bool] = field(default_factory=lambda: [False])  # rows with lca.cuda_graph off/on
-    cudnn_benchmarks: list[bool] = field(default_factory=lambda: [False])  # rows with lca.cudnn_benchmark
-    compiles: list[bool] = field(default_factory=lambda: [False])  # rows with lca.compile off/on
+    # rows with lca.cuda_graph / lca.cudnn_benchmark / lca.compile off (False), on (True) or auto (None: as
+    # lca_lab.speed decides for the net and precision, see row_settings)
+    cuda_graphs: list[bool | None] = field(default_factory=lambda: [False])
+    cudnn_benchmarks: list[bool | None] = field(default_factory=lambda: [False])
+    compiles: list[bool | None] = field(default_factory=lambda: [False])
     storage_repeats: int = 3  # on/off loop pairs for the storage stall
     # --storage on a GPU: the run writer's HDF5 writes in a child process (as train.py) and/or its thread
     writers: list[str] = field(default_factory=lambda: ["process"])
@@ -177,8 +194,9 @@ class BenchOptions:
     naive_process: str = "auto"
 
 
-# --cuda-graph / --cudnn-benchmark / --compile: the setting of each row
-ROW_SETTINGS = {"off": [False], "on": [True], "both": [False, True]}
+# --cuda-graph / --cudnn-benchmark / --compile: the setting of each row; None: auto, decided per net and
+# precision by lca_lab.speed.pass_settings as python -m lca_lab decides it (on the CPU: off)
+ROW_SETTINGS = {"off": [False], "on": [True], "both": [False, True], "auto": [None]}
 
 
 def _csv(text: str) -> list[str]:
@@ -193,7 +211,7 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchOptions:
     )
     p.add_argument(
         "--nets", help="comma list of fc,lenet,resnet20,allcnn (default: fc,lenet on CPU, all on GPU)"
-    )
+    )  # other device-dependent defaults: GPU_DEFAULTS, CPU_DEFAULTS
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     p.add_argument("--precision", help="comma list of fp32,tf32 (default: fp32,tf32 on GPU, fp32 on CPU)")
     p.add_argument(
@@ -201,7 +219,10 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchOptions:
     )
     p.add_argument("--iters", type=int, default=20, help="measured LCA iterations (default 20)")
     p.add_argument("--warmup", type=int, default=3, help="iterations before measuring (default 3)")
-    p.add_argument("--n-train", type=int, help="examples (default: 55,000 MNIST-shaped, 45,000 CIFAR-shaped)")
+    p.add_argument(
+        "--n-train", type=int,
+        help="examples (default: GPU 55,000 MNIST-shaped, 45,000 CIFAR-shaped; CPU 256)",
+    )  # fmt: skip
     p.add_argument(
         "--naive", action=argparse.BooleanOptionalAction, default=True, help="run the naive baseline"
     )
@@ -219,26 +240,29 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchOptions:
         "--chunk-size", default="auto", help="FullBatchLoss chunk size: int, or auto (lca.chunk_size=auto)"
     )
     p.add_argument(
-        "--recompute-iters", type=int, default=128,
-        help="steps of a stored trajectory recomputed with batched path points (nets without BN; 0: skip)",
+        "--recompute-iters", type=int,
+        help="steps of a stored trajectory recomputed with batched path points (nets without BN; 0: skip; "
+        "default: GPU 128, CPU 8)",
     )  # fmt: skip
     p.add_argument(
         "--batch-points", type=int, help="points per vmap batch in the recompute (default: GPU 64, CPU 1)"
     )
     p.add_argument(
-        "--cuda-graph", default="off", choices=["off", "on", "both"],
-        help="replay each full-data pass as a CUDA graph (lca.cuda_graph); both: a row for each",
+        "--cuda-graph", default="auto", choices=["auto", "off", "on", "both"],
+        help="replay each full-data pass as a CUDA graph (lca.cuda_graph); both: a row for each; auto "
+        "(default): as lca_lab.speed decides for the net and precision (CPU: off)",
     )  # fmt: skip
     p.add_argument(
-        "--cudnn-benchmark", default="off", nargs="?", const="on", choices=["off", "on", "both"],
+        "--cudnn-benchmark", default="auto", nargs="?", const="on", choices=["auto", "off", "on", "both"],
         help="cuDNN times its algorithms once per shape for the engine's passes (lca.cudnn_benchmark; "
         "the naive baseline keeps PyTorch's default, off, in a fresh process); both: a row for each (CPU "
-        "only: on CUDA the first setting's plans would stay for the second's rows)",
+        "only: on CUDA the first setting's plans would stay for the second's rows); auto (default): as "
+        "lca_lab.speed decides (CPU: off)",
     )  # fmt: skip
     p.add_argument(
-        "--compile", default="off", nargs="?", const="on", choices=["off", "on", "both"],
+        "--compile", default="auto", nargs="?", const="on", choices=["auto", "off", "on", "both"],
         help="torch.compile the engine's passes (lca.compile); the limit then also times a compiled pass; "
-        "both: a row for each",
+        "both: a row for each; auto (default): as lca_lab.speed decides (CPU: off)",
     )  # fmt: skip
     p.add_argument(
         "--writer-pauses", action="store_true",
@@ -270,16 +294,19 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchOptions:
         help="also count ops (on CUDA: kernel and graph launches) per LCA iteration of python -m lca_lab",
     )  # fmt: skip
     p.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"],
-                   help="auto: on for conv nets on CUDA")  # fmt: skip
+                   help="auto: as lca_lab.speed decides (conv nets on CUDA, but NCHW for a compiled, "
+                   "autotuned fp32 BatchNorm net)")  # fmt: skip
     p.add_argument("--tolerance", type=float, default=1e-3, help="engine tolerance, nats (default 1e-3)")
-    p.add_argument("--max-splits", type=int, default=32)
+    p.add_argument(
+        "--max-splits", type=int, help="engine's largest number of Simpson splits (default: GPU 32, CPU 4)"
+    )
     p.add_argument(
         "--limit-repeats", type=int, default=3, help="full passes timed per chunking (best counts)"
     )
     p.add_argument("--whole-chunk", default="auto", choices=["auto", "on", "off"],
                    help="also time the whole set as one chunk (auto: where memory allows)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", dest="json_path", help="also write the results as JSON to this path")
+    p.add_argument("--json", "--out", dest="json_path", help="also write the results as JSON to this path")
     a = p.parse_args(argv)
 
     def fail(msg: str) -> None:
@@ -290,18 +317,25 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchOptions:
     except ValueError as e:
         fail(str(e))
     on_gpu = device.type == "cuda"
-    nets = _csv(a.nets) if a.nets else (list(NET_SPECS) if on_gpu else ["fc", "lenet"])
-    precisions = _csv(a.precision) if a.precision else (["fp32", "tf32"] if on_gpu else ["fp32"])
+    dflt = GPU_DEFAULTS if on_gpu else CPU_DEFAULTS
+    nets = _csv(a.nets) if a.nets else list(dflt["nets"])
+    precisions = _csv(a.precision) if a.precision else list(dflt["precisions"])
+    n_train = dflt["n_train"] if a.n_train is None else a.n_train
+    recompute_iters = dflt["recompute_iters"] if a.recompute_iters is None else a.recompute_iters
+    max_splits = dflt["max_splits"] if a.max_splits is None else a.max_splits
+
+    def rows(flag: str) -> list[bool | None]:  # auto on the CPU: off for every net (lca_lab.speed)
+        return [False] if flag == "auto" and not on_gpu else ROW_SETTINGS[flag]
+
     methods = _csv(a.methods)
     chunk: Any = int(a.chunk_size) if a.chunk_size.lstrip("-").isdigit() else a.chunk_size
     opts = BenchOptions(
         nets=nets, device=str(device), precisions=precisions, methods=methods, iters=a.iters,
-        warmup=a.warmup, n_train=a.n_train, naive=a.naive, naive_iters=a.naive_iters, storage=a.storage,
+        warmup=a.warmup, n_train=n_train, naive=a.naive, naive_iters=a.naive_iters, storage=a.storage,
         flush_every=a.flush_every, chunk_size=chunk, channels_last=a.channels_last, tolerance=a.tolerance,
-        max_splits=a.max_splits, limit_repeats=a.limit_repeats, whole_chunk=a.whole_chunk, seed=a.seed,
-        recompute_iters=a.recompute_iters, batch_points=a.batch_points,
-        cuda_graphs=ROW_SETTINGS[a.cuda_graph], cudnn_benchmarks=ROW_SETTINGS[a.cudnn_benchmark],
-        compiles=ROW_SETTINGS[a.compile],
+        max_splits=max_splits, limit_repeats=a.limit_repeats, whole_chunk=a.whole_chunk, seed=a.seed,
+        recompute_iters=recompute_iters, batch_points=a.batch_points,
+        cuda_graphs=rows(a.cuda_graph), cudnn_benchmarks=rows(a.cudnn_benchmark), compiles=rows(a.compile),
         storage_repeats=a.storage_repeats, profile_dir=a.profile_dir,
         writers=["process", "thread"] if a.writer == "both" else [a.writer],
         run=a.run, layer_sums=a.layer_sums, count_ops=a.count_ops, writer_pauses=a.writer_pauses,
@@ -1234,13 +1268,17 @@ def run_case(
     method: str,
     data: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
     o: BenchOptions,
-    limits: dict[tuple[str, str, int], dict[str, Any]],
+    limits: dict[tuple[str, str, int, bool], dict[str, Any]],
     cuda_graph: bool = False,
     naive_cache: dict[tuple[str, str, str], dict[str, Any]] | None = None,
     cudnn_bm: bool = False,
     compiled: bool = False,
+    channels_last: bool | None = None,
 ) -> dict[str, Any]:
     """Measure one net × precision × method × CUDA-graph × cuDNN-autotuner × compile setting → one row.
+
+    ``channels_last`` None: from ``o.channels_last`` (auto: conv nets on CUDA); :func:`run_bench` passes
+    the layout :func:`row_settings` decided.
 
     The limit is cached per net × precision × chunk, and the naive baseline per net × precision × method
     in ``naive_cache`` (it replays the trajectory, which does not depend on how the engine evaluates L).
@@ -1248,6 +1286,7 @@ def run_case(
     device = torch.device(o.device)
     x, y, x_cpu, y_cpu = data[NET_SPECS[net]["data"]]
     cl = o.channels_last == "on" or (o.channels_last == "auto" and device.type == "cuda" and net in CONV_NETS)
+    cl = cl if channels_last is None else channels_last
     if cl:
         x = x.contiguous(memory_format=torch.channels_last)
     row: dict[str, Any] = {
@@ -1277,7 +1316,7 @@ def run_case(
         row["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
         chunk = eng["chunk_size"]
         row["chunk_size"] = chunk
-        key = (net, precision, chunk)
+        key = (net, precision, chunk, cl)
         if key not in limits:
             log(f"{net} {precision}: limit (full passes, chunk {chunk} and whole set)")
             limits[key] = measure_limit(
@@ -1393,6 +1432,33 @@ def run_case(
     return row
 
 
+_SWITCH = {"auto": "auto", "on": True, "off": False}
+
+
+def row_settings(o: BenchOptions, net: str, precision: str) -> list[PassSettings]:
+    """The settings of ``net``'s rows in ``precision``: one per combination of ``o.cuda_graphs``,
+    ``o.cudnn_benchmarks`` and ``o.compiles`` (rows whose auto came out the same are one row), each auto
+    (None; ``o.channels_last`` auto) decided by :func:`lca_lab.speed.pass_settings` as ``python -m lca_lab``
+    decides it on this device. An explicit ``--channels-last on`` keeps its meaning here: NHWC inputs for
+    every net, conv or not."""
+    spec = NET_SPECS[net]
+    torch.manual_seed(0)
+    model = build_net(net, DATA_SHAPES[spec["data"]][1], N_CLASSES, **spec["kwargs"])  # its kinds of module
+    out: list[PassSettings] = []
+    for graph in o.cuda_graphs:
+        for bm in o.cudnn_benchmarks:
+            for tc in o.compiles:
+                asked = {"cuda_graph": graph, "cudnn_benchmark": bm, "compile": tc}
+                lcfg = {k: "auto" if v is None else v for k, v in asked.items()}
+                lcfg |= {"channels_last": _SWITCH[o.channels_last], "precision": precision}
+                ps = pass_settings(model, torch.device(o.device), lcfg)
+                if o.channels_last == "on":
+                    ps = dataclasses.replace(ps, channels_last=True)
+                if all(ps.engine_kwargs() != q.engine_kwargs() for q in out):
+                    out.append(ps)
+    return out
+
+
 def run_bench(o: BenchOptions) -> dict[str, Any]:
     """Run every case of ``o``; return ``{"device", "torch", "date", "options", "rows": [...]}``."""
     check_options(o)
@@ -1403,21 +1469,29 @@ def run_bench(o: BenchOptions) -> dict[str, Any]:
         log(f"synthetic {shape}-shaped data: {n} × {DATA_SHAPES[shape][1]}")
         x_cpu, y_cpu = make_data(shape, n, o.seed)
         data[shape] = (x_cpu.to(device), y_cpu.to(device), x_cpu, y_cpu)
-    limits: dict[tuple[str, str, int], dict[str, Any]] = {}
+    limits: dict[tuple[str, str, int, bool], dict[str, Any]] = {}
     naive_cache: dict[tuple[str, str, str], dict[str, Any]] = {}
     rows = []
     # PyTorch's default, as in a fresh `python -m lca_lab`: the rows' setting applies to the engine's passes.
     with cudnn_benchmark(False):
         for net in o.nets:
             for precision in o.precisions:
+                cases = row_settings(o, net, precision)
+                # the rows' settings as resolved for this net (the limit's passes and the naive's process)
+                on = asdict(o) | {
+                    "cuda_graphs": sorted({c.cuda_graph for c in cases}),
+                    "cudnn_benchmarks": sorted({c.cudnn_benchmark for c in cases}),
+                    "compiles": sorted({c.compile for c in cases}),
+                }
+                o_net = BenchOptions(**on)
                 for method in o.methods:
-                    for graph in o.cuda_graphs:
-                        for bm in o.cudnn_benchmarks:
-                            for tc in o.compiles:
-                                row = run_case(
-                                    net, precision, method, data, o, limits, graph, naive_cache, bm, tc
-                                )
-                                rows.append(row)
+                    for c in cases:
+                        row = run_case(
+                            net, precision, method, data, o_net, limits, c.cuda_graph, naive_cache,
+                            c.cudnn_benchmark, c.compile, channels_last=c.channels_last,
+                        )  # fmt: skip
+                        row["speed_reason"] = c.reason
+                        rows.append(row)
     out = {
         "device": device_name(device),
         "torch": torch.__version__,

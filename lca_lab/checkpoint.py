@@ -40,6 +40,8 @@ RESUME_IGNORED = (
 # Config keys added after checkpoints existed, with the value that a checkpoint written before them ran
 # with: such a run continues under the new code with that value (and is refused with any other).
 IMPLIED_IN_OLDER = {"lca.cuda_graph": False, "lca.cudnn_benchmark": False, "lca.compile": False}
+# The speed switches whose default became auto (lca_lab.speed): auto against a set value is no difference.
+SPEED_AUTO = ("lca.channels_last", "lca.cuda_graph", "lca.cudnn_benchmark", "lca.compile")
 # Signals that ask a run to checkpoint and stop (SLURM sends SIGTERM, or --signal=USR1/USR2 before a
 # time limit; submitit uses SIGUSR2 by default).
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
@@ -215,10 +217,15 @@ def config_diff(stored: Mapping[str, Any], current: Mapping[str, Any]) -> list[s
     def ignored(k: str) -> bool:
         return any(k == p or k.startswith(p + ".") for p in RESUME_IGNORED)
 
+    def auto_vs_set(k: str) -> bool:
+        # A speed switch set on one side and auto on the other (a checkpoint from before the auto
+        # default): not refused; auto decides the same on the same device (lca_lab.speed).
+        return k in SPEED_AUTO and "auto" in (a.get(k), b.get(k))
+
     return [
         f"{k}: {a.get(k)!r} → {b.get(k)!r}"
         for k in sorted(set(a) | set(b))
-        if not ignored(k) and a.get(k) != b.get(k)
+        if not ignored(k) and a.get(k) != b.get(k) and not auto_vs_set(k)
     ]
 
 

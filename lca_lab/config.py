@@ -306,16 +306,9 @@ def _check_lca(cfg: Mapping[str, Any]) -> None:
         )
     if not lca["enabled"]:
         return
-    if lca.get("compile") is True and lca.get("cuda_graph") is True:
-        raise ConfigError(
-            "lca.compile=true and lca.cuda_graph=true together are not supported (not measured); "
-            "set one of them to false"
-        )
-    if lca.get("cudnn_benchmark") is True and cfg["deterministic"]:
-        raise ConfigError(
-            "lca.cudnn_benchmark=true chooses cuDNN algorithms by timing them, which "
-            "deterministic=true rules out; set lca.cudnn_benchmark=false or deterministic=false"
-        )
+    from .speed import check_settings  # late: speed imports this module's ConfigError
+
+    check_settings(lca, None, bool(cfg["deterministic"]))  # the rules between the speed switches
 
 
 def _check_parts(cfg: Mapping[str, Any]) -> None:

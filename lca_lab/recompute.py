@@ -71,6 +71,7 @@ from .loop import Launched, LCADriver, RunningSums, StepRecorder, lca_summary
 from .parts import build_parts, check_parts, check_targets, upgrade_config
 from .reducers import LCAReducer
 from .schema import RecomputeConfig
+from .speed import PassSettings, SpeedError, check_settings, pass_settings
 from .store import RunWriter, open_run, resolve_path
 
 __all__ = [
@@ -252,12 +253,12 @@ def engine_settings(run_cfg: dict[str, Any], overrides: dict[str, Any] | None) -
     out["precision"] = out["precision"] or "fp32"
     out["tolerance"], out["max_splits"] = float(out["tolerance"]), int(out["max_splits"])
     for key in ("cuda_graph", "cudnn_benchmark", "compile"):
-        out[key] = bool(out[key])
-    if out["compile"] and out["cuda_graph"]:
-        raise RecomputeError(
-            "lca.compile=true and lca.cuda_graph=true together are not supported (not measured); "
-            "set one of them to false"
-        )
+        # missing (older run files): off, as they ran; auto: decided for the recompute's device (_build)
+        out[key] = False if out[key] is None else out[key]
+    try:
+        check_settings(out, None, bool(run_cfg.get("deterministic", False)))
+    except SpeedError as e:
+        raise RecomputeError(str(e)) from None
     return out
 
 
@@ -267,9 +268,9 @@ def device_settings(settings: dict[str, Any], overrides: dict[str, Any] | None, 
     A run trained with ``lca.cuda_graph=true`` may be recomputed on the CPU (the setting, a pure speed
     choice there, is dropped); asking for it here on the CPU is refused (RecomputeError naming the fix).
     """
-    if not settings["cuda_graph"] or device.type == "cuda":
+    if settings["cuda_graph"] is not True or device.type == "cuda":
         return
-    if (overrides or {}).get("cuda_graph"):
+    if (overrides or {}).get("cuda_graph") is True:
         raise RecomputeError(
             f"lca.cuda_graph=true records CUDA graphs, but this recompute runs on {device}; "
             "set lca.cuda_graph=false or device=cuda"
@@ -286,6 +287,7 @@ class _Setup:
     settings: dict[str, Any]
     dtype: torch.dtype
     device: torch.device
+    speed: PassSettings  # how L's passes run (lca_lab.speed), resolved for the device
 
 
 def _build(rf, run_cfg: dict[str, Any], settings: dict[str, Any], device: torch.device) -> _Setup:
@@ -331,9 +333,13 @@ def _build(rf, run_cfg: dict[str, Any], settings: dict[str, Any], device: torch.
     chunk = int(chunk)
     set_matmul_precision(settings["precision"])
     per_class = settings["per_class"]
-    cl = device.type == "cuda" and any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
-    # How L's passes run (layout, graphs, cuDNN autotuning): its value only to float rounding.
-    fast = {k: settings[k] for k in ("cuda_graph", "cudnn_benchmark", "compile")} | {"channels_last": cl}
+    # How L's passes run (layout, graphs, cuDNN autotuning, compile; auto decided for this device, and
+    # CUDA graphs not where batched points would replace them): its value only to float rounding.
+    bp = settings["batch_points"]
+    batched = device.type == "cuda" and not has_batchnorm(model) and (bp is None or bp > 1)
+    speed = pass_settings(model, device, settings, bool(run_cfg.get("deterministic", False)), batched=batched)
+    settings = {**settings, "cuda_graph": speed.cuda_graph}  # the passes' own (read by the shard's loop)
+    fast = speed.engine_kwargs()
     fbl = FullBatchLoss(
         model, data.train_x, data.train_y, chunk, loss_fn=parts.loss_fn, param_names=pnames,
         n_classes=data.n_classes if per_class else None, **fast,
@@ -347,7 +353,7 @@ def _build(rf, run_cfg: dict[str, Any], settings: dict[str, Any], device: torch.
         fbl, settings["method"], settings["tolerance"], settings["max_splits"], settings["adaptive"],
         per_class=per_class, test_loss=test_fbl, layer_sums=LayerSums(index, len(rf.layer_names)),
     )  # fmt: skip
-    return _Setup(engine, index, len(rf.layer_names), data.n_classes, settings, fbl.dtype, device)
+    return _Setup(engine, index, len(rf.layer_names), data.n_classes, settings, fbl.dtype, device, speed)
 
 
 def read_run_config(
@@ -444,6 +450,7 @@ def compute_shard(
             "lca_lab_version": __version__,
             "torch_version": torch.__version__,
             "device": str(dev),
+            **setup.speed.attrs(),  # lca_channels_last, …: as resolved here, not the training run's
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "recompute/source": str(traj.path.resolve()),
             "recompute/source_created": str(src_attrs.get("created", "")),

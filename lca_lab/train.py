@@ -44,6 +44,7 @@ from .nets import entry_layer_index, param_layer_index
 from .optim import apply_freezes
 from .parts import build_parts, check_parts
 from .reducers import LCAReducer
+from .speed import check_settings, pass_settings
 from .store import RunWriter, estimate_bytes
 from .tracking import start_tracker
 
@@ -227,14 +228,7 @@ def build(cfg: dict[str, Any], device: torch.device) -> Built:
     """Data, network, speed settings of L's passes, chunk size, layer plans, optimizer and LCA engine of
     ``cfg`` on ``device`` (ConfigError naming the key for a bad value)."""
     lcfg = cfg["lca"]
-    cuda_graph = bool(lcfg.get("cuda_graph", False))
-    cudnn_bm = bool(lcfg.get("cudnn_benchmark", False))
-    compile_passes = bool(lcfg.get("compile", False))
-    if cuda_graph and bool(lcfg.get("enabled", True)) and device.type != "cuda":
-        raise ConfigError(
-            f"lca.cuda_graph=true records the full-data pass as a CUDA graph, but this run is on {device}; "
-            "set lca.cuda_graph=false or run on a GPU (device=cuda)"
-        )
+    check_settings(lcfg, device if lcfg.get("enabled", True) else None, bool(cfg["deterministic"]))
 
     # data (on the device), net (seeded), loss, layer groups and plans, optimizer: lca_lab.parts
     parts = build_parts(cfg, device, warn=tqdm.write)
@@ -245,11 +239,9 @@ def build(cfg: dict[str, Any], device: torch.device) -> Built:
         parts.groups,
         parts.optimizer,
     )
-    # channels-last (NHWC) conv layouts are what cuDNN's tensor-core kernels want; on the CPU and for
-    # nets without convolutions it gains nothing.
-    cl = lcfg.get("channels_last", "auto")
-    is_conv = any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
-    channels_last = (device.type == "cuda" and is_conv) if cl == "auto" else bool(cl) and is_conv
+    speed = pass_settings(model, device, lcfg, bool(cfg["deterministic"]))  # how L's passes run
+    channels_last, cuda_graph = speed.channels_last, speed.cuda_graph
+    cudnn_bm, compile_passes = speed.cudnn_benchmark, speed.compile
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     chunk = lcfg.get("chunk_size", 5000)
@@ -272,10 +264,7 @@ def build(cfg: dict[str, Any], device: torch.device) -> Built:
     test_lca = bool(lcfg.get("test", False)) and len(data.test_x) > 0
     if lca_on:
         # How L's passes run (layout, graphs, cuDNN autotuning): its value only to float rounding.
-        fast = {
-            "channels_last": channels_last, "cuda_graph": cuda_graph, "cudnn_benchmark": cudnn_bm,
-            "compile": compile_passes,
-        }  # fmt: skip
+        fast = speed.engine_kwargs()
         fbl = FullBatchLoss(
             model, data.train_x, data.train_y, chunk, loss_fn=loss_fn, param_names=pnames,
             n_classes=data.n_classes if per_class else None, **fast,

@@ -270,6 +270,9 @@ def test_cudnn_benchmark_setting(online, tmp_path):
     assert not (tmp_path / "no").exists()
     with h5py.File(online / "lca.h5", "r") as f:
         run_cfg = OmegaConf.to_container(OmegaConf.create(f.attrs["config"]))
+    assert run_cfg["lca"]["cudnn_benchmark"] == "auto"  # the default since lca_lab.speed: passed on as auto
+    assert rc.engine_settings(run_cfg, None)["cudnn_benchmark"] == "auto"  # decided for the device (_build)
+    run_cfg["lca"]["cudnn_benchmark"] = False  # a run file from before the auto default
     assert rc.engine_settings(run_cfg, None)["cudnn_benchmark"] is False
     run_cfg["lca"].pop("cudnn_benchmark", None)
     assert rc.engine_settings(run_cfg, None)["cudnn_benchmark"] is False
