@@ -1443,8 +1443,9 @@ def row_settings(o: BenchOptions, net: str, precision: str) -> list[PassSettings
     every net, conv or not."""
     spec = NET_SPECS[net]
     torch.manual_seed(0)
+    # only its kinds of module are read
     shape = DATA_SHAPES[spec["data"]][1]
-    model = getattr(nets, net)(input_shape=shape, n_classes=N_CLASSES, **spec["kwargs"])  # its kinds of module
+    model = getattr(nets, net)(input_shape=shape, n_classes=N_CLASSES, **spec["kwargs"])
     out: list[PassSettings] = []
     for graph in o.cuda_graphs:
         for bm in o.cudnn_benchmarks:
