@@ -213,6 +213,11 @@ def _check_section(data: MutableMapping[str, Any], cls: type, prefix: str, rules
             continue
         if isinstance(value, str) and "${" in value and _strip_none(tp)[0] is str:
             continue  # a literal text (resolved already); OmegaConf would take it for an interpolation
+        if _strip_none(tp)[0] is bool and not (
+            isinstance(value, bool) or str(value).lower() in ("true", "false")
+        ):
+            # OmegaConf would take 3 or "yes" for true; a switch is spelled true or false ('false' quoted too)
+            raise ConfigError(_bad_value(full, value, tp, f, rules))
         try:
             node[name] = value
             conv = node[name]

@@ -13,6 +13,7 @@ still part of θ and of the run file.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -98,15 +99,48 @@ def plan_layers(
     return plans
 
 
-def optimizer_kwargs(opt_cfg: Mapping[str, Any]) -> dict[str, Any]:
+def optimizer_kwargs(opt_cfg: Mapping[str, Any], opt_cls: Any = None) -> dict[str, Any]:
     """The keyword arguments an ``opt`` config passes to its optimizer: every key but ``_target_``,
     Hydra's own ``_…_`` keys and the schedule (``lr_decay_epochs``, ``lr_decay_factor``, read by lca_lab).
-    Lists become tuples (``betas``)."""
-    return {
+    Lists become tuples (``betas``).
+
+    ``momentum`` is the optimizer's momentum coefficient, whatever the optimizer calls it: given
+    ``opt_cls``, it is passed as ``momentum`` where the optimizer takes one (SGD, RMSprop) and as
+    ``betas[0]`` where it takes ``betas`` instead (Adam, NAdam, AdamW, …; ``betas[1]`` from the config or
+    the optimizer's default), so ``opt._target_=torch.optim.NAdam`` works from ``opt=sgd``. A momentum of
+    0 or null for an optimizer with neither is dropped; any other is refused (ValueError naming the fix).
+    """
+    kwargs = {
         k: tuple(v) if isinstance(v, list) else v
         for k, v in opt_cfg.items()
         if not (k.startswith("_") and k.endswith("_")) and k not in SCHEDULE_KEYS
     }
+    return _momentum_as_taken(kwargs, opt_cls) if opt_cls is not None else kwargs
+
+
+def _momentum_as_taken(kwargs: dict[str, Any], opt_cls: Any) -> dict[str, Any]:
+    """``kwargs`` with ``momentum`` under the name ``opt_cls`` takes it by (see :func:`optimizer_kwargs`)."""
+    try:
+        params = inspect.signature(opt_cls).parameters
+    except (TypeError, ValueError):  # no signature to read: pass the keys as written
+        return kwargs
+    if "momentum" not in kwargs or "momentum" in params:
+        return kwargs
+    m = kwargs.pop("momentum")
+    if "betas" in params:
+        if m is not None:
+            default = params["betas"].default
+            beta2 = kwargs.get("betas", default if default is not inspect.Parameter.empty else (0.9, 0.999))[
+                1
+            ]
+            kwargs["betas"] = (float(m), float(beta2))
+        return kwargs
+    if m:
+        name = getattr(opt_cls, "__qualname__", str(opt_cls))
+        raise ValueError(
+            f"opt.momentum={m}: {name} takes neither momentum nor betas; drop it with ~opt.momentum"
+        )
+    return kwargs
 
 
 def build_optimizer(
@@ -139,9 +173,10 @@ def build_optimizer(
         }
         for (layer, pnames), plan in zip(groups, plans)
     ]
-    kwargs = optimizer_kwargs(opt_cfg)
+    opt_cls = instantiate({"_target_": opt_cfg["_target_"], "_partial_": True}).func
+    kwargs = optimizer_kwargs(opt_cfg, opt_cls)
     # The target through instantiate; the arguments as plain Python (no OmegaConf containers in the groups).
-    optimizer = instantiate({"_target_": opt_cfg["_target_"], "_partial_": True})(param_groups, **kwargs)
+    optimizer = opt_cls(param_groups, **kwargs)
     base_lr = optimizer.defaults.get("lr")
     for g, plan in zip(optimizer.param_groups, plans):
         if plan.lr_scale != 1.0 or plan.freeze_from == 0:

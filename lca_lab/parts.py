@@ -37,7 +37,7 @@ from torch import nn
 from .config import ConfigError
 from .data import DataBundle
 from .nets import layer_groups
-from .optim import SCHEDULE_KEYS, LayerPlan, build_optimizer, plan_layers
+from .optim import LayerPlan, build_optimizer, optimizer_kwargs, plan_layers
 
 __all__ = [
     "ALLOWED_TARGETS",
@@ -203,7 +203,10 @@ def check_parts(cfg: Mapping[str, Any]) -> None:
                 except ValueError as e:
                     raise ConfigError(f"net.{e}") from None
         elif section == "opt":
-            kwargs = {k: v for k, v in kwargs.items() if k not in SCHEDULE_KEYS}
+            try:  # opt.momentum as the optimizer takes it (momentum or betas[0])
+                kwargs = optimizer_kwargs(kwargs, obj)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
             _bind(section, obj, target, kwargs, ("params",))
             _check_layer_momentum(cfg, obj, target)
         elif section == "loss":

@@ -483,3 +483,22 @@ def test_table1_sweep_jobs_get_the_per_net_learning_rates(experiment):
         assert cfg.opt.lr == 0.3
         # outside the experiment the optimizer file's default applies
         assert compose(config_name="config", overrides=["net=lenet"]).opt.lr == 0.1
+
+
+def test_opt_momentum_as_the_optimizer_takes_it():
+    """The issue's own command: opt._target_=torch.optim.NAdam opt.lr=1e-3 from opt=sgd (momentum 0.9 becomes
+    NAdam's betas[0]); an optimizer with neither momentum nor betas refuses a non-zero momentum in one line
+    and drops a zero one."""
+    cfg = _cfg("opt._target_=torch.optim.NAdam", "opt.lr=1e-3", "opt.momentum=0.8", "data=synthetic",
+               "data.size=64", "batch_size=32")  # fmt: skip
+    check_parts(cfg)
+    opt = build_parts(cfg, torch.device("cpu")).optimizer
+    assert isinstance(opt, torch.optim.NAdam)
+    assert all(g["betas"] == (0.8, 0.999) and g["lr"] == 1e-3 for g in opt.param_groups)
+    cfg = _cfg("opt._target_=torch.optim.Adagrad", "data=synthetic", "data.size=64", "batch_size=32")
+    with pytest.raises(ConfigError, match=r"opt\.momentum=0\.9: Adagrad takes neither.*~opt\.momentum"):
+        check_parts(cfg)
+    cfg = _cfg("opt._target_=torch.optim.Adagrad", "opt.momentum=0", "data=synthetic", "data.size=64",
+               "batch_size=32")  # fmt: skip
+    check_parts(cfg)
+    assert isinstance(build_parts(cfg, torch.device("cpu")).optimizer, torch.optim.Adagrad)
