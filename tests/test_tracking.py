@@ -207,9 +207,9 @@ def test_recompute_and_analysis_of_a_tracked_run_use_its_artifact(tmp_path, monk
     fake = _FakeWandb(tmp_path / "fake")
     monkeypatch.setitem(sys.modules, "wandb", fake)
     monkeypatch.setenv("WANDB_MODE", "online")
-    task = {"run_dir": str(d), "shard": 0, "num_shards": None, "merge": False, "out_dir": None, "lca": {},
-            "device": "cpu", "per_param": None, "flush_every": 50}  # fmt: skip
-    res = rc._main(OmegaConf.create(task))
+    with initialize_config_dir(config_dir=str(Path(rc.__file__).parents[1] / "conf"), version_base="1.3"):
+        task = compose(config_name="recompute", overrides=[f"run_dir={d}", "device=cpu"])
+    res = rc._main(task)
     assert res["merged"]
     (rec,) = fake.runs
     assert rec.used == [f"{name}:latest"] and rec.config.data["inputs"] == [f"{name}:latest"]
