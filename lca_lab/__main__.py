@@ -49,6 +49,23 @@ def _tracker(plain: dict[str, Any], hc: Any, multirun: bool, out: Path, override
     )
 
 
+def _drop_inherited_keys(cfg: DictConfig, overrides: list[str]) -> None:
+    """Drop the group file's keys that a ``_target_`` replaced on the command line does not take (said in
+    one line each): ``data._target_=mypkg.make_data`` with the default data file's root, split_seed …"""
+    from omegaconf import open_dict
+
+    from .parts import inherited_keys
+
+    for section, keys in inherited_keys(cfg, overrides).items():
+        with open_dict(cfg):
+            for k in keys:
+                del cfg[section][k]
+        print(
+            f"note: {section}: {', '.join(keys)} not passed to {cfg[section]['_target_']} "
+            "(it takes no such argument)"
+        )
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> dict:
     hc = HydraConfig.get()
@@ -65,6 +82,7 @@ def main(cfg: DictConfig) -> dict:
 
     code, message = 0, ""
     try:
+        _drop_inherited_keys(cfg, overrides)
         # The typed schema and the rules between keys, before anything else: one line, exit code 2.
         plain = validate(cfg)
         if multirun:

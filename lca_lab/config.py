@@ -53,6 +53,8 @@ _LCA_RULES: dict[str, Rule] = {
     "lca.chunk_size": ("auto or an integer ≥ 1", lambda v: v == AUTO if isinstance(v, str) else v >= 1),
     "lca.batch_points": _AT_LEAST_1,
     **{f"lca.{k}": _SWITCH for k in SWITCH_KEYS},
+    "lca.stream": _SWITCH,
+    "lca.workers": ("auto or an integer ≥ 0", lambda v: v == AUTO if isinstance(v, str) else v >= 0),
 }
 RUN_RULES: dict[str, Rule] = {
     "seed": ("an integer ≥ 0", lambda v: v >= 0),

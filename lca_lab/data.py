@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .examples import CachedExamples, Examples, StreamedExamples, tree_leaves, tree_map
+
 __all__ = [
     "DataBundle",
     "DatasetUnavailableError",
@@ -105,29 +107,76 @@ class DataBundle:
     val_index: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     test_index: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     split_seed: int = 0
+    # Data of any kind (README "Your own model and data"): inputs may be a tuple or dict of tensors, targets
+    # any shape per example; streamed splits (read from a Dataset chunk by chunk) replace the tensors.
+    train_stream: StreamedExamples | None = None
+    test_stream: StreamedExamples | None = None
+    info: dict = dataclasses.field(default_factory=dict)  # provenance from the data target (corpus, hash…)
+    fingerprint: dict = dataclasses.field(default_factory=dict)  # {"train": {n, n_counted, sha256}, "test"}
 
     _TENSORS = ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")
 
     def to(self, device: str | torch.device) -> DataBundle:
-        """A copy with every tensor on ``device`` (numpy index arrays are shared)."""
-        moved = {k: getattr(self, k).to(device) for k in self._TENSORS}
-        return dataclasses.replace(self, **moved)
+        """A copy with every tensor on ``device`` (numpy index arrays are shared; streamed splits move each
+        chunk when it is read)."""
+        moved = {
+            k: None if getattr(self, k) is None else tree_map(lambda t: t.to(device), getattr(self, k))
+            for k in self._TENSORS
+        }
+        streams = {
+            k: getattr(self, k).on(device)
+            for k in ("train_stream", "test_stream")
+            if getattr(self, k) is not None
+        }
+        out = dataclasses.replace(self, **moved, **streams)
+        out.__dict__.pop("_examples", None)
+        return out
+
+    @property
+    def streamed(self) -> bool:
+        """The training split is read from its Dataset chunk by chunk (not held on the device)."""
+        return self.train_stream is not None
+
+    @property
+    def train(self) -> Examples:
+        """The training split as examples for L's passes and the training batches."""
+        return self._split("train")
+
+    @property
+    def test(self) -> Examples:
+        """The test split (possibly empty)."""
+        return self._split("test")
+
+    def _split(self, name: str) -> Examples:
+        stream = getattr(self, f"{name}_stream")
+        if stream is not None:
+            return stream
+        cache = self.__dict__.setdefault("_examples", {})
+        if name not in cache:
+            cache[name] = CachedExamples(getattr(self, f"{name}_x"), getattr(self, f"{name}_y"))
+        return cache[name]
 
     @property
     def device(self) -> torch.device:
-        """Device of the tensors."""
-        return self.train_x.device
+        """Device of the tensors (of the chunks, when streamed)."""
+        if self.train_stream is not None:
+            return self.train_stream.device
+        return tree_leaves(self.train_x)[0].device
 
     @property
     def n_train(self) -> int:
         """Number of training examples N."""
-        return int(self.train_y.shape[0])
+        return len(self.train)
+
+    @property
+    def target_shape(self) -> tuple[int, ...]:
+        """Shape of one example's target: ``()`` for a classifier, ``(T,)`` for per-token targets."""
+        return self.train.target_shape
 
     def __repr__(self) -> str:
         return (
-            f"DataBundle(source={self.source!r}, train={tuple(self.train_x.shape)}, "
-            f"val={tuple(self.val_x.shape)}, test={tuple(self.test_x.shape)}, "
-            f"n_classes={self.n_classes}, device={self.device})"
+            f"DataBundle(source={self.source!r}, train={self.n_train}, test={len(self.test)}, "
+            f"streamed={self.streamed}, n_classes={self.n_classes}, device={self.device})"
         )
 
 

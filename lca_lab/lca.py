@@ -34,6 +34,19 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
+from .examples import (
+    IGNORE,
+    CachedExamples,
+    Examples,
+    StreamedExamples,
+    args_kwargs,
+    call,
+    target_loss,
+    tree_leaves,
+    tree_len,
+    tree_map,
+)
+
 METHODS = ("first_order", "trapezoid", "rk4")
 PRECISIONS = ("fp32", "tf32")
 
@@ -145,11 +158,12 @@ CPU_CHUNK_BYTES = 4 * 2**20
 GPU_CHUNK_BYTES = 2**30
 
 
-def saved_activation_bytes(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
+def saved_activation_bytes(model: nn.Module, x: torch.Tensor | tuple | dict) -> tuple[int, int]:
     """Bytes per example that autograd saves in a forward pass of ``model`` on ``x`` (a few examples
-    [B, ...]), in L's mode: ``(total, largest single tensor)``, parameters and views of ``x`` not counted."""
+    [B, ...]; a tensor, tuple or dict of tensors), in L's mode: ``(total, largest single tensor)``,
+    parameters and views of ``x`` not counted."""
     owned = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    owned.add(x.untyped_storage().data_ptr())
+    owned.update(t.untyped_storage().data_ptr() for t in tree_leaves(x))
     total = biggest = 0
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -161,12 +175,16 @@ def saved_activation_bytes(model: nn.Module, x: torch.Tensor) -> tuple[int, int]
 
     hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
     with torch.enable_grad(), lca_eval_mode(model), hooks:
-        model(x)
-    return -(-total // len(x)), -(-biggest // len(x))
+        call(model, x)
+    n = tree_len(x)
+    return -(-total // n), -(-biggest // n)
 
 
 def auto_chunk_size(
-    model: nn.Module, n_examples: int, device: torch.device | str, x: torch.Tensor | None = None
+    model: nn.Module,
+    n_examples: int,
+    device: torch.device | str,
+    x: torch.Tensor | tuple | dict | None = None,
 ) -> int:
     """The chunk size ``lca.chunk_size=auto`` resolves to.
 
@@ -184,11 +202,11 @@ def auto_chunk_size(
     if torch.device(device).type == "cuda":
         if x is None or n == 0:
             return min(n, 65536)
-        total = max(1, saved_activation_bytes(model, x[:4])[0])
+        total = max(1, saved_activation_bytes(model, tree_map(lambda t: t[:4], x))[0])
         return min(n, 65536, max(64, GPU_CHUNK_BYTES // total))
     if x is None or n == 0:
         return min(5000, n)
-    per_example = max(1, saved_activation_bytes(model, x[:4])[1])
+    per_example = max(1, saved_activation_bytes(model, tree_map(lambda t: t[:4], x))[1])
     return min(n, 5000, max(64, CPU_CHUNK_BYTES // per_example))
 
 
@@ -197,10 +215,13 @@ class FullBatchLoss:
 
     Args:
         model: the network; its own parameters are not modified (θ is passed functionally).
-        x: inputs [N, ...] on the model's device.
-        y: targets [N] (class indices).
+        x: inputs [N, ...] on the model's device (a tensor, or a tuple or dict of tensors: the model is
+            called as ``model(*x)`` / ``model(**x)``), or the split as :mod:`lca_lab.examples` examples
+            (cached or streamed), with ``y`` None.
+        y: targets [N, ...] (class indices; one per example or one per token; -100 not counted).
         chunk_size: examples per forward pass; part of the definition of L for BatchNorm nets.
-        loss_fn: ``loss_fn(logits, y, reduction="sum")`` → scalar; default cross-entropy (nats).
+        loss_fn: ``loss_fn(logits [M, C], y [M], reduction="sum")`` → scalar; default cross-entropy
+            (nats). L is its sum over the split's counted targets divided by their number.
         param_names: which named parameters θ covers (default: all with ``requires_grad``), in
             ``named_parameters()`` order. Parameters not covered are held at their current value.
         n_classes: needed for per-class LCA (``class_loss_and_grad``).
@@ -233,8 +254,8 @@ class FullBatchLoss:
     def __init__(
         self,
         model: nn.Module,
-        x: torch.Tensor,
-        y: torch.Tensor,
+        x: torch.Tensor | tuple | dict | Examples,
+        y: torch.Tensor | None,
         chunk_size: int,
         loss_fn: Callable[..., torch.Tensor] = F.cross_entropy,
         param_names: list[str] | None = None,
@@ -246,13 +267,24 @@ class FullBatchLoss:
     ):
         if chunk_size <= 0:
             raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
-        if len(x) == 0:
+        examples = x if isinstance(x, (CachedExamples, StreamedExamples)) else CachedExamples(x, y)
+        if len(examples) == 0:
             raise ValueError("FullBatchLoss needs at least one example")
         self.model = model
-        self.channels_last = bool(channels_last) and x.dim() == 4
+        cached = not examples.streamed
+        self.channels_last = (
+            bool(channels_last) and cached and isinstance(examples.inputs, torch.Tensor)
+            and examples.inputs.dim() == 4
+        )  # fmt: skip
         if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        self.x, self.y = x, y
+            examples = CachedExamples(
+                examples.inputs.contiguous(memory_format=torch.channels_last), examples.targets
+            )
+        self.examples = examples
+        self.n_counted = examples.n_counted  # L's denominator: the split's counted targets
+        if self.n_counted == 0:
+            raise ValueError("FullBatchLoss: every target of the split is -100 (ignored); nothing to count")
+        self.mask_ignored = examples.has_ignored and getattr(loss_fn, "ignore_index", None) != -100
         self.chunk_size = int(chunk_size)
         self.loss_fn = loss_fn
         named = dict(model.named_parameters())
@@ -272,7 +304,8 @@ class FullBatchLoss:
         self.n_classes = n_classes
         self.has_bn = has_batchnorm(model)
         self._mode_modules = mode_modules(model)
-        self.cuda_graph = bool(cuda_graph) and self.device.type == "cuda"
+        # A graph replays fixed addresses: only for data cached on the device.
+        self.cuda_graph = bool(cuda_graph) and self.device.type == "cuda" and cached
         self.graph_error: str | None = None
         self._graph: tuple | None = None  # (flags, graph, static θ, static L, static ∇L)
         self.cudnn_benchmark = bool(cudnn_benchmark)
@@ -281,22 +314,37 @@ class FullBatchLoss:
         self._compiled: Callable[..., torch.Tensor] | None = None
         self._compile_ok = False  # one compiled pass has run
         self._segments: list[tuple[int, int, int]] | None = None
+        if n_classes is not None and cached and (examples.targets.dim() != 1 or examples.has_ignored):
+            raise ValueError("per-class LCA needs one class index per example (targets [N], none -100)")
         if n_classes is not None:
-            if self.has_bn:
+            if self.has_bn or not cached:
                 # BN couples the examples of a chunk: keep the chunks that define L, and take one backward
-                # pass per class present in the chunk (≈ n_classes backward passes per full pass).
+                # pass per class present in the chunk (≈ n_classes backward passes per full pass). Streamed
+                # data is read in its own order: the same per-chunk classes.
                 self._segments = None
             else:
                 # Without BN, L does not depend on how the data is chunked: sort by class once so every
                 # chunk holds one class and the per-class gradients cost one ordinary full pass.
-                order = torch.sort(y, stable=True).indices
-                self.x, self.y = x[order], y[order]
-                counts = torch.bincount(self.y, minlength=n_classes).tolist()
+                order = torch.sort(examples.targets, stable=True).indices
+                self.examples = examples = CachedExamples(
+                    tree_map(lambda t: t[order], examples.inputs), examples.targets[order]
+                )
+                counts = torch.bincount(examples.targets, minlength=n_classes).tolist()
                 self._segments, start = [], 0
                 for c, n in enumerate(counts):
                     for s0 in range(start, start + n, self.chunk_size):
                         self._segments.append((s0, min(s0 + self.chunk_size, start + n), c))
                     start += n
+
+    @property
+    def x(self):
+        """The cached split's inputs (a tensor, tuple or dict of tensors [N, ...]; None when streamed)."""
+        return None if self.examples.streamed else self.examples.inputs
+
+    @property
+    def y(self) -> torch.Tensor | None:
+        """The cached split's targets [N, ...] (None when streamed)."""
+        return None if self.examples.streamed else self.examples.targets
 
     def flat_params(self) -> torch.Tensor:
         """Current parameters of the model as one detached flat vector [K]."""
@@ -318,25 +366,28 @@ class FullBatchLoss:
     def _forward(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """The model on ``x`` with ``params`` (from :meth:`unflatten`, which lists tied parameters under
         every name, so functional_call need not search the module tree for ties on every call)."""
-        return functional_call(self.model, params, (x,), strict=False, tie_weights=False)
+        args, kwargs = args_kwargs(x)
+        return functional_call(self.model, params, args, kwargs, strict=False, tie_weights=False)
 
     def _chunks(self):
-        for start in range(0, len(self.x), self.chunk_size):
-            yield self.x[start : start + self.chunk_size], self.y[start : start + self.chunk_size]
+        return self.examples.chunks(self.chunk_size)
+
+    def _target_loss(self, out, y: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+        """One chunk's loss over its counted targets (:func:`~lca_lab.examples.target_loss`)."""
+        return target_loss(self.loss_fn, out, y, reduction, self.mask_ignored)
 
     def _flags(self):
         """The cuDNN setting of this loss's passes (``cudnn_benchmark``), or nothing to change."""
         return cudnn_benchmark(True) if self.cudnn_benchmark else contextlib.nullcontext()
 
     def loss(self, theta: torch.Tensor) -> torch.Tensor:
-        """``L(θ)`` as a float64 0-d tensor (mean loss per example)."""
+        """``L(θ)`` as a float64 0-d tensor (mean loss per counted target)."""
         with torch.no_grad(), lca_eval_mode(self.model, self._mode_modules), self._flags():
             params = self.unflatten(theta)
             total = torch.zeros((), dtype=torch.float64, device=self.device)
             for xb, yb in self._chunks():
-                out = self._forward(params, xb)
-                total += self.loss_fn(out, yb, reduction="sum").double()
-        return total / len(self.x)
+                total += self._target_loss(self._forward(params, xb), yb).double()
+        return total / self.n_counted
 
     def loss_and_grad(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(L(θ), ∇L(θ))``: float64 0-d tensor and float64 flat gradient [K]."""
@@ -391,7 +442,7 @@ class FullBatchLoss:
 
     def _chunk_loss(self, params: dict[str, torch.Tensor], xb: torch.Tensor, yb: torch.Tensor):
         """Summed loss of one chunk (the function ``compile`` hands to ``torch.compile``)."""
-        return self.loss_fn(self._forward(params, xb), yb, reduction="sum")
+        return self._target_loss(self._forward(params, xb), yb)
 
     def _loss_and_grad(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.compile:
@@ -430,7 +481,7 @@ class FullBatchLoss:
                 (g,) = torch.autograd.grad(loss_sum, leaf)
                 grad = g.double() if grad is None else grad.add_(g)
                 sums.append(loss_sum.detach())
-        n = len(self.x)
+        n = self.n_counted
         total = sums[0].double() if len(sums) == 1 else torch.stack(sums).double().sum()
         return total.div_(n), grad.div_(n)
 
@@ -442,8 +493,7 @@ class FullBatchLoss:
         """
 
         def chunk_loss(theta: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-            out = self._forward(self.unflatten(theta, layout=False), xb)
-            return self.loss_fn(out, yb, reduction="sum")
+            return self._target_loss(self._forward(self.unflatten(theta, layout=False), xb), yb)
 
         vg = vmap(grad_and_value(chunk_loss), in_dims=(0, None, None))
         grad = torch.zeros(thetas.shape[0], self.n_params, dtype=torch.float64, device=self.device)
@@ -453,7 +503,7 @@ class FullBatchLoss:
                 g, loss_sum = vg(thetas.detach(), xb, yb)
                 grad += g.double()
                 total += loss_sum.double()
-        n = len(self.x)
+        n = self.n_counted
         self.n_evals += len(thetas)
         return total / n, grad / n
 
@@ -473,23 +523,25 @@ class FullBatchLoss:
             leaf = theta.detach().clone().requires_grad_(True)
             params = self.unflatten(leaf)
             if self._segments is not None:
+                ex = self.examples
                 for s0, s1, c in self._segments:
-                    out = self._forward(params, self.x[s0:s1])
-                    loss_sum = self.loss_fn(out, self.y[s0:s1], reduction="sum")
+                    out = self._forward(params, tree_map(lambda t, s0=s0, s1=s1: t[s0:s1], ex.inputs))
+                    loss_sum = self._target_loss(out, ex.targets[s0:s1])
                     (g,) = torch.autograd.grad(loss_sum, leaf)
                     grad[c] += g.double()
                     loss[c] += loss_sum.detach().double()
             else:
                 for xb, yb in self._chunks():
                     out = self._forward(params, xb)
-                    per_example = self.loss_fn(out, yb, reduction="none")
-                    present = torch.unique(yb).tolist()  # one host sync per chunk, BN path only
+                    per_example = self._target_loss(out, yb, reduction="none")
+                    # one host sync per chunk (BN or streamed data only)
+                    present = [c for c in torch.unique(yb).tolist() if c != IGNORE]
                     for j, c in enumerate(present):
                         part = per_example[yb == c].sum()
                         (g,) = torch.autograd.grad(part, leaf, retain_graph=j < len(present) - 1)
                         grad[c] += g.double()
                         loss[c] += part.detach().double()
-        n = len(self.x)
+        n = self.n_counted
         return loss / n, grad / n
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import inspect
+import re
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -221,6 +222,35 @@ def check_parts(cfg: Mapping[str, Any]) -> None:
             _bind(section, obj, target, kwargs, ())
 
 
+def inherited_keys(cfg: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, list[str]]:
+    """Keys a group file gave a section whose ``_target_`` the command line replaced, and which the new
+    target does not take: ``{"data": ["root", "split_seed", …]}``.
+
+    ``python -m lca_lab data._target_=mypkg.make_data`` keeps the keys of the default ``data=mnist`` file
+    (root, split_seed …) that ``mypkg.make_data`` has never heard of; they are dropped (and said) rather
+    than refused. Keys written on the command line (``data.x=…``, ``+data.x=…``) are always kept, so a
+    mistyped one is still refused by :func:`check_parts`.
+    """
+    out: dict[str, list[str]] = {}
+    for section in (*_SECTIONS, "test_data"):
+        pattern = re.compile(rf"^[+~]{{0,2}}{section}\.([^.=]+)")
+        written = {m.group(1) for o in overrides if (m := pattern.match(o))}
+        node = cfg.get(section)
+        if "_target_" not in written or not isinstance(node, Mapping):
+            continue
+        try:
+            obj = locate(node.get("_target_"), f"{section}._target_")
+        except ConfigError:
+            continue  # check_parts says it in one line
+        sig = _signature(obj)
+        if sig is None or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()):
+            continue
+        drop = [k for k in _hydra_keys(node) if k not in written and k not in sig.parameters]
+        if drop:
+            out[section] = drop
+    return out
+
+
 def _check_layer_momentum(cfg: Mapping[str, Any], opt_cls: Callable[..., Any], target: str) -> None:
     sig = _signature(opt_cls)
     if sig is None or "momentum" in sig.parameters or "betas" in sig.parameters:
@@ -320,15 +350,36 @@ def upgrade_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
 # building
 
 
-def build_data(dcfg: Mapping[str, Any], device: str | torch.device = "cpu") -> DataBundle:
-    """The ``data`` section's target called with its keys, moved to ``device``."""
-    bundle = _instantiate(dcfg)
-    if not isinstance(bundle, DataBundle):
-        raise ConfigError(
-            f"data._target_={dcfg['_target_']} returned {type(bundle).__name__}, "
-            "not a lca_lab.data.DataBundle"
-        )
-    return bundle.to(device)
+def _call_data_target(node: Mapping[str, Any], key: str) -> Any:
+    """A data target's result; a built-in's ``ValueError`` (a bad ``data.path`` …) is a ConfigError."""
+    try:
+        return _instantiate(node)
+    except ConfigError:
+        raise
+    except ValueError as e:
+        if str(node["_target_"]).startswith("lca_lab."):
+            raise ConfigError(" ".join(str(e).split())) from None
+        raise ConfigError(f"{key}._target_={node['_target_']} failed: {' '.join(str(e).split())}") from None
+
+
+def build_data(
+    dcfg: Mapping[str, Any], device: str | torch.device = "cpu", *, stream: Any = "auto",
+    workers: Any = "auto", test_cfg: Mapping[str, Any] | None = None,
+) -> DataBundle:  # fmt: skip
+    """The ``data`` section's target called with its keys, as a DataBundle on ``device``.
+
+    The target may return a DataBundle, ``{"train": Dataset, "test": Dataset, …}`` or a Dataset
+    (:mod:`lca_lab.splits`); ``test_cfg`` (the ``test_data`` section) builds a separate test Dataset.
+    ``stream``/``workers``: ``lca.stream`` and ``lca.workers``.
+    """
+    from .splits import DataContractError, bundle_from
+
+    result = _call_data_target(dcfg, "data")
+    test = _call_data_target(test_cfg, "test_data") if test_cfg else None
+    try:
+        return bundle_from(result, str(dcfg["_target_"]), torch.device(device), stream, workers, test)
+    except DataContractError as e:
+        raise ConfigError(str(e)) from None
 
 
 def build_model(ncfg: Mapping[str, Any], data: DataBundle) -> nn.Module:
@@ -365,7 +416,50 @@ def build_loss(lcfg: Mapping[str, Any] | None) -> Callable[..., torch.Tensor]:
         return m(logits, y)
 
     loss_fn.config = node  # type: ignore[attr-defined]
+    # Cross-entropy and NLL skip the -100 targets themselves; other losses get them masked out.
+    loss_fn.ignore_index = getattr(modules["sum"], "ignore_index", None)  # type: ignore[attr-defined]
     return loss_fn
+
+
+def probe_model(model: nn.Module, data: DataBundle, loss_fn: Callable[..., Any], target: str) -> None:
+    """Run the model on the first two training examples (no gradient) and check what L needs: logits
+    ``[..., C]`` (or ``.logits``) whose leading dims are the targets' shape, targets below C, and a finite
+    loss. ``ConfigError`` in one line naming what to fix, before any compute is spent."""
+    from .examples import call, logits_of, target_loss, tree_map
+    from .lca import lca_eval_mode
+
+    ex = data.train
+    x = ex.head(2)
+    y = ex.take(torch.arange(min(2, len(ex))))[1] if ex.streamed else ex.targets[:2]
+    with torch.no_grad(), lca_eval_mode(model):
+        try:
+            out = call(model, tree_map(lambda t: t, x))
+        except Exception as e:  # the user's forward on the user's data: one line, not a traceback
+            raise ConfigError(
+                f"net._target_={target} failed on the first training examples ({type(e).__name__}: "
+                f"{' '.join(str(e).split())[:300]}); check that the net takes the data's inputs"
+            ) from None
+        try:
+            logits = logits_of(out)
+        except TypeError as e:
+            raise ConfigError(
+                f"net._target_={target}: {e}; return logits [..., C] or an object with .logits"
+            ) from None
+        if tuple(logits.shape[:-1]) != tuple(y.shape):
+            raise ConfigError(
+                f"the targets of data._target_={data.source} have shape {tuple(y.shape[1:])} per example but "
+                f"net._target_={target} gives logits {tuple(logits.shape[1:])}: targets must match the "
+                "logits' leading dims (one class index per example, or one per token)"
+            )
+        C = int(logits.shape[-1])
+        if data.n_classes > C:
+            raise ConfigError(
+                f"the data has {data.n_classes} classes but net._target_={target} gives {C} logits per "
+                "target; give the net as many outputs as classes"
+            )
+        loss = target_loss(loss_fn, out, y, "sum", getattr(loss_fn, "ignore_index", None) != -100)
+        if not torch.isfinite(loss):
+            raise ConfigError(f"the loss of net._target_={target} on the first examples is {float(loss)}")
 
 
 @dataclass
@@ -394,14 +488,19 @@ def build_parts(
     Warnings of the data target (the offline MNIST fallback) are passed to ``warn`` as one line each.
     Call :func:`check_parts` first; errors the config can fix are raised as ``ConfigError``.
     """
+    lcfg = cfg.get("lca") or {}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        data = build_data(cfg["data"], device)
+        data = build_data(
+            cfg["data"], device, stream=lcfg.get("stream", "auto"), workers=lcfg.get("workers", "auto"),
+            test_cfg=cfg.get("test_data"),
+        )  # fmt: skip
     for w in caught:
         warn(f"WARNING: {w.message}")
     torch.manual_seed(int(cfg.get("seed", 0)))  # init does not depend on how much RNG data loading used
     model = build_model(cfg["net"], data).to(device)
     loss_fn = build_loss(cfg.get("loss"))
+    probe_model(model, data, loss_fn, str(cfg["net"]["_target_"]))
     groups = layer_groups(model)
     plans = opt = None
     if optimizer:

@@ -304,6 +304,7 @@ def _build(rf, run_cfg: dict[str, Any], settings: dict[str, Any], device: torch.
     idx = rf.train_index
     if idx is not None and not np.array_equal(idx, data.train_index):
         raise RecomputeError("the training split loaded here differs from the run's data/train_index")
+    _check_fingerprint(rf.attrs.get("data_fingerprint"), data.fingerprint)
     named = dict(model.named_parameters())
     pnames, shapes = rf.param_names, rf.param_shapes
     bad = [n for n, s in zip(pnames, shapes) if n not in named or tuple(named[n].shape) != tuple(s)]
@@ -329,7 +330,7 @@ def _build(rf, run_cfg: dict[str, Any], settings: dict[str, Any], device: torch.
         if has_batchnorm(model) and recorded:
             chunk = int(recorded)
         else:
-            chunk = auto_chunk_size(model, len(data.train_x), device, data.train_x)
+            chunk = auto_chunk_size(model, data.n_train, device, data.train.head(4))
     chunk = int(chunk)
     set_matmul_precision(settings["precision"])
     per_class = settings["per_class"]
@@ -341,19 +342,34 @@ def _build(rf, run_cfg: dict[str, Any], settings: dict[str, Any], device: torch.
     settings = {**settings, "cuda_graph": speed.cuda_graph}  # the passes' own (read by the shard's loop)
     fast = speed.engine_kwargs()
     fbl = FullBatchLoss(
-        model, data.train_x, data.train_y, chunk, loss_fn=parts.loss_fn, param_names=pnames,
+        model, data.train, None, chunk, loss_fn=parts.loss_fn, param_names=pnames,
         n_classes=data.n_classes if per_class else None, **fast,
     )  # fmt: skip
     test_fbl = None
-    if settings["test"] and len(data.test_x) > 0:
+    if settings["test"] and len(data.test) > 0:
         test_fbl = FullBatchLoss(
-            model, data.test_x, data.test_y, chunk, loss_fn=parts.loss_fn, param_names=pnames, **fast
+            model, data.test, None, chunk, loss_fn=parts.loss_fn, param_names=pnames, **fast
         )
     engine = LCAEngine(
         fbl, settings["method"], settings["tolerance"], settings["max_splits"], settings["adaptive"],
         per_class=per_class, test_loss=test_fbl, layer_sums=LayerSums(index, len(rf.layer_names)),
     )  # fmt: skip
     return _Setup(engine, index, len(rf.layer_names), data.n_classes, settings, fbl.dtype, device, speed)
+
+
+def _check_fingerprint(recorded: Any, loaded: dict[str, Any]) -> None:
+    """Refuse data whose splits differ from the run's (sizes or sha256 of inputs and targets)."""
+    if not recorded:
+        return  # run files written before fingerprints were recorded
+    rec = json.loads(recorded) if isinstance(recorded, str) else dict(recorded)
+    for split in ("train", "test"):
+        a, b = rec.get(split), loaded.get(split)
+        if a and b and (a.get("n"), a.get("sha256")) != (b.get("n"), b.get("sha256")):
+            raise RecomputeError(
+                f"the {split} split loaded here ({b.get('n')} examples, sha256 {str(b.get('sha256'))[:12]}…) "
+                f"is not the run's ({a.get('n')} examples, sha256 {str(a.get('sha256'))[:12]}…): L would be "
+                "a different function; give the run's data (same files, data.* and split_seed)"
+            )
 
 
 def read_run_config(

@@ -93,6 +93,10 @@ class LCAConfig:
     window: list[int] | None = None  # [start, stop)
     per_class: bool = False
     test: bool = False
+    # How L's passes read the data: auto (cached on the device when it fits) | true (streamed from the
+    # Dataset) | false (cached); and the DataLoader workers of streamed passes (auto or an integer ≥ 0).
+    stream: Switch = _optional(AUTO)
+    workers: int | str = _optional(AUTO)
 
 
 @dataclass
@@ -159,6 +163,7 @@ class RunConfig:
     net: dict[str, Any] = field(default_factory=dict)
     opt: dict[str, Any] = field(default_factory=dict)
     loss: dict[str, Any] | None = _optional()
+    test_data: dict[str, Any] | None = _optional()  # a test Dataset when data gives only the train split
     layers: dict[str, Any] = field(default_factory=dict)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import errno
+import json
 import math
 import os
 import shutil
@@ -38,6 +39,7 @@ from .checkpoint import (
     set_rng_state,
 )
 from .config import ConfigError, validate
+from .examples import CachedExamples, StreamedExamples, call, correct_targets, target_loss
 from .lca import FullBatchLoss, LayerSums, LCAEngine, auto_chunk_size, set_matmul_precision
 from .loop import LCADriver, StepRecorder
 from .nets import entry_layer_index, param_layer_index
@@ -117,22 +119,25 @@ def set_determinism(seed: int, deterministic: bool) -> None:
 
 @torch.no_grad()
 def evaluate(
-    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int, loss_fn=F.cross_entropy
+    model: torch.nn.Module, x: Any, y: torch.Tensor | None, chunk: int, loss_fn=F.cross_entropy
 ) -> tuple[float, float]:
-    """Mean loss (``loss_fn(out, y, reduction="sum")`` / N; cross-entropy in nats by default) and accuracy
-    in eval mode (BN running stats, no dropout)."""
-    if len(x) == 0:
+    """Mean loss per counted target (``loss_fn(logits, y, reduction="sum")`` / their number; cross-entropy
+    in nats by default) and accuracy (share of counted targets whose arg-max logit is right), in eval mode
+    (BN running stats, no dropout). ``x``: inputs [N, ...] with targets ``y``, or examples (``y`` None)."""
+    ex = x if isinstance(x, (CachedExamples, StreamedExamples)) else CachedExamples(x, y)
+    if len(ex) == 0 or ex.n_counted == 0:
         return float("nan"), float("nan")
     was = model.training
     model.eval()
-    loss = torch.zeros((), dtype=torch.float64, device=x.device)
-    correct = torch.zeros((), dtype=torch.int64, device=x.device)
-    for s in range(0, len(x), chunk):
-        out = model(x[s : s + chunk])
-        loss += loss_fn(out, y[s : s + chunk], reduction="sum").double()
-        correct += (out.argmax(1) == y[s : s + chunk]).sum()
+    mask = ex.has_ignored and getattr(loss_fn, "ignore_index", None) != -100
+    loss = correct = None
+    for xb, yb in ex.chunks(chunk):
+        out = call(model, xb)
+        part = target_loss(loss_fn, out, yb, "sum", mask).double()
+        hits = correct_targets(out, yb)
+        loss, correct = (part, hits) if loss is None else (loss + part, correct + hits)
     model.train(was)
-    return float(loss) / len(x), float(correct) / len(x)
+    return float(loss) / ex.n_counted, float(correct) / ex.n_counted
 
 
 def run(
@@ -245,14 +250,16 @@ def build(cfg: dict[str, Any], device: torch.device) -> Built:
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     chunk = lcfg.get("chunk_size", 5000)
-    chunk = auto_chunk_size(model, len(data.train_x), device, data.train_x) if chunk == "auto" else int(chunk)
+    if chunk == "auto":
+        chunk = auto_chunk_size(model, data.n_train, device, data.train.head(4))
+    chunk = int(chunk)
     named = dict(model.named_parameters())
     pnames = [n for n, p in named.items() if p.requires_grad]
     param_layer = param_layer_index(model)
     index = entry_layer_index(model).to(device)  # [K] layer of every entry of θ
     K = int(index.numel())
 
-    n_train = len(data.train_x)
+    n_train = data.n_train
     if int(cfg["batch_size"]) > n_train:
         raise ConfigError(
             f"batch_size={cfg['batch_size']} is larger than the training set ({n_train} examples of "
@@ -261,16 +268,22 @@ def build(cfg: dict[str, Any], device: torch.device) -> Built:
     lca_on = bool(lcfg.get("enabled", True))
     engine = None
     per_class = bool(lcfg.get("per_class", False))
-    test_lca = bool(lcfg.get("test", False)) and len(data.test_x) > 0
+    if per_class and (data.target_shape != () or data.train.has_ignored):
+        raise ConfigError(
+            f"lca.per_class=true needs one class index per example, but {data.source}'s targets have shape "
+            f"{list(data.target_shape)} per example{' and -100 entries' if data.train.has_ignored else ''} "
+            "(e.g. one per token); use lca.per_class=false"
+        )
+    test_lca = bool(lcfg.get("test", False)) and len(data.test) > 0
     if lca_on:
         # How L's passes run (layout, graphs, cuDNN autotuning): its value only to float rounding.
         fast = speed.engine_kwargs()
         fbl = FullBatchLoss(
-            model, data.train_x, data.train_y, chunk, loss_fn=loss_fn, param_names=pnames,
+            model, data.train, None, chunk, loss_fn=loss_fn, param_names=pnames,
             n_classes=data.n_classes if per_class else None, **fast,
         )  # fmt: skip
         test_fbl = (
-            FullBatchLoss(model, data.test_x, data.test_y, chunk, loss_fn=loss_fn, param_names=pnames, **fast)
+            FullBatchLoss(model, data.test, None, chunk, loss_fn=loss_fn, param_names=pnames, **fast)
             if test_lca
             else None
         )
@@ -317,6 +330,7 @@ def _run(
     with writer:
         if mode != "resume":
             writer.write_array("data/train_index", np.asarray(b.data.train_index, dtype=np.int64))
+            writer.write_array("data/train_order", loop.trainer.epoch_orders())
         loop.run(_boundaries(cfg, loop, plan, run_dir, attrs["config"], signals, ck_on))
         summary = _finish(loop, plan, attrs["device"])
     if ck_on:
@@ -339,7 +353,7 @@ class _Plan:
 
     @classmethod
     def of(cls, cfg: dict[str, Any], b: Built) -> _Plan:
-        per_epoch = math.ceil(len(b.data.train_x) / int(cfg["batch_size"]))
+        per_epoch = math.ceil(b.data.n_train / int(cfg["batch_size"]))
         total_iters = per_epoch * int(cfg["epochs"])
         lca_on = b.engine is not None
         window = cfg["lca"].get("window")
@@ -378,6 +392,10 @@ def _attrs(
         "torch_version": torch.__version__,
         "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
         "data_source": b.data.source,
+        # the splits' sizes and hashes (a recompute checks them), the data target's provenance
+        "data_fingerprint": json.dumps(b.data.fingerprint, sort_keys=True),
+        "data_info": json.dumps(b.data.info, sort_keys=True, default=str),
+        "lca_stream": b.data.streamed,  # L's passes read the training data from its Dataset
         "lca_chunk_size": b.chunk,  # resolved (lca.chunk_size=auto): part of L's definition for BN nets
         "lca_channels_last": b.channels_last,
         "lca_cuda_graph": b.cuda_graph,
@@ -428,13 +446,25 @@ class _Trainer:
         ocfg = cfg["opt"]
         self.milestones = [int(e) * per_epoch for e in (ocfg.get("lr_decay_epochs") or [])]
         self.decay = float(ocfg.get("lr_decay_factor", 0.1))
-        self.batch_gen = torch.Generator(device="cpu").manual_seed(int(cfg["seed"]))
+        self.seed = int(cfg["seed"])
+        self.batch_gen = torch.Generator(device="cpu").manual_seed(self.seed)
         self.perm: torch.Tensor | None = None
+        # the mean over counted targets, -100 left out (cross-entropy skips them itself)
+        self.mask = self.data.train.has_ignored and getattr(self.loss_fn, "ignore_index", None) != -100
         self.resumed_perm: torch.Tensor | None = None  # the checkpoint's epoch order [N] (CPU)
+
+    def epoch_orders(self) -> np.ndarray:
+        """The training order of every epoch, ``[epochs, N]`` (int32 where N allows): row e is the order in
+        which epoch e visits the training examples (batches are its consecutive ``batch_size`` slices).
+        Drawn from a fresh generator seeded as ``batch_gen``: the orders :meth:`iterations` draws."""
+        g = torch.Generator(device="cpu").manual_seed(self.seed)
+        n = self.data.n_train
+        orders = torch.stack([torch.randperm(n, generator=g) for _ in range(self.epochs)])
+        return orders.numpy().astype(np.int32 if n < 2**31 else np.int64)
 
     def iterations(self, start: int) -> Iterator[int]:
         """Iterations ``start`` … end of the last epoch; ``perm`` is the current epoch's order."""
-        device, n_train = self.data.train_x.device, len(self.data.train_x)
+        device, n_train = self.data.device, self.data.n_train
         it = start
         for epoch in range(start // self.per_epoch, self.epochs):
             b0 = it - epoch * self.per_epoch  # > 0 only when resuming in the middle of an epoch
@@ -455,9 +485,8 @@ class _Trainer:
         b = it % self.per_epoch
         idx = self.perm[b * self.batch_size : (b + 1) * self.batch_size]
         self.optimizer.zero_grad(set_to_none=True)
-        batch_loss = self.loss_fn(
-            self.model(self.data.train_x[idx]), self.data.train_y[idx], reduction="mean"
-        )
+        inputs, targets = self.data.train.take(idx)
+        batch_loss = target_loss(self.loss_fn, call(self.model, inputs), targets, "mean", self.mask)
         batch_loss.backward()
         self.optimizer.step()
         return batch_loss
@@ -545,7 +574,7 @@ class _Eval:
 
     def __call__(self, it: int) -> None:
         data, chunk = self.loop.b.data, self.loop.b.chunk
-        tl, ta = evaluate(self.loop.b.model, data.test_x, data.test_y, chunk, self.loop.b.loss_fn)
+        tl, ta = evaluate(self.loop.b.model, data.test, None, chunk, self.loop.b.loss_fn)
         self.loop.writer.append_eval(it, test_loss=tl, test_acc=ta)
         if self.loop.tracker is not None:
             self.loop.tracker.log_eval(it, test_loss=tl, test_acc=ta)
@@ -623,8 +652,8 @@ def _boundaries(
 def _finish(loop: _TrainLoop, plan: _Plan, device: str) -> dict[str, Any]:
     """The final evaluation, the reducer's counters and the summary (also the run file's ``summary/*``)."""
     b, writer, tracker = loop.b, loop.writer, loop.tracker
-    train_loss, train_acc = evaluate(b.model, b.data.train_x, b.data.train_y, b.chunk, b.loss_fn)
-    test_loss, test_acc = evaluate(b.model, b.data.test_x, b.data.test_y, b.chunk, b.loss_fn)
+    train_loss, train_acc = evaluate(b.model, b.data.train, None, b.chunk, b.loss_fn)
+    test_loss, test_acc = evaluate(b.model, b.data.test, None, b.chunk, b.loss_fn)
     final = {"test_loss": test_loss, "test_acc": test_acc, "train_loss": train_loss, "train_acc": train_acc}
     writer.append_eval(plan.total_iters, **final)
     if tracker is not None:
