@@ -1,0 +1,168 @@
+"""Your own model and data: dict inputs, per-token targets with -100, tied weights, streamed passes.
+
+Every path is compared with a float64 autograd reference on a tiny problem (``tests/own_parts.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+from lca_lab.examples import CachedExamples, StreamedExamples, fingerprint_stream, fingerprint_tensors
+from lca_lab.lca import FullBatchLoss, LCAEngine
+from lca_lab.parts import build_loss
+from tests.own_parts import ItemDataset, TinyLM, lm_tensors, reference_loss
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tiny_lm(seed: int = 0) -> TinyLM:
+    torch.manual_seed(seed)
+    return TinyLM().double()
+
+
+def _reference_grad(model: TinyLM, theta: torch.Tensor, x, y) -> tuple[float, torch.Tensor]:
+    """L and ∇L at θ by plain autograd on the model's own parameters (tied weight once)."""
+    params = list(model.parameters())  # deduplicated: the tied weight once, in named_parameters order
+    vector_to_parameters(theta.clone(), params)
+    loss = reference_loss(model, x, y)
+    grads = torch.autograd.grad(loss, params)
+    return float(loss.detach()), torch.cat([g.reshape(-1) for g in grads])
+
+
+def _simpson_reference(model, theta0, theta1, x, y, splits: int) -> torch.Tensor:
+    """Per-parameter LCA of θ0 → θ1 by composite Simpson with ``splits`` sub-intervals: ḡ · Δ."""
+    delta = theta1 - theta0
+    w = torch.ones(splits + 1, dtype=torch.float64)
+    w[1:-1:2], w[2:-1:2] = 4.0, 2.0
+    gbar = sum(
+        w[k] * _reference_grad(model, theta0 + (k / splits) * delta, x, y)[1] for k in range(splits + 1)
+    )
+    return gbar / (3 * splits) * delta
+
+
+def test_tiny_transformer_lca_equals_float64_autograd_reference():
+    model = _tiny_lm()
+    x, y = lm_tensors()
+    assert (y == -100).any() and model.head.weight is model.tok.weight
+    fbl = FullBatchLoss(model, {"input_ids": x}, y, chunk_size=4)  # 13 windows in chunks of 4, 3 and 1
+    theta0 = fbl.flat_params()
+    assert theta0.numel() == parameters_to_vector(model.parameters()).numel()  # the tied weight once
+    theta1 = theta0 + 0.05 * torch.randn(
+        theta0.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64
+    )
+    step = LCAEngine(fbl, "rk4", tolerance=1e-9, max_splits=16).step(theta0, theta1)
+    ref = _simpson_reference(_tiny_lm(), theta0, theta1, x, y, step.splits)
+    torch.testing.assert_close(step.param, ref, rtol=1e-10, atol=1e-13)
+    # L over counted targets only, and conservation within the tolerance
+    l0, _ = _reference_grad(_tiny_lm(), theta0, x, y)
+    l1, _ = _reference_grad(_tiny_lm(), theta1, x, y)
+    assert float(fbl.loss(theta0)) == pytest.approx(l0, rel=1e-12)
+    residual = float(step.param.sum()) - (l1 - l0)
+    assert residual == pytest.approx(step.host_error, abs=1e-12) and abs(residual) < 1e-7 * abs(l1 - l0) * 100
+
+
+def test_ignored_targets_are_not_counted_whatever_the_loss():
+    """A loss without ignore_index gets the -100 targets masked: the same L as cross-entropy's own skip."""
+    model = _tiny_lm()
+    x, y = lm_tensors()
+
+    def plain_ce(logits, target, reduction="sum"):  # no ignore_index: -100 would index out of range
+        return -torch.log_softmax(logits, -1).gather(1, target.unsqueeze(1)).sum()
+
+    a = FullBatchLoss(model, {"input_ids": x}, y, chunk_size=5, loss_fn=build_loss(None))  # skips -100 itself
+    b = FullBatchLoss(model, {"input_ids": x}, y, chunk_size=5, loss_fn=plain_ce)
+    theta = a.flat_params()
+    assert b.mask_ignored and not a.mask_ignored
+    la, ga = a.loss_and_grad(theta)
+    lb, gb = b.loss_and_grad(theta)
+    assert a.n_counted == int((y != -100).sum()) < y.numel()
+    torch.testing.assert_close(lb, la, rtol=1e-12, atol=0)
+    torch.testing.assert_close(gb, ga, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_streamed_and_cached_passes_give_the_same_L_and_grad(workers):
+    model = _tiny_lm()
+    x, y = lm_tensors(n=23)
+    ds = ItemDataset(x, y)
+    fp, n_targets, top = fingerprint_stream(ds, batch=5)
+    assert fp == fingerprint_tensors({"input_ids": x}, y)  # the same data hashes the same either way
+    streamed = StreamedExamples(ds, "cpu", fp["n_counted"], n_targets, (x.shape[1],), workers=workers)
+    cached = CachedExamples({"input_ids": x}, y)
+    a = FullBatchLoss(model, cached, None, chunk_size=4)
+    b = FullBatchLoss(model, streamed, None, chunk_size=4)
+    theta = a.flat_params() + 0.01
+    la, ga = a.loss_and_grad(theta)
+    lb, gb = b.loss_and_grad(theta)
+    assert float(lb) == float(la) and torch.equal(gb, ga)  # same chunks, same order: identical numbers
+    assert float(b.loss(theta)) == float(a.loss(theta))
+
+
+def _run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "lca_lab", "device=cpu", "logger=none", "figures=false",
+           f"hydra.run.dir={tmp_path}", *args]  # fmt: skip
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _rows(path: Path) -> dict[str, np.ndarray]:
+    with h5py.File(path, "r") as f:
+        out = {k: f[k][()] for k in ("lca/param", "lca/total", "lca/error", "train/loss", "data/train_order")}
+        out["attrs"] = dict(f.attrs)
+    return out
+
+
+def test_own_dict_input_lm_runs_streamed_and_cached_with_the_same_rows(tmp_path):
+    common = ["net._target_=tests.own_parts.TinyLM", "data._target_=tests.own_parts.lm_data",
+              "+data.streamed_items=true", "batch_size=10", "epochs=2", "opt.lr=0.1",
+              "lca.tolerance=1e-4"]  # fmt: skip
+    runs = {}
+    for stream in ("true", "false"):
+        r = _run(tmp_path / stream, *common, f"lca.stream={stream}")
+        assert r.returncode == 0, r.stderr[-2000:]
+        runs[stream] = _rows(tmp_path / stream / "lca.h5")
+    a, b = runs["true"], runs["false"]
+    assert a["attrs"]["lca_stream"] and not b["attrs"]["lca_stream"]
+    np.testing.assert_allclose(a["lca/param"], b["lca/param"], rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(a["train/loss"], b["train/loss"])
+    # conservation per iteration, L = mean over counted tokens
+    assert np.all(np.abs(a["lca/error"]) <= 1e-4)
+    np.testing.assert_allclose(a["lca/total"] - np.diff(a["train/loss"]), a["lca/error"], atol=1e-12)
+    fp = json.loads(a["attrs"]["data_fingerprint"])
+    assert fp == json.loads(b["attrs"]["data_fingerprint"]) and fp["train"]["n"] == 40
+    assert fp["train"]["n_counted"] < 40 * 6  # the -100 targets are not counted
+    order = a["data/train_order"]
+    assert order.shape == (2, 40) and all(sorted(row) == list(range(40)) for row in order.tolist())
+
+
+def test_train_order_is_the_order_trained(tmp_path, monkeypatch):
+    """The recorded epoch orders are the batches the trainer took (the batch order of a seed)."""
+    import lca_lab.train as train
+
+    seen = []
+    orig = CachedExamples.take
+
+    def spy(self, idx):
+        seen.append(idx.clone())
+        return orig(self, idx)
+
+    monkeypatch.setattr(CachedExamples, "take", spy)
+    from tests.test_train import _cfg
+
+    cfg = _cfg("data=synthetic", "data.size=60", "batch_size=25", "epochs=2", "lca=off", "logger=none",
+               "figures=false")  # fmt: skip
+    train.run(cfg, tmp_path)
+    with h5py.File(tmp_path / "lca.h5", "r") as f:
+        order = f["data/train_order"][()]
+    expect = [torch.as_tensor(order[e][s : s + 25]) for e in range(2) for s in (0, 25, 50)]
+    assert len(seen) == len(expect) and all(torch.equal(a.long(), b.long()) for a, b in zip(seen, expect))
