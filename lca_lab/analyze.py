@@ -370,15 +370,32 @@ def analyze(
     return report
 
 
+def _heatmap_param(shapes: list) -> int | None:
+    """Index of the parameter tensor drawn in the heatmap and the animation.
+
+    The first tensor with at least two dimensions (a linear ``[out, in]``, an embedding
+    ``[vocab, width]`` or a conv ``[out, in, kh, kw]`` weight): for the paper's nets that is the first
+    layer's weight, as before; for a model whose first tensor is a vector (a LayerNorm, a bias) the
+    first weight matrix. With no such tensor, the first non-empty one (drawn as a strip); None when
+    every tensor is empty.
+    """
+    sizes = [int(np.prod(s)) for s in shapes]
+    for i, s in enumerate(shapes):
+        if len(s) >= 2 and sizes[i] > 0:
+            return i
+    return next((i for i, n in enumerate(sizes) if n > 0), None)
+
+
 def _param_figures(r: dict, tag: str) -> list[tuple[str, Any]]:
-    """Heatmap of the first layer's weight at the iteration of largest total |LCA|, from sampled rows."""
+    """Heatmap of the first weight matrix (:func:`_heatmap_param`) at the iteration of largest total
+    |LCA|, from sampled rows."""
     out = []
     names, shapes, sample = r["param_names"], r["param_shapes"], r["param_sample"]
-    if sample.shape[0] == 0:
+    i = _heatmap_param(shapes)
+    if sample.shape[0] == 0 or i is None:
         return out
     offsets = np.cumsum([0] + [int(np.prod(s)) for s in shapes])
     t = int(np.argmax(np.abs(sample).sum(1)))
-    i = 0
     block = sample[t, offsets[i] : offsets[i + 1]].reshape(shapes[i])
     it = t * r["param_sample_step"]
     out.append(
@@ -399,19 +416,22 @@ def _param_figures(r: dict, tag: str) -> list[tuple[str, Any]]:
 
 
 def _animation(r: dict, out: Path, tag: str, max_frames: int) -> str | None:
-    """GIF of the first layer's weight LCA over the sampled iterations (paper Figure 2's videos)."""
+    """GIF of the heatmap's weight LCA (:func:`_heatmap_param`) over the sampled iterations (paper
+    Figure 2's videos)."""
     sample, shapes, names = r["param_sample"], r["param_shapes"], r["param_names"]
-    if sample.shape[0] < 2 or max_frames <= 0:
+    i = _heatmap_param(shapes)
+    if sample.shape[0] < 2 or max_frames <= 0 or i is None:
         return None
-    n0 = int(np.prod(shapes[0]))
-    frames = sample[:, :n0].reshape(sample.shape[0], *shapes[0])
-    name = f"{tag}_animation_{names[0]}.gif"
+    a = int(sum(int(np.prod(s)) for s in shapes[:i]))
+    shape = tuple(shapes[i]) or (1,)  # a scalar parameter: one pixel per frame
+    frames = sample[:, a : a + int(np.prod(shape))].reshape(sample.shape[0], *shape)
+    name = f"{tag}_animation_{names[i]}.gif"
     fg.param_animation(
         frames,
         out / name,
         iterations=np.arange(sample.shape[0]) * r["param_sample_step"],
         max_frames=max_frames,
-        title=names[0],
+        title=names[i],
     )
     return name
 

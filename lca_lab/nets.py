@@ -1,8 +1,9 @@
 """Networks of the LCA paper and the grouping of their parameters into "layers".
 
-Every factory takes the input shape ``(C, H, W)`` and the class count from the data, so each net
+Every image factory takes the input shape ``(C, H, W)`` and the class count from the data, so each net
 runs on MNIST-shaped ``[B, 1, 28, 28]`` and CIFAR-shaped ``[B, 3, 32, 32]`` batches and returns
-logits ``[B, n_classes]``.
+logits ``[B, n_classes]``. :func:`gpt` takes the vocabulary size as ``n_classes`` and the window
+``(T,)`` as ``input_shape`` and maps token indices ``[B, T]`` to logits ``[B, T, n_classes]``.
 
 Conventions that other modules rely on:
 
@@ -12,6 +13,8 @@ Conventions that other modules rely on:
 * Initialisation (He-normal, fan-in, ReLU gain for every conv/linear weight; zero biases; BN weight 1,
   bias 0) draws only from the global torch RNG, so ``torch.manual_seed(s)`` before a factory
   (:func:`fc`, :func:`lenet`, :func:`allcnn`, :func:`resnet20`, :func:`vgg`) fixes the initial weights.
+* A model may name its layers itself with a method ``lca_layers()`` (checked by :func:`layer_groups`);
+  :func:`gpt` (the transformer of :mod:`lca_lab.transformer`) does, and so can a user's own model.
 * Module paths are fixed by the code below, so layer names (``"conv1"``, ``"layer2.0.shortcut.conv"``,
   ``"fc"`` ...) are the same for every instance of a net type.
 """
@@ -20,10 +23,12 @@ from __future__ import annotations
 
 import numbers
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
+
+from lca_lab.transformer import GPT
 
 __all__ = [
     "fc",
@@ -31,6 +36,7 @@ __all__ = [
     "allcnn",
     "resnet20",
     "vgg",
+    "gpt",
     "layer_groups",
     "param_layer_index",
     "entry_layer_index",
@@ -410,6 +416,71 @@ def vgg(
     return init_weights(_build_vgg(shape, n, width=width, batchnorm=batchnorm, hidden=hidden))
 
 
+def _check_gpt(
+    context: int | None = None,
+    depth: int = 2,
+    width: int = 64,
+    heads: int = 4,
+    dropout: float = 0.0,
+    tie: bool = True,
+) -> None:
+    if context is not None and (not _is_int(context) or context < 1):
+        raise ValueError(f"context must be an integer ≥ 1 or null (the data's window), got {context!r}")
+    if not _is_int(depth) or depth < 1:
+        raise ValueError(f"depth must be an integer ≥ 1 (number of blocks), got {depth!r}")
+    if not _is_int(heads) or heads < 1:
+        raise ValueError(f"heads must be an integer ≥ 1, got {heads!r}")
+    if not _is_int(width) or width < 1 or width % heads:
+        raise ValueError(f"width must be an integer ≥ 1 divisible by heads={heads!r}, got {width!r}")
+    if not _is_number(dropout) or not 0 <= dropout < 1:
+        raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
+    if not isinstance(tie, bool):
+        raise ValueError(f"tie must be true or false, got {tie!r}")
+
+
+@_with_checks(_check_gpt)
+def gpt(
+    n_classes: int,
+    input_shape: Sequence[int] | None = None,
+    context: int | None = None,
+    depth: int = 2,
+    width: int = 64,
+    heads: int = 4,
+    dropout: float = 0.0,
+    tie: bool = True,
+) -> nn.Module:
+    """A small decoder-only transformer (:class:`lca_lab.transformer.GPT`), GPT-2-initialised.
+
+    Args:
+        n_classes: vocabulary size (the data's class count: 256 for ``data=text``'s bytes).
+        input_shape: shape of one example's inputs, ``(window,)`` (lca_lab passes it); its last entry is
+            the sequence length.
+        context: positions the model covers; None = the window. Shorter than the window is an error.
+        depth, width, heads, dropout, tie: see :class:`~lca_lab.transformer.GPT`.
+
+    Layers (:meth:`GPT.lca_layers`): ``embed``, ``block{i}.attn``, ``block{i}.mlp`` …, ``head``.
+    """
+    _check_gpt(context, depth, width, heads, dropout, tie)
+    if not _is_int(n_classes) or n_classes < 1:
+        raise ValueError(f"n_classes must be an integer ≥ 1 (the vocabulary size), got {n_classes!r}")
+    window = None
+    if input_shape is not None:
+        shape = tuple(input_shape)
+        if not shape or not all(_is_int(s) and s > 0 for s in shape):
+            raise ValueError(f"input_shape must be (window,) of a positive integer, got {shape!r}")
+        window = int(shape[-1])
+    if context is None:
+        if window is None:
+            raise ValueError("context=null needs the data's window (input_shape): set net.context=<int>")
+        context = window
+    elif window is not None and context < window:
+        raise ValueError(
+            f"context={context} is shorter than the data's window of {window} tokens: "
+            f"set net.context=null (the window) or ≥ {window}"
+        )
+    return GPT(int(n_classes), int(context), int(depth), int(width), int(heads), float(dropout), tie)
+
+
 # --------------------------------------------------------------------------------------------------
 # layer grouping
 # --------------------------------------------------------------------------------------------------
@@ -421,7 +492,16 @@ _NORM_MODULES = (nn.modules.batchnorm._BatchNorm,)
 def layer_groups(model: nn.Module) -> list[tuple[str, list[str]]]:
     """Group the trainable parameters of ``model`` into the paper's "layers".
 
-    Rules, applied while walking ``model.named_modules()`` (registration order):
+    **A model's own layers.** A model with a callable ``lca_layers()`` method (any ``nn.Module``, e.g.
+    :meth:`lca_lab.transformer.GPT.lca_layers`) defines its layers itself: it returns
+    ``[(layer_name, [param_name, ...]), ...]`` with names as ``model.named_parameters()`` gives them, in
+    the order the layers should have (input -> output). It may list frozen parameters (they are dropped,
+    and a layer left empty disappears) and may name a tied tensor by any of its names, but every
+    trainable tensor must be in exactly one layer, under a name the model has: anything else is a
+    ``ValueError`` naming the problem. Parameters within a layer are put in ``named_parameters()``
+    order and named canonically (a tied tensor by its first name).
+
+    Otherwise these rules apply, while walking ``model.named_modules()`` (registration order):
 
     * each Conv*/Linear starts a layer named by its module path (e.g. ``"layer1.0.conv1"``), holding
       its weight and bias;
@@ -439,6 +519,9 @@ def layer_groups(model: nn.Module) -> list[tuple[str, list[str]]]:
     Returns:
         ``[(layer_name, [param_name, ...]), ...]``; every trainable parameter in exactly one layer.
     """
+    hook = getattr(model, "lca_layers", None)
+    if callable(hook):
+        return _own_layers(model, hook())
     # Map each parameter object to its canonical (deduplicated) name, so shared parameters and the
     # exact naming of named_parameters() are respected.
     canonical: dict[int, str] = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
@@ -481,6 +564,60 @@ def layer_groups(model: nn.Module) -> list[tuple[str, list[str]]]:
         if layer not in emitted:
             emitted.add(layer)
             groups.append((layer, sorted(members[layer], key=rank.__getitem__)))
+    return groups
+
+
+def _own_layers(model: nn.Module, layers: object) -> list[tuple[str, list[str]]]:
+    """Check a model's ``lca_layers()`` answer and put it in :func:`layer_groups`' form (see there)."""
+    where = f"{type(model).__name__}.lca_layers()"
+    if isinstance(layers, (str, bytes, Mapping)) or not isinstance(layers, Sequence):
+        raise ValueError(f"{where} must return a list of (layer name, [parameter names]), got {layers!r}")
+    by_name = dict(model.named_parameters(remove_duplicate=False))  # every name, tied aliases included
+    canonical = {id(p): n for n, p in model.named_parameters()}  # a tensor's first name
+    rank = {n: i for i, n in enumerate(canonical.values())}
+    owner: dict[int, str] = {}  # tensor -> the layer that claimed it
+    groups: list[tuple[str, list[str]]] = []
+    seen_layers: set[str] = set()
+    for entry in layers:
+        if (
+            isinstance(entry, (str, bytes))
+            or not isinstance(entry, Sequence)
+            or len(entry) != 2
+            or not isinstance(entry[0], str)
+            or isinstance(entry[1], (str, bytes))
+            or not isinstance(entry[1], Sequence)
+        ):
+            raise ValueError(f"{where}: each entry must be (layer name, [parameter names]), got {entry!r}")
+        layer, pnames = entry
+        if not layer or layer in seen_layers:
+            raise ValueError(f"{where}: layer names must be unique and non-empty, got {layer!r}")
+        seen_layers.add(layer)
+        if not pnames:
+            raise ValueError(f"{where}: layer {layer!r} has no parameters; leave it out or give it some")
+        kept = []
+        for pname in pnames:
+            p = by_name.get(pname) if isinstance(pname, str) else None
+            if p is None:
+                example = next(iter(canonical.values()), "")
+                raise ValueError(
+                    f"{where}: layer {layer!r} names {pname!r}, which is not a parameter of the model "
+                    f"(names as model.named_parameters() gives them, e.g. {example!r})"
+                )
+            if id(p) in owner:
+                alias = "" if canonical[id(p)] == pname else f" (the same tensor as {canonical[id(p)]!r})"
+                raise ValueError(
+                    f"{where}: {pname!r}{alias} is in layer {owner[id(p)]!r} and again in {layer!r}; "
+                    "put each tensor in exactly one layer"
+                )
+            owner[id(p)] = layer
+            if p.requires_grad:
+                kept.append(canonical[id(p)])
+        if kept:  # a layer whose tensors are all frozen disappears, as with the built-in rules
+            groups.append((layer, sorted(kept, key=rank.__getitem__)))
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in owner]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ValueError(f"{where} leaves out trainable parameters {shown}; put each in exactly one layer")
     return groups
 
 
