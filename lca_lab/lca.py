@@ -58,20 +58,22 @@ _DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Alpha
 def lca_eval_mode(model: nn.Module, modules: Sequence[nn.Module] | None = None):
     """Put ``model`` in the mode that defines ``L(θ)``; restore every flag on exit.
 
-    BatchNorm: train mode (batch statistics) with ``track_running_stats`` off, so the forward pass
-    neither reads nor updates running statistics. Dropout: eval (identity). ``modules``: the model's
-    BatchNorm and dropout modules when the caller has listed them already (:func:`mode_modules`); the
-    per-pass cost is then that of those modules only, which matters for small, launch-bound nets.
+    Every module in eval mode (``training = False``: dropout off, also where a module reads its own flag
+    instead of holding an ``nn.Dropout``, as Hugging Face's GPT-2 attention does), except BatchNorm: train
+    mode (batch statistics) with ``track_running_stats`` off, so the forward pass neither reads nor
+    updates running statistics. ``modules``: the model's modules when the caller has listed them already
+    (:func:`mode_modules`). Flags are set one module at a time (no recursive ``eval()``), which keeps the
+    per-pass cost small for launch-bound nets.
     """
     mods = mode_modules(model) if modules is None else modules
     saved = [(m, m.training, getattr(m, "track_running_stats", None)) for m in mods]
     try:
         for m in mods:
             if isinstance(m, _BN_TYPES):
-                m.train()
+                m.training = True
                 m.track_running_stats = False
             else:
-                m.eval()
+                m.training = False
         yield model
     finally:
         for m, training, trs in saved:
@@ -81,8 +83,8 @@ def lca_eval_mode(model: nn.Module, modules: Sequence[nn.Module] | None = None):
 
 
 def mode_modules(model: nn.Module) -> list[nn.Module]:
-    """The modules whose mode :func:`lca_eval_mode` sets (BatchNorm and dropout), in model order."""
-    return [m for m in model.modules() if isinstance(m, _BN_TYPES + _DROPOUT_TYPES)]
+    """The modules whose mode :func:`lca_eval_mode` sets: all of them, in model order."""
+    return list(model.modules())
 
 
 def set_matmul_precision(mode: str) -> None:
