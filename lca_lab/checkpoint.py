@@ -42,6 +42,9 @@ RESUME_IGNORED = (
 IMPLIED_IN_OLDER = {"lca.cuda_graph": False, "lca.cudnn_benchmark": False, "lca.compile": False}
 # The speed switches whose default became auto (lca_lab.speed): auto against a set value is no difference.
 SPEED_AUTO = ("lca.channels_last", "lca.cuda_graph", "lca.cudnn_benchmark", "lca.compile")
+# store.per_param became auto too: a resumed run keeps what its run file holds (train._check_size), so
+# auto against a set value is no difference either (a contradicting set value is refused there).
+STORE_AUTO = ("store.per_param",)
 # Signals that ask a run to checkpoint and stop (SLURM sends SIGTERM, or --signal=USR1/USR2 before a
 # time limit; submitit uses SIGUSR2 by default).
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
@@ -220,7 +223,7 @@ def config_diff(stored: Mapping[str, Any], current: Mapping[str, Any]) -> list[s
     def auto_vs_set(k: str) -> bool:
         # A speed switch set on one side and auto on the other (a checkpoint from before the auto
         # default): not refused; auto decides the same on the same device (lca_lab.speed).
-        return k in SPEED_AUTO and "auto" in (a.get(k), b.get(k))
+        return k in (*SPEED_AUTO, *STORE_AUTO) and "auto" in (a.get(k), b.get(k))
 
     return [
         f"{k}: {a.get(k)!r} → {b.get(k)!r}"

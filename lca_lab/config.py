@@ -64,6 +64,7 @@ RUN_RULES: dict[str, Rule] = {
     "device": _DEVICE,
     "checkpoint.every": ("an integer ≥ 1 (iterations) or null", lambda v: v >= 1),
     "checkpoint.seconds": ("a number > 0 (seconds) or null", lambda v: v > 0),
+    "store.per_param": _SWITCH,
     "store.flush_every": _AT_LEAST_1,
     "store.max_gb": ("a number > 0 (GB)", lambda v: v > 0),
     "logger.init_timeout": ("a number > 0 (seconds)", lambda v: v > 0),

@@ -72,7 +72,8 @@ from .parts import build_parts, check_parts, check_targets, upgrade_config
 from .reducers import LCAReducer
 from .schema import RecomputeConfig
 from .speed import PassSettings, SpeedError, check_settings, pass_settings
-from .store import RunWriter, open_run, resolve_path
+from .store import RunWriter, estimate_bytes, open_run, resolve_path
+from .store.sizing import resolve_per_param
 
 __all__ = [
     "RecomputeError",
@@ -386,6 +387,23 @@ def read_run_config(
     return run_cfg
 
 
+def _per_param(run_cfg: dict[str, Any], per_param: bool | None, rf: Any, n_steps: int) -> bool:
+    """Per-parameter rows in the recomputed files: ``per_param`` when given, else the training run's
+    ``store.per_param``; its ``auto`` keeps them when the merged file of all ``n_steps`` rows fits the
+    run's ``store.max_gb`` (every shard decides alike), saying so in one line when it does not."""
+    store = run_cfg.get("store") or {}
+    setting = store.get("per_param", True) if per_param is None else bool(per_param)
+    K, n_layers = sum(int(np.prod(s)) for s in rf.param_shapes), len(rf.layer_names)
+
+    def size_of(p: bool) -> int:  # bytes of the merged file, the reducers' four [K] int32 counters included
+        return estimate_bytes(K, n_steps, p, False, n_layers) + 16 * K
+
+    pp, note = resolve_per_param(setting, float(store.get("max_gb", 20)), size_of, keep="per_param=true")
+    if note:
+        print(note, file=sys.stderr)
+    return pp
+
+
 def _recompute_config(run_cfg: dict[str, Any], settings: dict[str, Any], per_param: bool) -> dict[str, Any]:
     """The run's config as the recomputed file describes it: LCA on, with the settings used."""
     cfg = json.loads(json.dumps(run_cfg))  # deep copy of plain data
@@ -450,8 +468,7 @@ def compute_shard(
         run_cfg = read_run_config(rf.config, traj.path, allow_targets)
         settings = engine_settings(run_cfg, lca)
         device_settings(settings, lca, dev)
-        store_pp = bool((run_cfg.get("store") or {}).get("per_param", True))
-        pp = store_pp if per_param is None else bool(per_param)
+        pp = _per_param(run_cfg, per_param, rf, traj.n_steps)
         setup = _build(rf, run_cfg, settings, dev)
         src_attrs = rf.attrs
         layer_names, pnames, shapes, player = rf.layer_names, rf.param_names, rf.param_shapes, rf.param_layer

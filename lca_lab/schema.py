@@ -103,7 +103,7 @@ class LCAConfig:
 class StoreConfig:
     """``store``: what the run file holds and how it is written."""
 
-    per_param: bool = True
+    per_param: Switch = AUTO  # lca/param [T, K]; auto: when the run file fits max_gb (lca_lab.store.sizing)
     trajectory: bool = False
     flush_every: int = 50  # ≥ 1
     max_gb: float = 20  # > 0

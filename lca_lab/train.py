@@ -48,6 +48,7 @@ from .parts import build_parts, check_parts
 from .reducers import LCAReducer
 from .speed import check_settings, pass_settings
 from .store import RunWriter, estimate_bytes
+from .store.sizing import resolve_per_param
 from .tracking import start_tracker
 
 
@@ -314,7 +315,7 @@ def _run(
     set_matmul_precision(str(cfg["lca"].get("precision", "fp32")))  # training and LCA alike
     b = build(cfg, device)
     plan = _Plan.of(cfg, b)
-    _check_size(cfg, b, plan, run_dir)
+    plan.per_param = _check_size(cfg, b, plan, run_dir, ck)
     if callable(tracker) and not hasattr(tracker, "log_iteration"):
         # A tracker factory: its (W&B) run starts only now, after every start-up check has passed; a
         # resumed run continues the W&B run its run file records.
@@ -342,7 +343,8 @@ def _run(
 class _Plan:
     """The run's length and LCA window: ``per_epoch`` iterations per epoch, ``total_iters``, LCA of the
     steps ``lo ≤ t < hi`` (``n_rows`` rows; 0 with LCA off), ``theta_only``: LCA off with
-    ``store.trajectory``, θ_t kept for t = lo..hi anyway, for offline LCA (lca_lab.recompute)."""
+    ``store.trajectory``, θ_t kept for t = lo..hi anyway, for offline LCA (lca_lab.recompute);
+    ``per_param``: per-parameter rows stored (``store.per_param`` as :func:`_check_size` resolved it)."""
 
     per_epoch: int
     total_iters: int
@@ -350,6 +352,7 @@ class _Plan:
     hi: int
     n_rows: int
     theta_only: bool
+    per_param: bool = True
 
     @classmethod
     def of(cls, cfg: dict[str, Any], b: Built) -> _Plan:
@@ -362,23 +365,37 @@ class _Plan:
         return cls(per_epoch, total_iters, lo, hi, n_rows, bool(cfg["store"]["trajectory"]) and not lca_on)
 
 
-def _check_size(cfg: dict[str, Any], b: Built, plan: _Plan, run_dir: Path) -> None:
-    """Refuse, before any compute, a run file over ``store.max_gb`` or over the free disk space."""
+def _check_size(cfg: dict[str, Any], b: Built, plan: _Plan, run_dir: Path, ck: Any = None) -> bool:
+    """Resolve ``store.per_param`` (:func:`lca_lab.store.sizing.resolve_per_param`; ``auto`` says in one
+    line when it leaves the per-parameter rows out; a resumed run ``ck`` continues as its file started),
+    then refuse, before any compute, a run file over ``store.max_gb`` or over the free disk space.
+    Returns whether per-parameter rows are stored."""
     scfg = cfg["store"]
-    size = estimate_bytes(b.K, plan.n_rows, bool(scfg["per_param"]), bool(scfg["trajectory"]), len(b.groups))
-    size += 4 * b.K * (max(plan.hi - plan.lo, 0) + 1) if plan.theta_only else 0
+
+    def size_of(per_param: bool) -> int:  # bytes of the run file
+        size = estimate_bytes(b.K, plan.n_rows, per_param, bool(scfg["trajectory"]), len(b.groups))
+        size += 16 * b.K if plan.n_rows else 0  # the reducers' four [K] int32 counters (reduce/*)
+        return size + (4 * b.K * (max(plan.hi - plan.lo, 0) + 1) if plan.theta_only else 0)
+
+    held = None if ck is None else "lca/param" in ck["rows"]
+    per_param, note = resolve_per_param(scfg["per_param"], float(scfg["max_gb"]), size_of, held)
+    if note:
+        tqdm.write(note)
+    size = size_of(per_param)
     if size > float(scfg["max_gb"]) * 1e9:
+        shrink = "store.per_param=false (keeps per-layer LCA), " if per_param else ""
         raise ConfigError(
             f"the run file would be {size / 1e9:.2f} GB ({plan.n_rows} LCA rows × {b.K:,} parameters), over "
-            f"store.max_gb={scfg['max_gb']}. Shrink it with store.per_param=false (keeps per-layer LCA), "
+            f"store.max_gb={scfg['max_gb']}. Shrink it with {shrink}"
             f"store.trajectory=false, a shorter lca.window=[start,stop], fewer epochs, or raise store.max_gb."
         )
     free = shutil.disk_usage(run_dir).free
     if size > free:
         raise ConfigError(
             f"the run file needs about {size / 1e9:.2f} GB but only {free / 1e9:.2f} GB is free in "
-            f"{run_dir}; free space or use store.per_param=false."
+            f"{run_dir}; free space{' or use store.per_param=false' if per_param else ''}."
         )
+    return per_param
 
 
 def _attrs(
@@ -418,7 +435,7 @@ def _open_writer(
         param_layer=b.param_layer,
         layer_names=[g[0] for g in b.groups],
         attrs=attrs,
-        per_param=bool(scfg["per_param"]),
+        per_param=plan.per_param,
         trajectory=bool(scfg["trajectory"]) and lca_on,
         flush_every=int(scfg["flush_every"]),
         expected_rows=plan.n_rows,
@@ -504,7 +521,7 @@ class _TrainLoop:
         self.start_it, self.desc = 0, f"{b.label}/{b.data.source}"
         scfg = cfg["store"]
         self.recorder = StepRecorder(
-            reducer, writer, per_param=bool(scfg["per_param"]), trajectory=bool(scfg["trajectory"]),
+            reducer, writer, per_param=plan.per_param, trajectory=bool(scfg["trajectory"]),
             tracker=tracker, layer_names=[g[0] for g in b.groups],
         )  # fmt: skip
         self.driver = LCADriver(b.engine, self.recorder, self.flat, (plan.lo, plan.hi), plan.theta_only)

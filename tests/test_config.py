@@ -234,7 +234,7 @@ def _run_cli_in_process(monkeypatch, capsys, entry, argv):
         ("epochs=0", "epochs must be an integer ≥ 1, got 0"),
         ("lca.method=rk5", "lca.method must be one of rk4, trapezoid, first_order, got 'rk5'"),
         ("lca.tolerance=-1", "lca.tolerance must be > 0"),
-        ("store.per_param=maybe", "store.per_param must be true or false, got 'maybe'"),
+        ("store.per_param=maybe", "store.per_param must be true or false (or auto), got 'maybe'"),
         ("device=gpu", "device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
         ("logger.mode=sometimes", "logger.mode must be one of auto, online, offline, disabled"),
     ],

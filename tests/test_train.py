@@ -140,8 +140,11 @@ def test_window_limits_rows(tmp_path):
 
 
 def test_size_budget_refuses_before_training(tmp_path):
+    cfg = _cfg(
+        "data=synthetic", "data.size=200", "batch_size=50", "store.per_param=true", "store.max_gb=1e-4"
+    )
     with pytest.raises(ConfigError, match="store.per_param=false"):
-        run(_cfg("data=synthetic", "data.size=200", "batch_size=50", "store.max_gb=0.0001"), tmp_path)
+        run(cfg, tmp_path)
     assert not (tmp_path / "lca.h5").exists()
 
 

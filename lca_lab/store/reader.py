@@ -254,7 +254,7 @@ class RunFile:
         if "lca/param" not in self._f:
             raise NotStoredError(
                 f"{self.path} was stored without per-parameter LCA (no lca/param); "
-                "rerun with store.per_param=true to keep it"
+                "rerun with store.per_param=true (and a store.max_gb that holds it) to keep it"
             )
         return self._rows("lca/param", rows)
 
