@@ -194,9 +194,9 @@ def test_data_warning_is_one_line(online, tmp_path, monkeypatch, capsys):
 
     real = lca_lab.parts.build_data
 
-    def warn_then_load(dcfg, device):
+    def warn_then_load(dcfg, device, **kw):
         warnings.warn("MNIST could not be downloaded; this run uses the bundled digits", stacklevel=1)
-        return real(dcfg, device)
+        return real(dcfg, device, **kw)
 
     monkeypatch.setattr(lca_lab.parts, "build_data", warn_then_load)
     rc.recompute(online, out_dir=tmp_path / "w", lca={"method": "first_order"}, progress=False)
