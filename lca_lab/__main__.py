@@ -20,7 +20,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from .checkpoint import PREEMPTED_EXIT_CODE, RunPreempted
-from .cli_checks import check_group_choices
+from .cli_checks import check_group_choices, upsert_new_target_keys
 from .config import ConfigError, run_cli, validate
 from .data import DatasetUnavailableError
 from .schema import RunConfig
@@ -151,5 +151,6 @@ if __name__ == "__main__":
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)
+    sys.argv[1:] = upsert_new_target_keys(sys.argv[1:])
     # Hydra's errors while composing the config (e.g. an override of a key that does not exist): one line.
     run_cli(main, RunConfig)

@@ -3,6 +3,7 @@ several-line error with a stack-trace hint)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 __all__ = ["check_group_choices", "config_dirs"]
@@ -73,3 +74,18 @@ def check_group_choices(argv: list[str], conf_dir: Path) -> str | None:
                     f"hydra.searchpath=[file://DIR] with DIR/{key}/<name>.yaml)"
                 )
     return None
+
+
+def upsert_new_target_keys(args: list[str]) -> list[str]:
+    """``+data.root=imgs/`` as ``++data.root=imgs/`` when the same command line replaces ``data._target_``.
+
+    ``+key=value`` adds a key and Hydra refuses it when the group file already has one (the default
+    ``data=mnist`` has ``root``); for the arguments of a new target that distinction means nothing, so the
+    key is added or set. Every other argument is returned unchanged.
+    """
+    replaced = {m.group(1) for a in args if (m := re.match(r"^\+{0,2}(\w+)\._target_=", a))}
+    out = []
+    for a in args:
+        m = re.match(r"^\+(\w+)\.", a)
+        out.append("+" + a if m and not a.startswith("++") and m.group(1) in replaced else a)
+    return out

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from .config import ConfigError
-from .data import DataBundle
+from .data import DataBundle, DatasetUnavailableError
 from .nets import layer_groups
 from .optim import LayerPlan, build_optimizer, optimizer_kwargs, plan_layers
 
@@ -220,6 +220,41 @@ def check_parts(cfg: Mapping[str, Any]) -> None:
             _bind(section, obj, target, kwargs, ("reduction",))
         else:
             _bind(section, obj, target, kwargs, ())
+            _check_data_args(section, obj, kwargs)
+        _check_nested_targets(section, kwargs)
+    test = cfg.get("test_data")
+    if test is not None:
+        if not isinstance(test, Mapping) or "_target_" not in test:
+            raise ConfigError(
+                "test_data has no _target_; set +test_data._target_=<a Dataset class or function>"
+            )
+        _bind(
+            "test_data",
+            locate(test["_target_"], "test_data._target_"),
+            test["_target_"],
+            _hydra_keys(test),
+            (),
+        )
+
+
+def _check_data_args(section: str, obj: Callable[..., Any], kwargs: Mapping[str, Any]) -> None:
+    """A built-in data target's own argument check (``data.path`` missing …), before anything is read."""
+    check = getattr(obj, "check_args", None)
+    if section == "data" and callable(check):
+        try:
+            check(**kwargs)
+        except ValueError as e:
+            raise ConfigError(" ".join(str(e).split())) from None
+
+
+def _check_nested_targets(section: str, kwargs: Mapping[str, Any]) -> None:
+    """Nested targets (``net.config._target_=transformers.GPT2Config``) import and take their keys."""
+    for key, target in _targets(kwargs, f"{section}."):
+        node_key = key.rpartition("._target_")[0]
+        node: Any = kwargs
+        for part in node_key.split(".")[1:]:
+            node = node[int(part[1:-1])] if part.startswith("[") else node[part]
+        _bind(node_key, locate(target, key), target, _hydra_keys(node), ())
 
 
 def inherited_keys(cfg: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, list[str]]:
@@ -354,12 +389,14 @@ def _call_data_target(node: Mapping[str, Any], key: str) -> Any:
     """A data target's result; a built-in's ``ValueError`` (a bad ``data.path`` …) is a ConfigError."""
     try:
         return _instantiate(node)
-    except ConfigError:
+    except (ConfigError, DatasetUnavailableError):
         raise
-    except ValueError as e:
+    except (ValueError, OSError) as e:  # a missing file, a bad argument value: one line, exit 2
         if str(node["_target_"]).startswith("lca_lab."):
             raise ConfigError(" ".join(str(e).split())) from None
-        raise ConfigError(f"{key}._target_={node['_target_']} failed: {' '.join(str(e).split())}") from None
+        raise ConfigError(
+            f"{key}._target_={node['_target_']} failed: {type(e).__name__}: {' '.join(str(e).split())}"
+        ) from None
 
 
 def build_data(
