@@ -114,3 +114,30 @@ def reference_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.
     keep = y != -100
     picked = logp.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return -(picked * keep).sum() / keep.sum()
+
+
+def pair_targets(n: int = 30):
+    """Points with two targets each (``y [n, 2]``): do not match a classifier's ``[n, C]`` logits."""
+    x = torch.randn(n, 2, generator=torch.Generator().manual_seed(0))
+    return {"train": TensorDataset(x, torch.zeros(n, 2, dtype=torch.int64))}
+
+
+class NoLogits(MLP):
+    """Returns a tuple: neither a tensor of logits nor an object with ``logits``."""
+
+    def forward(self, x: torch.Tensor):
+        return (self.body(x),)
+
+
+class BareItems(Dataset):
+    """Items that are a single tensor, not ``(inputs, target)``."""
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i: int):
+        return torch.zeros(2)
+
+
+def bare_items():
+    return {"train": BareItems()}

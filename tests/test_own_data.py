@@ -166,3 +166,91 @@ def test_train_order_is_the_order_trained(tmp_path, monkeypatch):
         order = f["data/train_order"][()]
     expect = [torch.as_tensor(order[e][s : s + 25]) for e in range(2) for s in (0, 25, 50)]
     assert len(seen) == len(expect) and all(torch.equal(a.long(), b.long()) for a, b in zip(seen, expect))
+
+
+def _own_cfg(net: dict, data: dict, *overrides: str) -> dict:
+    from tests.test_train import _cfg
+
+    cfg = _cfg("logger=none", "figures=false", "epochs=1", "batch_size=10", *overrides)
+    cfg["net"], cfg["data"] = net, data
+    return cfg
+
+
+@pytest.mark.parametrize(
+    "net, data, match",
+    [
+        ("tests.own_parts.NoLogits", "tests.own_parts.blobs", "neither a tensor of logits nor has `logits`"),
+        (
+            "tests.own_parts.MLP",
+            "tests.own_parts.pair_targets",
+            r"targets must match the logits' leading dims",
+        ),
+        ("tests.own_parts.MLP", "tests.own_parts.bare_items", r"an item must be \(inputs, target\)"),
+        ("tests.own_parts.TinyLM", "tests.own_parts.blobs", "failed on the first training examples"),
+    ],
+)
+def test_bad_model_or_data_fails_before_training_in_one_line(tmp_path, net, data, match):
+    from lca_lab.config import ConfigError
+    from lca_lab.train import run
+
+    with pytest.raises(ConfigError, match=match) as e:
+        run(_own_cfg({"_target_": net}, {"_target_": data}), tmp_path)
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "lca.h5").exists()  # nothing started
+
+
+def test_per_class_lca_on_token_targets_is_refused_in_one_line(tmp_path):
+    from lca_lab.config import ConfigError
+    from lca_lab.train import run
+
+    cfg = _own_cfg(
+        {"_target_": "tests.own_parts.TinyLM"}, {"_target_": "tests.own_parts.lm_data"}, "lca.per_class=true"
+    )
+    with pytest.raises(ConfigError, match="lca.per_class=true needs one class index per example"):
+        run(cfg, tmp_path)
+
+
+def test_a_missing_text_file_exits_2_in_one_line(tmp_path):
+    r = _run(tmp_path, "net=gpt", "data=text", f"data.path={tmp_path / 'nope.txt'}")
+    assert r.returncode == 2
+    err = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(err) == 1 and "data.path=" in err[0] and "does not exist" in err[0], r.stderr
+
+
+def test_a_new_target_takes_plus_keys_and_drops_the_group_files_keys(tmp_path):
+    from lca_lab.cli_checks import upsert_new_target_keys
+    from lca_lab.parts import inherited_keys
+
+    args = ["data._target_=tests.own_parts.blobs", "+data.n=90", "+net.hidden=4", "++data.items=false"]
+    assert upsert_new_target_keys(args) == [args[0], "++data.n=90", "+net.hidden=4", "++data.items=false"]
+    cfg = {"data": {"_target_": "tests.own_parts.blobs", "root": "x", "split_seed": 0, "n": 90}}
+    assert inherited_keys(cfg, ["data._target_=tests.own_parts.blobs", "++data.n=90"]) == {
+        "data": ["root", "split_seed"]
+    }
+    assert inherited_keys(cfg, ["data._target_=tests.own_parts.blobs", "data.root=y"]) == {
+        "data": ["split_seed"]
+    }
+    assert inherited_keys(cfg, ["data.n=3"]) == {}  # the target was not replaced: nothing dropped
+    # end to end: the default data=mnist's keys are dropped with a note, the run completes
+    r = _run(tmp_path, "net._target_=tests.own_parts.MLP", "data._target_=tests.own_parts.blobs",
+             "+data.n=90", "batch_size=30", "epochs=1")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "note: data: root, split_seed, fallback, download, normalize not passed" in r.stdout
+    with h5py.File(tmp_path / "lca.h5", "r") as f:
+        assert json.loads(f.attrs["data_fingerprint"])["train"]["n"] == 90
+
+
+def test_recompute_of_an_own_dict_input_run_needs_allow_targets_and_gives_the_same_rows(tmp_path):
+    from lca_lab import recompute as rc
+    from lca_lab.config import ConfigError
+    from lca_lab.train import run
+
+    cfg = _own_cfg({"_target_": "tests.own_parts.TinyLM"}, {"_target_": "tests.own_parts.lm_data"},
+                   "store.trajectory=true", "lca.tolerance=1e-4", "opt.lr=0.1")  # fmt: skip
+    run(cfg, tmp_path / "run")
+    with pytest.raises((ConfigError, ValueError), match=r"allow_targets=\[tests\.\*\]"):
+        rc.recompute(tmp_path / "run", out_dir=tmp_path / "r0", progress=False)
+    rc.recompute(tmp_path / "run", out_dir=tmp_path / "r1", progress=False, allow_targets=["tests.*"])
+    with h5py.File(tmp_path / "run" / "lca.h5", "r") as a, h5py.File(tmp_path / "r1" / "lca.h5", "r") as b:
+        np.testing.assert_allclose(b["lca/param"][()], a["lca/param"][()], rtol=1e-4, atol=1e-7)
+        np.testing.assert_allclose(b["lca/total"][()], a["lca/total"][()], rtol=1e-6, atol=1e-9)
