@@ -248,13 +248,10 @@ def _check_data_args(section: str, obj: Callable[..., Any], kwargs: Mapping[str,
 
 
 def _check_nested_targets(section: str, kwargs: Mapping[str, Any]) -> None:
-    """Nested targets (``net.config._target_=transformers.GPT2Config``) import and take their keys."""
+    """Nested targets (``net.config._target_=transformers.GPT2Config``) must import. Their keys are left to
+    the call: configuration classes such as Hugging Face's take keys their signatures do not list."""
     for key, target in _targets(kwargs, f"{section}."):
-        node_key = key.rpartition("._target_")[0]
-        node: Any = kwargs
-        for part in node_key.split(".")[1:]:
-            node = node[int(part[1:-1])] if part.startswith("[") else node[part]
-        _bind(node_key, locate(target, key), target, _hydra_keys(node), ())
+        locate(target, key)
 
 
 def inherited_keys(cfg: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, list[str]]:
