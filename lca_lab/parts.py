@@ -5,11 +5,13 @@ Each of the config sections ``data``, ``net``, ``opt`` and ``loss`` names a clas
 ``conf/<group>/`` pointing at ``lca_lab.nets.*``, ``lca_lab.data.*``, ``torch.optim.*`` and
 ``torch.nn.*``. What lca_lab adds to the config's arguments:
 
-* **data**: nothing. The target returns a :class:`~lca_lab.data.DataBundle` (CPU tensors); lca_lab moves
-  it to the run's device.
-* **net**: the data's ``input_shape`` (C, H, W) and ``n_classes``, each only when the target's signature
-  has a parameter of that name and the config does not set it. The target returns an ``nn.Module``
-  mapping ``[B, C, H, W]`` to logits ``[B, n_classes]``; ``torch.manual_seed(seed)`` runs just before it.
+* **data**: nothing. The target returns a :class:`~lca_lab.data.DataBundle` (the built-in datasets),
+  ``{"train": Dataset, "test": Dataset, …}`` or a Dataset (:mod:`lca_lab.splits`: cached on the run's
+  device or streamed to it); ``test_data`` builds a separate test Dataset.
+* **net**: the data's ``input_shape`` (of one example's first input tensor) and ``n_classes``, each only
+  when the target's signature has a parameter of that name and the config does not set it. The target
+  returns an ``nn.Module`` giving logits ``[..., C]`` (or ``.logits``) for the data's inputs, checked on
+  two examples before training (:func:`probe_model`); ``torch.manual_seed(seed)`` runs just before it.
 * **opt**: the per-layer param groups as its first argument (``params``); ``lr_decay_epochs`` and
   ``lr_decay_factor`` are read by lca_lab and not passed (:mod:`lca_lab.optim`).
 * **loss**: ``reduction="sum"`` for L's passes and evaluation, ``reduction="mean"`` for the training step.
@@ -535,7 +537,10 @@ def build_parts(
     model = build_model(cfg["net"], data).to(device)
     loss_fn = build_loss(cfg.get("loss"))
     probe_model(model, data, loss_fn, str(cfg["net"]["_target_"]))
-    groups = layer_groups(model)
+    try:
+        groups = layer_groups(model)  # the model's own lca_layers() where it has them
+    except ValueError as e:
+        raise ConfigError(f"net._target_={cfg['net']['_target_']}: {' '.join(str(e).split())}") from None
     plans = opt = None
     if optimizer:
         try:

@@ -246,7 +246,8 @@ def build(cfg: dict[str, Any], device: torch.device) -> Built:
         parts.optimizer,
     )
     speed = pass_settings(model, device, lcfg, bool(cfg["deterministic"]))  # how L's passes run
-    channels_last, cuda_graph = speed.channels_last, speed.cuda_graph
+    # A CUDA graph replays fixed addresses: never for streamed data (FullBatchLoss keeps those passes eager).
+    channels_last, cuda_graph = speed.channels_last, speed.cuda_graph and not data.streamed
     cudnn_bm, compile_passes = speed.cudnn_benchmark, speed.compile
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
