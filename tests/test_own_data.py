@@ -254,3 +254,28 @@ def test_recompute_of_an_own_dict_input_run_needs_allow_targets_and_gives_the_sa
     with h5py.File(tmp_path / "run" / "lca.h5", "r") as a, h5py.File(tmp_path / "r1" / "lca.h5", "r") as b:
         np.testing.assert_allclose(b["lca/param"][()], a["lca/param"][()], rtol=1e-4, atol=1e-7)
         np.testing.assert_allclose(b["lca/total"][()], a["lca/total"][()], rtol=1e-6, atol=1e-9)
+
+
+def test_gpt_on_text_conserves_and_groups_its_layers(tmp_path):
+    """net=gpt data=text end to end (a small one): every iteration within the tolerance, Σ layers = total,
+    the transformer's layers, the corpus' provenance and the per-token L recorded."""
+    from lca_lab.train import run
+    from tests.test_train import _cfg
+
+    cfg = _cfg("net=gpt", "data=text", "data.max_bytes=4096", "data.window=16", "net.width=16", "net.depth=1",
+               "net.heads=2", "batch_size=16", "epochs=1", "logger=none", "figures=false")  # fmt: skip
+    s = run(cfg, tmp_path)
+    assert s["lca_rows"] >= 10
+    with h5py.File(tmp_path / "lca.h5", "r") as f:
+        err, total, loss = f["lca/error"][()], f["lca/total"][()], f["train/loss"][()]
+        layer = f["lca/layer"][()]
+        names = [n.decode() if isinstance(n, bytes) else n for n in f["layers/names"][()]]
+        info = json.loads(f.attrs["data_info"])
+        fp = json.loads(f.attrs["data_fingerprint"])
+    assert np.all(np.abs(err) <= 1e-3)
+    np.testing.assert_allclose(total - np.diff(loss), err, atol=1e-12)
+    np.testing.assert_allclose(layer.sum(1), total, atol=1e-9)
+    assert names == ["embed", "block0.attn", "block0.mlp", "head"]
+    assert info["corpus"] == "pydoc_data.topics" and len(info["sha256"]) == 64
+    assert fp["train"]["n_counted"] == fp["train"]["n"] * 16  # one target per byte of every window
+    assert loss[-1] < loss[0]
