@@ -80,6 +80,12 @@ class DatasetUnavailableError(FileNotFoundError, RuntimeError):
 class DataBundle:
     """One dataset split into train / val / test tensors, all on the same device.
 
+    The built-in datasets fill the image fields below. Data of your own (:mod:`lca_lab.splits`) may have
+    inputs that are a tuple or dict of tensors ``[N, ...]``, targets of any shape per example (``-100``:
+    not counted), no val split (``None``), and streamed splits (``train_stream``/``test_stream``: read
+    from a Dataset chunk by chunk) in place of the tensors. Code that runs L or the training step uses
+    :attr:`train` / :attr:`test` (:mod:`lca_lab.examples`), which covers every case.
+
     Attributes:
         train_x: [N, C, H, W] float32 (normalised unless ``normalize=False``).
         train_y: [N] int64 class labels.

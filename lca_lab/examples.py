@@ -304,6 +304,12 @@ Examples = Union[CachedExamples, StreamedExamples]  # noqa: UP007
 # fingerprints
 
 
+def _raw_bytes(t: torch.Tensor) -> Any:
+    """The bytes of a tensor in row-major order, as a buffer over its own memory (no copy of a large
+    split; any dtype, bfloat16 included)."""
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
 class _Hasher:
     """sha256 of a split's inputs (one digest per input tensor) and targets, fed chunk by chunk: the rows
     of a row-major tensor are its bytes in order, so whole tensors and chunks of them hash the same."""
@@ -319,9 +325,9 @@ class _Hasher:
         if not self.leaves:
             self.leaves = [hashlib.sha256() for _ in leaves]
         for h, t in zip(self.leaves, leaves):
-            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+            h.update(_raw_bytes(t))
         y = y.detach().cpu().to(torch.int64).contiguous()
-        self.targets.update(y.numpy().tobytes())
+        self.targets.update(_raw_bytes(y))
         self.n, self.n_counted = self.n + len(y), self.n_counted + count_targets(y)
         self.n_targets += y.numel()
         self.top = max(self.top, int(y.max())) if y.numel() else self.top

@@ -155,7 +155,7 @@ def bundle_from(
         n_classes=n_classes, input_shape=train["input_shape"], test_index=np.arange(test_split["n"]),
         train_stream=train["stream"], test_stream=test_split["stream"], info=dict(parts["info"] or {}),
         fingerprint={"train": train["fingerprint"], "test": test_split["fingerprint"]},
-    )  # fmt: skip
+    ).to(device)  # fmt: skip
 
 
 def _split(ds: Dataset, where: str, device: torch.device, stream: Any, workers: int) -> dict[str, Any]:

@@ -423,7 +423,9 @@ def test_group_choice_check_looks_in_user_config_dirs(tmp_path):
     ):
         assert check_group_choices(argv, CONF) is None, argv
     msg = check_group_choices([f"hydra.searchpath=[file://{tmp_path}]", "net=yours"], CONF)
-    assert msg.startswith("net=yours does not exist; choose one of: allcnn, fc, lenet, mine, resnet20, vgg")
+    assert msg.startswith(
+        "net=yours does not exist; choose one of: allcnn, fc, gpt, hf_gpt2, lenet, mine, resnet20, vgg"
+    )
     assert check_group_choices(["hydra.searchpath=[pkg://somepkg.conf]", "net=mine"], CONF) is None
 
 

@@ -236,17 +236,18 @@ EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_runs_a_few_iterations(tmp_path, experiment):
-    cfg = _cfg(
-        f"experiment={experiment}",
-        "data=synthetic",
-        "data.size=64",
-        "batch_size=32",
-        "epochs=1",
-        "lca.window=[0,2]",
-        "figures=false",
+    # the image experiments on small synthetic images; the transformer's on a few windows of its text
+    small = (
+        ["data.max_bytes=2048", "data.window=16", "net.width=16", "net.heads=2"]
+        if experiment == "transformer"
+        else ["data=synthetic", "data.size=64"]
     )
-    assert cfg["data"]["_target_"] == "lca_lab.data.synthetic"
-    if "width" in cfg["net"]:
+    cfg = _cfg(
+        f"experiment={experiment}", *small, "batch_size=32", "epochs=1", "lca.window=[0,2]", "figures=false"
+    )
+    if experiment != "transformer":
+        assert cfg["data"]["_target_"] == "lca_lab.data.synthetic"
+    if "width" in cfg["net"] and experiment != "transformer":
         cfg["net"]["width"] = 4 if cfg["net"]["_target_"] == "lca_lab.nets.resnet20" else 0.1
     s = run(cfg, tmp_path)
     assert s["lca_rows"] == 2
