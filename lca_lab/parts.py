@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import inspect
+import logging
 import re
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -109,6 +110,9 @@ def locate(target: Any, key: str) -> Callable[..., Any]:
         raise ConfigError(
             f"{key} must be a dotted import path (module.Class), got {target!r}; {_fix_hint(key)}"
         )
+    hydra_log = logging.getLogger("hydra.utils")
+    level = hydra_log.level
+    hydra_log.setLevel(logging.CRITICAL)  # it logs the failure over several lines; ours is one
     try:
         obj = get_object(target)
     except Exception as e:  # ImportError, AttributeError, or an error while importing the user's module
@@ -116,6 +120,8 @@ def locate(target: Any, key: str) -> Callable[..., Any]:
         builtins = _builtins_of(target)
         extra = f"; the built-in ones are {', '.join(builtins)}" if builtins else f"; {_fix_hint(key)}"
         raise ConfigError(f"{key}={target} cannot be imported ({cause[:200]}){extra}") from None
+    finally:
+        hydra_log.setLevel(level)
     if not callable(obj):
         raise ConfigError(f"{key}={target} is not a class or function; {_fix_hint(key)}")
     return obj

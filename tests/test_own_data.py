@@ -279,3 +279,14 @@ def test_gpt_on_text_conserves_and_groups_its_layers(tmp_path):
     assert info["corpus"] == "pydoc_data.topics" and len(info["sha256"]) == 64
     assert fp["train"]["n_counted"] == fp["train"]["n"] * 16  # one target per byte of every window
     assert loss[-1] < loss[0]
+
+
+@pytest.mark.parametrize(
+    "override", ["net._target_=tests.own_parts.Nope", "net=hf_gpt2", "data._target_=nopkg.make"]
+)
+def test_a_target_that_cannot_be_imported_exits_2_in_one_line(tmp_path, override):
+    extra = ["net.config._target_=tests.own_parts.NopeConfig"] if override == "net=hf_gpt2" else []
+    r = _run(tmp_path, override, *extra)
+    assert r.returncode == 2
+    err = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(err) == 1 and "cannot be imported" in err[0], r.stderr
