@@ -23,6 +23,9 @@ from .checkpoint import PREEMPTED_EXIT_CODE, RunPreempted
 from .cli_checks import check_group_choices, upsert_new_target_keys
 from .config import ConfigError, run_cli, validate
 from .data import DatasetUnavailableError
+from .dist import SINGLE, broadcast_object, is_collective_failure, rank_device, world_from_env
+from .dist import close as close_dist
+from .dist import init as init_dist
 from .schema import RunConfig
 from .sweep import FAILED_MARKER, job_device, run_name, wandb_group
 from .train import StorageError, format_summary, run
@@ -47,6 +50,20 @@ def _tracker(plain: dict[str, Any], hc: Any, multirun: bool, out: Path, override
         job_type="train",
         **kw,
     )
+
+
+def rank_run_dir(args: list[str]) -> list[str]:
+    """Ranks other than 0 of a torchrun launch keep Hydra's own files out of the run directories: theirs
+    go to a temporary directory, and the run uses rank 0's directory (broadcast once the group exists)."""
+    rank, world, _ = world_from_env()
+    if world == 1 or rank == 0 or any(a in ("-m", "--multirun") for a in args):
+        return args
+    quiet = ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+    if any(a.startswith("hydra.run.dir=") for a in args):
+        return [*args, *quiet]
+    import tempfile
+
+    return [*args, f"hydra.run.dir={tempfile.mkdtemp(prefix=f'lca_lab_rank{rank}_')}", *quiet]
 
 
 def _drop_inherited_keys(cfg: DictConfig, overrides: list[str]) -> None:
@@ -74,6 +91,7 @@ def main(cfg: DictConfig) -> dict:
     overrides = list(hc.overrides.task)  # e.g. ["layers=freeze_last", "seed=1"]: readable labels
     plain: dict[str, Any] = {}
     tracker = None  # set once run() has created it, for every exit path below
+    shard = SINGLE
 
     def make_tracker(**kw: Any):
         nonlocal tracker
@@ -85,13 +103,23 @@ def main(cfg: DictConfig) -> dict:
         _drop_inherited_keys(cfg, overrides)
         # The typed schema and the rules between keys, before anything else: one line, exit code 2.
         plain = validate(cfg)
-        if multirun:
+        if multirun and world_from_env()[1] == 1:
             import torch
 
             plain["device"] = job_device(str(plain["device"]), int(hc.job.num), torch.cuda.device_count())
+        if plain.get("dist", "auto") is not False and world_from_env()[1] > 1:
+            # one run over the ranks of this launch: each its device, rank 0's run directory for all
+            plain["device"] = rank_device(str(plain["device"]))
+            shard = init_dist(plain["device"], float(plain.get("dist_timeout", 300)))
+            out = Path(broadcast_object(str(out)))
         # The W&B run is created by run() only after every start-up check has passed (no W&B run for
         # a config that cannot run).
-        summary = run(plain, out, extra_attrs={"overrides": json.dumps(overrides)}, tracker=make_tracker)
+        summary = run(
+            plain, out, extra_attrs={"overrides": json.dumps(overrides)},
+            tracker=make_tracker if shard.rank == 0 else None, shard=shard,
+        )  # fmt: skip
+        if shard.rank != 0:
+            return summary  # rank 0 reports
         print(format_summary(summary))
         if plain.get("figures", True) and summary.get("lca_rows"):
             # The run's own report and pictures next to its run file (the same code as the analyze command).
@@ -129,13 +157,22 @@ def main(cfg: DictConfig) -> dict:
         code, message = 1, f"error: {e}"
     except Exception as e:
         code = 1
-        if not multirun:
+        if shard.active and is_collective_failure(e):  # another rank died, hung or failed
+            message = (
+                f"error: rank {shard.rank}: another rank of this run failed or stopped answering "
+                f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); every committed "
+                "row is kept in lca.h5 (status 'failed: …'); the same command resumes from its checkpoint"
+            )
+        elif not multirun:
             raise  # a bug: Hydra prints the traceback
-        message = f"error: {type(e).__name__}: {e}"
-        traceback.print_exc()
+        else:
+            message = f"error: {type(e).__name__}: {e}"
+            traceback.print_exc()
     finally:
         if tracker is not None:
             tracker.finish(code)
+        if shard.active:
+            close_dist()
     print(message, file=sys.stderr)
     if not multirun:
         sys.exit(code)
@@ -151,6 +188,6 @@ if __name__ == "__main__":
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)
-    sys.argv[1:] = upsert_new_target_keys(sys.argv[1:])
+    sys.argv[1:] = rank_run_dir(upsert_new_target_keys(sys.argv[1:]))
     # Hydra's errors while composing the config (e.g. an override of a key that does not exist): one line.
     run_cli(main, RunConfig)

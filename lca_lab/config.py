@@ -66,6 +66,8 @@ RUN_RULES: dict[str, Rule] = {
     "checkpoint.seconds": ("a number > 0 (seconds) or null", lambda v: v > 0),
     "store.per_param": _SWITCH,
     "store.flush_every": _AT_LEAST_1,
+    "dist": _SWITCH,
+    "dist_timeout": ("a number > 0 (seconds)", lambda v: v > 0),
     "store.max_gb": ("a number > 0 (GB)", lambda v: v > 0),
     "logger.init_timeout": ("a number > 0 (seconds)", lambda v: v > 0),
     "logger.log_every": _AT_LEAST_1,

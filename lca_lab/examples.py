@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Union
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data._utils.collate import default_collate
 
 IGNORE = -100  # a target that is not predicted (padding, prompt tokens): not counted in L
@@ -228,10 +228,13 @@ class CachedExamples:
     def __len__(self) -> int:
         return self.n
 
-    def chunks(self, size: int) -> Iterator[tuple[Tree, torch.Tensor]]:
-        """``(inputs, targets)`` of consecutive chunks of ``size`` examples (views, no copies)."""
-        for s in range(0, self.n, size):
-            yield tree_map(lambda t, s=s: t[s : s + size], self.inputs), self.targets[s : s + size]
+    def chunks(self, size: int, lo: int = 0, hi: int | None = None) -> Iterator[tuple[Tree, torch.Tensor]]:
+        """``(inputs, targets)`` of consecutive chunks of ``size`` examples of ``lo … hi − 1`` (default: the
+        whole split; views, no copies)."""
+        hi = self.n if hi is None else hi
+        for s in range(lo, hi, size):
+            e = min(s + size, hi)
+            yield tree_map(lambda t, s=s, e=e: t[s:e], self.inputs), self.targets[s:e]
 
     def take(self, idx: torch.Tensor) -> tuple[Tree, torch.Tensor]:
         """The examples ``idx`` [B] (a training batch)."""
@@ -273,21 +276,25 @@ class StreamedExamples:
     def __len__(self) -> int:
         return self.n
 
-    def _loader(self, size: int) -> DataLoader:
-        if size not in self._loaders:
+    def _loader(self, size: int, lo: int = 0, hi: int | None = None) -> DataLoader:
+        hi = self.n if hi is None else hi
+        key = (size, lo, hi)
+        if key not in self._loaders:
             extra = {"prefetch_factor": self.prefetch, "persistent_workers": True} if self.workers else {}
-            self._loaders[size] = DataLoader(
-                self.ds, batch_size=size, shuffle=False, num_workers=self.workers, collate_fn=collate,
+            ds = self.ds if (lo, hi) == (0, self.n) else Subset(self.ds, range(lo, hi))
+            self._loaders[key] = DataLoader(
+                ds, batch_size=size, shuffle=False, num_workers=self.workers, collate_fn=collate,
                 pin_memory=self.device.type == "cuda", **extra,
             )  # fmt: skip
-        return self._loaders[size]
+        return self._loaders[key]
 
     def _to_device(self, x: Tree, y: torch.Tensor) -> tuple[Tree, torch.Tensor]:
         nb = self.device.type == "cuda"
         return tree_map(lambda t: t.to(self.device, non_blocking=nb), x), y.to(self.device, non_blocking=nb)
 
-    def chunks(self, size: int) -> Iterator[tuple[Tree, torch.Tensor]]:
-        for x, y in self._loader(size):
+    def chunks(self, size: int, lo: int = 0, hi: int | None = None) -> Iterator[tuple[Tree, torch.Tensor]]:
+        """Chunks of ``lo … hi − 1`` as :meth:`CachedExamples.chunks`, read through the DataLoader."""
+        for x, y in self._loader(size, lo, hi):
             yield self._to_device(x, y)
 
     def take(self, idx: torch.Tensor) -> tuple[Tree, torch.Tensor]:

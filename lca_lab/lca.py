@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
+from .dist import SINGLE, Shard
 from .examples import (
     IGNORE,
     CachedExamples,
@@ -266,6 +267,7 @@ class FullBatchLoss:
         cuda_graph: bool = False,
         cudnn_benchmark: bool = False,
         compile: bool = False,
+        shard: Shard | None = None,
     ):
         if chunk_size <= 0:
             raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
@@ -306,8 +308,11 @@ class FullBatchLoss:
         self.n_classes = n_classes
         self.has_bn = has_batchnorm(model)
         self._mode_modules = mode_modules(model)
-        # A graph replays fixed addresses: only for data cached on the device.
-        self.cuda_graph = bool(cuda_graph) and self.device.type == "cuda" and cached
+        # this process's share of the passes (lca_lab.dist): its chunks, summed over ranks by all-reduce
+        self.shard = shard or SINGLE
+        self._ranges = self.shard.ranges(len(examples), self.chunk_size, self.has_bn)
+        # A graph replays fixed addresses: only for data cached on the device, and one process.
+        self.cuda_graph = bool(cuda_graph) and self.device.type == "cuda" and cached and not self.shard.active
         self.graph_error: str | None = None
         self._graph: tuple | None = None  # (flags, graph, static θ, static L, static ∇L)
         self.cudnn_benchmark = bool(cudnn_benchmark)
@@ -319,7 +324,7 @@ class FullBatchLoss:
         if n_classes is not None and cached and (examples.targets.dim() != 1 or examples.has_ignored):
             raise ValueError("per-class LCA needs one class index per example (targets [N], none -100)")
         if n_classes is not None:
-            if self.has_bn or not cached:
+            if self.has_bn or not cached or self.shard.active:
                 # BN couples the examples of a chunk: keep the chunks that define L, and take one backward
                 # pass per class present in the chunk (≈ n_classes backward passes per full pass). Streamed
                 # data is read in its own order: the same per-chunk classes.
@@ -372,7 +377,19 @@ class FullBatchLoss:
         return functional_call(self.model, params, args, kwargs, strict=False, tie_weights=False)
 
     def _chunks(self):
-        return self.examples.chunks(self.chunk_size)
+        """This process's chunks (all of them in one process)."""
+        if not self.shard.active:
+            return self.examples.chunks(self.chunk_size)
+        if not self._ranges:
+            return iter(())  # more ranks than chunks: this one adds zeros
+        return self.examples.chunks(self.chunk_size, self._ranges[0][0], self._ranges[-1][1])
+
+    def _summed(self, *parts: torch.Tensor) -> list[torch.Tensor]:
+        """Float64 local sums → the sums over every rank: one all-reduce of their concatenation."""
+        if not self.shard.active:
+            return list(parts)
+        flat = self.shard.all_reduce_(torch.cat([p.reshape(-1) for p in parts]))
+        return [v.view_as(p) for p, v in zip(parts, flat.split([p.numel() for p in parts]))]
 
     def _target_loss(self, out, y: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
         """One chunk's loss over its counted targets (:func:`~lca_lab.examples.target_loss`)."""
@@ -389,6 +406,7 @@ class FullBatchLoss:
             total = torch.zeros((), dtype=torch.float64, device=self.device)
             for xb, yb in self._chunks():
                 total += self._target_loss(self._forward(params, xb), yb).double()
+        (total,) = self._summed(total)
         return total / self.n_counted
 
     def loss_and_grad(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -484,7 +502,12 @@ class FullBatchLoss:
                 grad = g.double() if grad is None else grad.add_(g)
                 sums.append(loss_sum.detach())
         n = self.n_counted
+        if not sums:  # a rank without a chunk
+            grad = torch.zeros(self.n_params, dtype=torch.float64, device=self.device)
+            sums = [torch.zeros((), dtype=torch.float64, device=self.device)]
         total = sums[0].double() if len(sums) == 1 else torch.stack(sums).double().sum()
+        if self.shard.active:
+            grad, total = self._summed(grad, total)
         return total.div_(n), grad.div_(n)
 
     def loss_and_grad_batch(self, thetas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -505,6 +528,7 @@ class FullBatchLoss:
                 g, loss_sum = vg(thetas.detach(), xb, yb)
                 grad += g.double()
                 total += loss_sum.double()
+        grad, total = self._summed(grad, total)
         n = self.n_counted
         self.n_evals += len(thetas)
         return total / n, grad / n
@@ -543,6 +567,7 @@ class FullBatchLoss:
                         (g,) = torch.autograd.grad(part, leaf, retain_graph=j < len(present) - 1)
                         grad[c] += g.double()
                         loss[c] += part.detach().double()
+        grad, loss = self._summed(grad, loss)
         n = self.n_counted
         return loss / n, grad / n
 

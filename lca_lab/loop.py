@@ -372,6 +372,7 @@ class LCADriver:
         flat: ``flat()`` → θ, a fresh flat [K] copy of the model's trainable parameters (training sources).
         window: ``(lo, hi)``: LCA of the steps lo ≤ t < hi; default every step.
         theta_only: LCA off but θ_t kept for t = lo..hi (``recorder.theta_row``), for an offline recompute.
+        pipelined: record step t−1 after launching step t (False: record step t at once; several ranks).
 
     ``iter_s``: wall time (s) of every training iteration with LCA (training step t, launching its LCA,
     recording step t−1's): reading step t−1's error makes each iteration wait for the GPU work queued
@@ -385,8 +386,12 @@ class LCADriver:
         flat: Callable[[], torch.Tensor] | None = None,
         window: tuple[int, int] | None = None,
         theta_only: bool = False,
+        pipelined: bool = True,
     ):
         self.engine, self.recorder, self.flat = engine, recorder, flat
+        # Several ranks: each step is recorded in its own iteration, so every rank runs its collectives (the
+        # passes' all-reduces, the step's broadcast) in one order, whatever boundaries rank 0 alone has.
+        self.pipelined = pipelined
         self.lo, self.hi = window if window is not None else (0, math.inf)
         self.theta_only = theta_only
         self.pending: Launched | None = None
@@ -455,6 +460,8 @@ class LCADriver:
             theta1 = self._theta = self.flat()
             launched = Launched(t, self.engine.launch(theta0, theta1), theta1, batch_loss.detach())
             self.push(launched)
+            if not self.pipelined:
+                self.drain()
             self.iter_s.append(time.perf_counter() - t_iter)
         if t + 1 >= self.hi:
             self.drain()  # the end of the window

@@ -155,6 +155,8 @@ class RunConfig:
     figures: bool = True
     resume: bool = False
     allow_targets: list[str] = _optional(factory=list)  # fnmatch patterns of trusted _target_s
+    dist: Switch = _optional(AUTO)  # auto: one run over the ranks of a torchrun/SLURM launch; false: never
+    dist_timeout: float = _optional(300)  # > 0 seconds: a rank that dies or hangs ends the run after this
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     lca: LCAConfig = field(default_factory=LCAConfig)

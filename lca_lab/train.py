@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as tdist
 import torch.nn.functional as F
 import yaml
 from tqdm.auto import tqdm
@@ -39,6 +40,7 @@ from .checkpoint import (
     set_rng_state,
 )
 from .config import ConfigError, validate
+from .dist import SINGLE, Shard, broadcast_object, broadcast_params_
 from .examples import CachedExamples, StreamedExamples, call, correct_targets, target_loss
 from .lca import FullBatchLoss, LayerSums, LCAEngine, auto_chunk_size, set_matmul_precision
 from .loop import LCADriver, StepRecorder
@@ -146,8 +148,13 @@ def run(
     run_dir: str | os.PathLike,
     extra_attrs: dict[str, str] | None = None,
     tracker: Any = None,
+    shard: Shard | None = None,
 ) -> dict[str, Any]:
     """Train one network with online LCA; write ``<run_dir>/lca.h5``; return the summary dict.
+
+    ``shard``: this process's rank when the run is spread over several (:mod:`lca_lab.dist`; torchrun).
+    Every rank trains the same trajectory and evaluates its share of L's passes; rank 0 alone locks the
+    run directory, writes the run file, checkpoints and tracks; the others write nothing and return ``{}``.
 
     ``extra_attrs`` go into the run file's attributes (the CLI stores the Hydra overrides there).
     ``tracker`` (optional, e.g. ``tracking.WandbTracker``, or a zero-argument factory of one, called
@@ -169,12 +176,16 @@ def run(
     check_parts(cfg)  # every _target_ importable, its arguments known (net.width=-3 too): before any data
     device = resolve_device(cfg["device"])
     run_dir = Path(run_dir)
+    shard = shard or SINGLE
+    if shard.rank != 0:
+        return _follow(cfg, run_dir, device, shard)
     check_writable(run_dir)
     ckcfg = cfg.get("checkpoint") or {}
     try:
         with RunDirLock(run_dir), PreemptionSignals(bool(ckcfg.get("enabled", True))) as signals:
             mode, ck = plan_resume(run_dir, cfg)
-            return _run(cfg, run_dir, extra_attrs, device, mode, ck, signals, tracker)
+            _agree_on_start(shard, mode, ck)
+            return _run(cfg, run_dir, extra_attrs, device, mode, ck, signals, tracker, shard)
     except RunPreempted as e:
         if callable(e.previous_handler):  # e.g. submitit: requeue this job (it then exits the process)
             e.previous_handler(e.signum, None)
@@ -228,9 +239,10 @@ class Built:
     test_lca: bool
     loss_fn: Any
     label: str
+    shard: Shard = SINGLE  # this process's rank and share of L's passes (lca_lab.dist)
 
 
-def build(cfg: dict[str, Any], device: torch.device) -> Built:
+def build(cfg: dict[str, Any], device: torch.device, shard: Shard = SINGLE) -> Built:
     """Data, network, speed settings of L's passes, chunk size, layer plans, optimizer and LCA engine of
     ``cfg`` on ``device`` (ConfigError naming the key for a bad value)."""
     lcfg = cfg["lca"]
@@ -282,10 +294,12 @@ def build(cfg: dict[str, Any], device: torch.device) -> Built:
         fast = speed.engine_kwargs()
         fbl = FullBatchLoss(
             model, data.train, None, chunk, loss_fn=loss_fn, param_names=pnames,
-            n_classes=data.n_classes if per_class else None, **fast,
+            n_classes=data.n_classes if per_class else None, shard=shard, **fast,
         )  # fmt: skip
         test_fbl = (
-            FullBatchLoss(model, data.test, None, chunk, loss_fn=loss_fn, param_names=pnames, **fast)
+            FullBatchLoss(
+                model, data.test, None, chunk, loss_fn=loss_fn, param_names=pnames, shard=shard, **fast
+            )
             if test_lca
             else None
         )
@@ -296,8 +310,48 @@ def build(cfg: dict[str, Any], device: torch.device) -> Built:
         )  # fmt: skip
     return Built(
         data, model, optimizer, groups, named, pnames, param_layer, index, K, chunk, channels_last,
-        cuda_graph, cudnn_bm, compile_passes, engine, per_class, test_lca, loss_fn, parts.label,
+        cuda_graph, cudnn_bm, compile_passes, engine, per_class, test_lca, loss_fn, parts.label, shard,
     )  # fmt: skip
+
+
+class _NoWriter:
+    """The run file's writer on ranks other than 0: every write a no-op (rank 0 writes the one file)."""
+
+    path = None
+    committed_rows = 0
+
+    def __enter__(self) -> _NoWriter:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: None
+
+
+def _agree_on_start(shard: Shard, mode: str | None, ck: dict[str, Any] | None) -> tuple[str, Any]:
+    """Rank 0's start (new / restart / resume, and its checkpoint) on every rank: one broadcast, so every
+    rank resumes from the same state and no other rank needs to read the run directory."""
+    if not shard.active:
+        return mode, ck
+    return broadcast_object((mode, ck) if shard.rank == 0 else None)
+
+
+def _follow(cfg: dict[str, Any], run_dir: Path, device: torch.device, shard: Shard) -> dict[str, Any]:
+    """A rank other than 0: the same training and its share of L's passes, nothing written."""
+    mode, ck = _agree_on_start(shard, None, None)
+    set_determinism(int(cfg["seed"]), bool(cfg["deterministic"]))
+    set_matmul_precision(str(cfg["lca"].get("precision", "fp32")))
+    b = build(cfg, device, shard)
+    plan = _Plan.of(cfg, b)
+    plan.per_param = False  # rows go nowhere here
+    loop = _TrainLoop(cfg, b, plan, _NoWriter(), None)
+    if ck is not None:
+        loop.resume(ck, "")
+        del ck
+    loop.run([_kill_test(shard.rank)])  # rank 0 alone evaluates and checkpoints
+    return {}
 
 
 def _run(
@@ -309,12 +363,13 @@ def _run(
     ck: dict[str, Any] | None,
     signals: PreemptionSignals,
     tracker: Any = None,
+    shard: Shard = SINGLE,
 ) -> dict[str, Any]:
     """The body of :func:`run` with the run directory locked (``mode``: new / restart / resume):
     build → loop → finish."""
     set_determinism(int(cfg["seed"]), bool(cfg["deterministic"]))
     set_matmul_precision(str(cfg["lca"].get("precision", "fp32")))  # training and LCA alike
-    b = build(cfg, device)
+    b = build(cfg, device, shard)
     plan = _Plan.of(cfg, b)
     plan.per_param = _check_size(cfg, b, plan, run_dir, ck)
     if callable(tracker) and not hasattr(tracker, "log_iteration"):
@@ -419,6 +474,8 @@ def _attrs(
         "lca_cuda_graph": b.cuda_graph,
         "lca_cudnn_benchmark": b.cudnn_bm,
         "lca_compile": b.compile_passes,
+        "dist_world_size": b.shard.world,  # ranks that shared L's passes (1: one process)
+        "dist_backend": tdist.get_backend() if b.shard.active else "",
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         **(extra or {}),
     }
@@ -464,7 +521,7 @@ class _Trainer:
         ocfg = cfg["opt"]
         self.milestones = [int(e) * per_epoch for e in (ocfg.get("lr_decay_epochs") or [])]
         self.decay = float(ocfg.get("lr_decay_factor", 0.1))
-        self.seed = int(cfg["seed"])
+        self.seed, self.shard = int(cfg["seed"]), b.shard
         self.batch_gen = torch.Generator(device="cpu").manual_seed(self.seed)
         self.perm: torch.Tensor | None = None
         # the mean over counted targets, -100 left out (cross-entropy skips them itself)
@@ -507,6 +564,9 @@ class _Trainer:
         batch_loss = target_loss(self.loss_fn, call(self.model, inputs), targets, "mean", self.mask)
         batch_loss.backward()
         self.optimizer.step()
+        # every rank took this step; rank 0's θ on all of them, bit for bit, whatever kernels ran
+        if self.shard.active:
+            broadcast_params_(self.model.parameters())
         return batch_loss
 
 
@@ -525,7 +585,14 @@ class _TrainLoop:
             reducer, writer, per_param=plan.per_param, trajectory=bool(scfg["trajectory"]),
             tracker=tracker, layer_names=[g[0] for g in b.groups],
         )  # fmt: skip
-        self.driver = LCADriver(b.engine, self.recorder, self.flat, (plan.lo, plan.hi), plan.theta_only)
+        self.driver = LCADriver(
+            b.engine,
+            self.recorder,
+            self.flat,
+            (plan.lo, plan.hi),
+            plan.theta_only,
+            pipelined=not b.shard.active,
+        )
 
     def flat(self) -> torch.Tensor:
         """θ: a fresh flat [K] copy of the trainable parameters."""
@@ -567,8 +634,9 @@ class _TrainLoop:
         """Train from ``start_it`` to the end, LCA pipelined (see :mod:`lca_lab.loop`)."""
         self.b.model.train()
         bar = self.recorder.bar = tqdm(
-            total=self.plan.total_iters, initial=self.start_it, desc=self.desc, unit="it", dynamic_ncols=True
-        )
+            total=self.plan.total_iters, initial=self.start_it, desc=self.desc, unit="it", dynamic_ncols=True,
+            disable=self.b.shard.rank != 0,  # one progress bar per run
+        )  # fmt: skip
         self.driver.train(
             self.trainer.iterations(self.start_it),
             self.trainer.step,
@@ -610,6 +678,12 @@ class _KillTest:
 
     def __call__(self, it: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _kill_test(rank: int) -> _KillTest:
+    """The test hook of this rank (``LCA_LAB_TEST_SIGKILL_RANK``, default 0, picks the rank it kills)."""
+    at = int(os.environ.get(TEST_KILL_ENV, "-1"))
+    return _KillTest(at if rank == int(os.environ.get("LCA_LAB_TEST_SIGKILL_RANK", "0")) else -1)
 
 
 @dataclass
@@ -659,7 +733,7 @@ def _boundaries(
     cfg: dict[str, Any], loop: _TrainLoop, plan: _Plan, run_dir: Path, config: str, signals: Any, ck_on: bool
 ) -> list:
     """What runs between iterations, in this order: evaluation, kill test, checkpoint, preemption."""
-    out: list = [_Eval(loop, int(cfg["eval_every"])), _KillTest(int(os.environ.get(TEST_KILL_ENV, "-1")))]
+    out: list = [_Eval(loop, int(cfg["eval_every"])), _kill_test(0)]
     if ck_on:
         ckcfg = cfg.get("checkpoint") or {}
         every, seconds = int(ckcfg.get("every") or 0), float(ckcfg.get("seconds") or 0)

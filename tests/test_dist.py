@@ -1,0 +1,139 @@
+"""L's passes sharded over processes (gloo on the CPU) give one process's numbers."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from lca_lab.dist import SINGLE, shard_chunks
+from tests import dist_workers
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("whole", [False, True])
+@pytest.mark.parametrize("n, chunk, world", [(23, 4, 2), (23, 4, 3), (10, 6, 3), (5, 10, 2), (100, 7, 8)])
+def test_shards_cover_every_example_once_in_order(n, chunk, world, whole):
+    seen = []
+    for r in range(world):
+        ranges = shard_chunks(n, chunk, world, r, whole)
+        assert all(0 < e - s <= chunk for s, e in ranges)
+        seen += [i for s, e in ranges for i in range(s, e)]
+    assert seen == list(range(n))  # no padding, no duplicate, no gap
+    if whole:  # the single process's own chunks, none cut
+        single = shard_chunks(n, chunk, 1, 0, True)
+        assert sorted(c for r in range(world) for c in shard_chunks(n, chunk, world, r, True)) == single
+
+
+@pytest.fixture(scope="module")
+def single():
+    return dist_workers.evaluate_all(SINGLE)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_passes_equal_one_process(tmp_path, single, world):
+    mp.spawn(dist_workers.worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    for name, ref in single.items():
+        for r, got in enumerate(ranks):
+            for key, want in ref.items():
+                have = got[name][key]
+                if key == "splits":
+                    assert have == want, (name, r)  # the same refinement decisions
+                elif key == "param":  # per-parameter LCA: products of the same float64 numbers
+                    torch.testing.assert_close(
+                        have, want, rtol=1e-10, atol=1e-15, msg=f"{name} rank {r} {key}"
+                    )
+                else:
+                    torch.testing.assert_close(
+                        have, want, rtol=1e-12, atol=1e-15, msg=f"{name} rank {r} {key}"
+                    )
+        # every rank holds the same bits (the all-reduce's result)
+        for got in ranks[1:]:
+            assert torch.equal(got[name]["g"], ranks[0][name]["g"])
+
+
+# -- whole runs under torchrun (gloo, CPU) ----------------------------------------------------------------
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+RUN = ["data=synthetic", "data.size=120", "batch_size=20", "epochs=1", "device=cpu", "logger=none",
+       "figures=false", "lca.tolerance=1e-4"]  # fmt: skip
+
+
+def _launch(tmp_path, ranks: int, *args: str, env: dict | None = None):
+    import os
+    import subprocess
+    import sys
+
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
+    cmd = [*(launcher if ranks > 1 else [sys.executable]), "-m", "lca_lab", *RUN, *args]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _rows(run_dir):
+    import h5py
+
+    with h5py.File(run_dir / "lca.h5", "r") as f:
+        keys = ("lca/param", "lca/total", "lca/splits", "train/loss", "trajectory/theta", "lca/class_layer")
+        return {k: f[k][()] for k in keys if k in f} | {"attrs": dict(f.attrs)}
+
+
+def test_torchrun_two_ranks_give_the_single_process_run(tmp_path):
+    import numpy as np
+
+    one = _launch(
+        tmp_path, 1, f"hydra.run.dir={tmp_path / 'one'}", "store.trajectory=true", "lca.per_class=true"
+    )
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = _launch(
+        tmp_path, 2, f"hydra.run.dir={tmp_path / 'two'}", "store.trajectory=true", "lca.per_class=true"
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = _rows(tmp_path / "one"), _rows(tmp_path / "two")
+    assert b["attrs"]["dist_world_size"] == 2 and b["attrs"]["dist_backend"] == "gloo"
+    assert a["attrs"]["dist_world_size"] == 1
+    np.testing.assert_array_equal(b["trajectory/theta"], a["trajectory/theta"])  # the same trajectory
+    np.testing.assert_array_equal(b["lca/splits"], a["lca/splits"])  # the same refinement decisions
+    # float32 chunk sums in another grouping: float rounding only
+    np.testing.assert_allclose(b["lca/param"], a["lca/param"], rtol=1e-4, atol=1e-8)
+    np.testing.assert_allclose(b["lca/total"], a["lca/total"], rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(b["lca/class_layer"], a["lca/class_layer"], rtol=1e-4, atol=1e-8)
+    np.testing.assert_allclose(b["train/loss"], a["train/loss"], rtol=1e-6)
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [
+        ".hydra",
+        ".lock",
+        "__main__.log",
+        "lca.h5",
+    ]
+    assert two.stdout.count("run file          :") == 1  # one summary, rank 0's
+
+
+def test_a_killed_rank_fails_the_run_and_it_resumes_with_another_number_of_ranks(tmp_path):
+    import numpy as np
+
+    run_dir = tmp_path / "run"
+    killed = _launch(
+        tmp_path, 2, f"hydra.run.dir={run_dir}", "checkpoint.every=2",
+        env={"LCA_LAB_TEST_SIGKILL_AT_ITERATION": "4", "LCA_LAB_TEST_SIGKILL_RANK": "1"},
+    )  # fmt: skip
+    assert killed.returncode != 0
+    before = _rows(run_dir)
+    assert before["attrs"]["status"].startswith("failed: ")
+    assert 4 <= len(before["lca/total"]) < 6  # every committed row kept
+    assert (run_dir / "checkpoint.pt").exists()
+    resumed = _launch(tmp_path, 1, f"hydra.run.dir={run_dir}")  # one process continues the two's run
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming" in resumed.stderr + resumed.stdout
+    assert _launch(tmp_path, 1, f"hydra.run.dir={tmp_path / 'whole'}").returncode == 0
+    a, b = _rows(tmp_path / "whole"), _rows(run_dir)
+    assert b["attrs"]["status"] == "complete"
+    np.testing.assert_allclose(b["lca/param"], a["lca/param"], rtol=1e-4, atol=1e-8)
+    np.testing.assert_allclose(b["train/loss"], a["train/loss"], rtol=1e-6)
