@@ -170,3 +170,19 @@ def is_collective_failure(e: BaseException) -> bool:
         s in text
         for s in ("Connection closed by peer", "Connection reset", "Timed out", "timed out", "gloo", "NCCL")
     )
+
+
+class NoWriter:
+    """A run file's writer on ranks other than 0: every write a no-op (rank 0 writes the one file)."""
+
+    path = None
+    committed_rows = 0
+
+    def __enter__(self) -> NoWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def __getattr__(self, name: str):
+        return lambda *args, **kwargs: None

@@ -57,6 +57,8 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .config import ConfigError, check_lca_overrides, run_cli, validate_recompute
+from .dist import SINGLE, NoWriter, Shard, rank_device, world_from_env
+from .dist import init as init_dist
 from .lca import (
     FullBatchLoss,
     LayerSums,
@@ -291,7 +293,9 @@ class _Setup:
     speed: PassSettings  # how L's passes run (lca_lab.speed), resolved for the device
 
 
-def _build(rf, run_cfg: dict[str, Any], settings: dict[str, Any], device: torch.device) -> _Setup:
+def _build(
+    rf, run_cfg: dict[str, Any], settings: dict[str, Any], device: torch.device, ranks: Shard = SINGLE
+) -> _Setup:
     """Data, net and engine of the run, checked against the run file before any compute."""
     # data on the device, the net seeded (its values are replaced by θ: only the architecture matters), loss
     parts = build_parts(run_cfg, device, optimizer=False, warn=lambda line: print(line, file=sys.stderr))
@@ -344,12 +348,12 @@ def _build(rf, run_cfg: dict[str, Any], settings: dict[str, Any], device: torch.
     fast = speed.engine_kwargs()
     fbl = FullBatchLoss(
         model, data.train, None, chunk, loss_fn=parts.loss_fn, param_names=pnames,
-        n_classes=data.n_classes if per_class else None, **fast,
+        n_classes=data.n_classes if per_class else None, shard=ranks, **fast,
     )  # fmt: skip
     test_fbl = None
     if settings["test"] and len(data.test) > 0:
         test_fbl = FullBatchLoss(
-            model, data.test, None, chunk, loss_fn=parts.loss_fn, param_names=pnames, **fast
+            model, data.test, None, chunk, loss_fn=parts.loss_fn, param_names=pnames, shard=ranks, **fast
         )
     engine = LCAEngine(
         fbl, settings["method"], settings["tolerance"], settings["max_splits"], settings["adaptive"],
@@ -440,6 +444,7 @@ def compute_shard(
     flush_every: int = 50,
     progress: bool = True,
     allow_targets: list[str] | tuple[str, ...] = (),
+    ranks: Shard = SINGLE,
 ) -> Path:
     r"""Compute LCA for shard ``shard`` of ``num_shards`` of a run's trajectory; return the shard file.
 
@@ -448,6 +453,8 @@ def compute_shard(
     ``allow_targets`` (the caller's; the file's own list is not trusted). Every input is checked before
     any compute. The shard is written as ``*.partial.h5`` and renamed
     to its final name only when complete (a failed shard leaves ``status = failed: …`` in the partial).
+    ``ranks``: this process's rank when a torchrun launch shares the shard's passes (:mod:`lca_lab.dist`);
+    rank 0 writes the shard file, the other ranks compute their share and write nothing.
     """
     traj = Trajectory.from_run(run_dir)
     if isinstance(num_shards, bool) or not isinstance(num_shards, int) or num_shards < 1:
@@ -469,7 +476,7 @@ def compute_shard(
         settings = engine_settings(run_cfg, lca)
         device_settings(settings, lca, dev)
         pp = _per_param(run_cfg, per_param, rf, traj.n_steps)
-        setup = _build(rf, run_cfg, settings, dev)
+        setup = _build(rf, run_cfg, settings, dev, ranks)
         src_attrs = rf.attrs
         layer_names, pnames, shapes, player = rf.layer_names, rf.param_names, rf.param_shapes, rf.param_layer
         try:
@@ -495,6 +502,9 @@ def compute_shard(
             "recompute/id": uuid.uuid4().hex,
         }
         partial = shard_path(out, shard, num_shards, partial=True)
+        if ranks.rank != 0:  # the same passes, rows to rank 0 only
+            _write_shard_rows(NoWriter(), setup, rf.h5, traj, lo, hi, False, False, "")
+            return shard_path(out, shard, num_shards)
         writer = RunWriter(
             partial, param_names=pnames, param_shapes=shapes, param_layer=player, layer_names=layer_names,
             attrs=attrs, per_param=pp, n_classes=setup.n_classes if settings["per_class"] else None,
@@ -836,7 +846,8 @@ def recompute(
     path = compute_shard(run_dir, shard, num_shards, out_dir=out_dir, **kwargs)
     seconds = time.perf_counter() - t0
     out = path.parent
-    merged = _merge_if_complete(resolve_path(run_dir), out, num_shards) if merge else None
+    rank0 = kwargs.get("ranks", SINGLE).rank == 0
+    merged = _merge_if_complete(resolve_path(run_dir), out, num_shards) if merge and rank0 else None
     return {"shard_file": str(path), "merged": str(merged) if merged else None, "seconds": seconds}
 
 
@@ -888,10 +899,14 @@ def _task(cfg) -> dict[str, Any]:
         return {"merged": str(merged)}
     lca = {k: v for k, v in (c.get("lca") or {}).items() if v is not None}
     n = 1 if c["num_shards"] is None else c["num_shards"]
+    device, ranks = c["device"], SINGLE
+    if world_from_env()[1] > 1:  # torchrun: this shard's passes shared by the launch's ranks
+        device = rank_device(str(device))
+        ranks = init_dist(device)
     return recompute(
-        c["run_dir"], c["shard"], n, out_dir=c["out_dir"], lca=lca, device=c["device"],
+        c["run_dir"], c["shard"], n, out_dir=c["out_dir"], lca=lca, device=device,
         per_param=c["per_param"], flush_every=int(c["flush_every"]),
-        allow_targets=list(c.get("allow_targets") or []),
+        allow_targets=list(c.get("allow_targets") or []), ranks=ranks, progress=ranks.rank == 0,
     )  # fmt: skip
 
 
@@ -901,6 +916,8 @@ def _main(cfg) -> dict[str, Any]:
     except (RecomputeError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    if world_from_env()[0] != 0:
+        return res  # rank 0 reports
     if "shard_file" in res:
         print(f"shard file        : {res['shard_file']}   ({res['seconds']:.1f} s)")
     if res.get("merged"):

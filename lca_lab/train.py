@@ -40,7 +40,7 @@ from .checkpoint import (
     set_rng_state,
 )
 from .config import ConfigError, validate
-from .dist import SINGLE, Shard, broadcast_object, broadcast_params_
+from .dist import SINGLE, NoWriter, Shard, broadcast_object, broadcast_params_
 from .examples import CachedExamples, StreamedExamples, call, correct_targets, target_loss
 from .lca import FullBatchLoss, LayerSums, LCAEngine, auto_chunk_size, set_matmul_precision
 from .loop import LCADriver, StepRecorder
@@ -314,22 +314,6 @@ def build(cfg: dict[str, Any], device: torch.device, shard: Shard = SINGLE) -> B
     )  # fmt: skip
 
 
-class _NoWriter:
-    """The run file's writer on ranks other than 0: every write a no-op (rank 0 writes the one file)."""
-
-    path = None
-    committed_rows = 0
-
-    def __enter__(self) -> _NoWriter:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
-
-    def __getattr__(self, name: str) -> Any:
-        return lambda *args, **kwargs: None
-
-
 def _agree_on_start(shard: Shard, mode: str | None, ck: dict[str, Any] | None) -> tuple[str, Any]:
     """Rank 0's start (new / restart / resume, and its checkpoint) on every rank: one broadcast, so every
     rank resumes from the same state and no other rank needs to read the run directory."""
@@ -346,7 +330,7 @@ def _follow(cfg: dict[str, Any], run_dir: Path, device: torch.device, shard: Sha
     b = build(cfg, device, shard)
     plan = _Plan.of(cfg, b)
     plan.per_param = False  # rows go nowhere here
-    loop = _TrainLoop(cfg, b, plan, _NoWriter(), None)
+    loop = _TrainLoop(cfg, b, plan, NoWriter(), None)
     if ck is not None:
         loop.resume(ck, "")
         del ck

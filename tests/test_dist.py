@@ -137,3 +137,43 @@ def test_a_killed_rank_fails_the_run_and_it_resumes_with_another_number_of_ranks
     assert b["attrs"]["status"] == "complete"
     np.testing.assert_allclose(b["lca/param"], a["lca/param"], rtol=1e-4, atol=1e-8)
     np.testing.assert_allclose(b["train/loss"], a["train/loss"], rtol=1e-6)
+
+
+def test_torchrun_recompute_shares_the_passes_and_gives_one_process_rows(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    train = _launch(tmp_path, 1, f"hydra.run.dir={tmp_path / 'run'}", "store.trajectory=true", "lca=off")
+    assert train.returncode == 0, train.stderr[-2000:]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    outs = {}
+    for ranks in (1, 2):
+        launcher = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={ranks}",
+        ]
+        head = launcher if ranks > 1 else [sys.executable]
+        cmd = [
+            *head,
+            "-m",
+            "lca_lab.recompute",
+            str(tmp_path / "run"),
+            f"out_dir={tmp_path / f'r{ranks}'}",
+            "device=cpu",
+        ]
+        r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert r.stdout.count("merged run file") == 1  # rank 0 alone reports and merges
+        outs[ranks] = _rows(tmp_path / f"r{ranks}")
+    a, b = outs[1], outs[2]
+    np.testing.assert_array_equal(b["lca/splits"], a["lca/splits"])
+    np.testing.assert_allclose(b["lca/param"], a["lca/param"], rtol=1e-4, atol=1e-8)
+    assert sorted(p.name for p in (tmp_path / "r2").iterdir() if p.suffix == ".h5") == [
+        "lca.h5", "shard-00-of-01.h5"
+    ]  # fmt: skip
