@@ -9,6 +9,7 @@ writes ``job_failed.txt`` into its directory and returns so the other jobs go on
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import traceback
 from pathlib import Path
@@ -91,7 +92,7 @@ def main(cfg: DictConfig) -> dict:
     overrides = list(hc.overrides.task)  # e.g. ["layers=freeze_last", "seed=1"]: readable labels
     plain: dict[str, Any] = {}
     tracker = None  # set once run() has created it, for every exit path below
-    shard = SINGLE
+    shard, own_dir = SINGLE, out
 
     def make_tracker(**kw: Any):
         nonlocal tracker
@@ -173,6 +174,8 @@ def main(cfg: DictConfig) -> dict:
             tracker.finish(code)
         if shard.active:
             close_dist()
+            if shard.rank != 0 and own_dir.name.startswith("lca_lab_rank"):
+                shutil.rmtree(own_dir, ignore_errors=True)  # the temporary home of this rank's Hydra
     print(message, file=sys.stderr)
     if not multirun:
         sys.exit(code)

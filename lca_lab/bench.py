@@ -1818,6 +1818,9 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a == "--ranks" or a.startswith("--ranks=") for a in argv):
+        return _main_ranks(argv)
     o = parse_args(argv)
     json_path = getattr(o, "json_path", None)
     if json_path:  # fail on an unwritable path before minutes of compute, not after
@@ -1834,6 +1837,49 @@ def main(argv: Sequence[str] | None = None) -> int:
         with open(json_path, "w") as f:
             json.dump(jsonable(result), f, indent=1)
         log(f"wrote {json_path}")
+    return 0
+
+
+def _main_ranks(argv: Sequence[str]) -> int:
+    """``--ranks N``: L's pass on N ranks against one, measured side by side (:mod:`lca_lab.bench_ranks`)."""
+    p = argparse.ArgumentParser(prog="python -m lca_lab.bench --ranks N", description=_main_ranks.__doc__)
+    p.add_argument("--ranks", type=int, required=True, help="ranks (processes) sharing the pass, ≥ 2")
+    p.add_argument("--nets", default="lenet", help="comma list of fc,lenet,resnet20 (default lenet)")
+    p.add_argument(
+        "--n-train", type=int, default=4096, help="examples (default 4096: ≈ 1 s per pass on 1 core)"
+    )
+    p.add_argument("--iters", type=int, default=5, help="timed passes (median; default 5)")
+    p.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (NCCL with one GPU per rank)")
+    p.add_argument("--json", "--out", dest="json_path", help="also write the results as JSON to this path")
+    a = p.parse_args(argv)
+    from . import bench_ranks
+
+    nets = _csv(a.nets)
+    bad = [n for n in nets if n not in bench_ranks.NETS]
+    if a.ranks < 2 or bad or a.n_train < a.ranks or a.iters < 1:
+        print(
+            f"error: --ranks must be ≥ 2 (got {a.ranks}), --nets from {','.join(bench_ranks.NETS)}"
+            f"{' (got ' + ','.join(bad) + ')' if bad else ''}, --n-train ≥ --ranks, --iters ≥ 1",
+            file=sys.stderr,
+        )
+        return 2
+    rows = []
+    for net in nets:
+        r = bench_ranks.scaling(net, a.ranks, a.n_train, a.iters, a.device)
+        print(bench_ranks.format_scaling(r))
+        rows.append(r)
+    result = {
+        "device": device_name(torch.device(a.device)),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "options": vars(a),
+        "scaling": rows,
+    }
+    if a.json_path:
+        with open(a.json_path, "w") as f:
+            json.dump(jsonable(result), f, indent=1)
+        log(f"wrote {a.json_path}")
     return 0
 
 

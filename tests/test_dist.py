@@ -177,3 +177,61 @@ def test_torchrun_recompute_shares_the_passes_and_gives_one_process_rows(tmp_pat
     assert sorted(p.name for p in (tmp_path / "r2").iterdir() if p.suffix == ".h5") == [
         "lca.h5", "shard-00-of-01.h5"
     ]  # fmt: skip
+
+
+def test_bench_ranks_reports_scaling_and_refuses_bad_options(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    out = tmp_path / "ranks.json"
+    cmd = [
+        sys.executable,
+        "-m",
+        "lca_lab.bench",
+        "--ranks",
+        "2",
+        "--nets",
+        "fc",
+        "--n-train",
+        "64",
+        "--iters",
+        "1",
+    ]
+    r = subprocess.run([*cmd, "--json", str(out)], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    row = json.loads(out.read_text())["scaling"][0]
+    assert row["ranks"] == 2 and row["backend"] == "gloo" and row["allreduce_bytes"] == 8 * (row["K"] + 1)
+    assert row["efficiency"] == pytest.approx(row["pass_s_1"] / (2 * row["pass_s_N"]))
+    assert 0 < row["allreduce_share"] < 1 and "efficiency" in r.stdout
+    bad = subprocess.run([*cmd[:4], "1"], env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--ranks must be ≥ 2" in bad.stderr
+
+
+def test_projection_counts_whole_chunks_on_the_slowest_rank():
+    from lca_lab.bench_ranks import project
+
+    # 9 BatchNorm chunks: 8 ranks leave one rank with 2 (efficiency ≈ 9/16), 9 ranks with 1 each
+    assert project(1.0, 10, 8, 9, latency_s=0.0)["efficiency"] == pytest.approx(9 / 16, rel=1e-4)
+    assert project(1.0, 10, 9, 9, latency_s=0.0)["efficiency"] == pytest.approx(1.0, rel=1e-4)
+    assert project(1.0, 10, 8, None, latency_s=0.0)["efficiency"] == pytest.approx(1.0, rel=1e-4)
+    r = project(1.0, 272_474, 8, None, bus_gb_s=100.0, latency_s=0.0)
+    assert r["allreduce_s"] == pytest.approx(2 * 7 / 8 * 8 * 272_475 / 100e9)
+
+
+def test_world_comes_from_torchrun_or_slurm(monkeypatch):
+    from lca_lab.dist import rank_device, world_from_env
+
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID"):
+        monkeypatch.delenv(k, raising=False)
+    assert world_from_env() == (0, 1, 0)
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_PROCID", "5")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    assert world_from_env() == (5, 8, 1)
+    assert rank_device("cpu") == "cpu" and rank_device("cuda") == "cuda:1"
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert world_from_env() == (2, 4, 0)  # torchrun's own variables first
