@@ -82,8 +82,12 @@ def world_from_env() -> tuple[int, int, int]:
 
 
 def backend_for(device: torch.device | str) -> str:
-    """NCCL for CUDA ranks, gloo for CPU ranks."""
-    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+    """NCCL for CUDA ranks with a GPU each, gloo for CPU ranks (and for several ranks sharing one GPU, which
+    NCCL refuses)."""
+    if torch.device(device).type != "cuda":
+        return "gloo"
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", "1")))
+    return "nccl" if per_node <= torch.cuda.device_count() else "gloo"
 
 
 def init(device: torch.device | str, timeout_s: float = DEFAULT_TIMEOUT_S) -> Shard:
@@ -156,7 +160,7 @@ def rank_device(setting: str) -> str:
     if setting == "auto":
         setting = "cuda" if torch.cuda.is_available() else "cpu"
     if setting == "cuda":
-        return f"cuda:{local}"
+        return f"cuda:{local % max(1, torch.cuda.device_count())}"
     return setting
 
 

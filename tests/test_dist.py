@@ -63,7 +63,7 @@ def test_sharded_passes_equal_one_process(tmp_path, single, world):
 # -- whole runs under torchrun (gloo, CPU) ----------------------------------------------------------------
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
-RUN = ["data=synthetic", "data.size=120", "batch_size=20", "epochs=1", "device=cpu", "logger=none",
+RUN = ["data=synthetic", "data.size=120", "batch_size=20", "epochs=1", "logger=none",
        "figures=false", "lca.tolerance=1e-4"]  # fmt: skip
 
 
@@ -73,7 +73,8 @@ def _launch(tmp_path, ranks: int, *args: str, env: dict | None = None):
     import sys
 
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
-    cmd = [*(launcher if ranks > 1 else [sys.executable]), "-m", "lca_lab", *RUN, *args]
+    dev = [] if any(a.startswith("device=") for a in args) else ["device=cpu"]
+    cmd = [*(launcher if ranks > 1 else [sys.executable]), "-m", "lca_lab", *RUN, *dev, *args]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
 
@@ -235,3 +236,33 @@ def test_world_comes_from_torchrun_or_slurm(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_RANK", "0")
     assert world_from_env() == (2, 4, 0)  # torchrun's own variables first
+
+
+@pytest.mark.slow
+def test_a_hanging_rank_ends_the_run_after_dist_timeout(tmp_path):
+    import time
+
+    t0 = time.perf_counter()
+    hung = _launch(
+        tmp_path, 2, f"hydra.run.dir={tmp_path / 'run'}", "dist_timeout=5",
+        env={"LCA_LAB_TEST_SIGKILL_AT_ITERATION": "3", "LCA_LAB_TEST_SIGKILL_RANK": "1",
+             "LCA_LAB_TEST_SIGNAL": "SIGSTOP"},
+    )  # fmt: skip
+    assert hung.returncode != 0
+    rows = _rows(tmp_path / "run")
+    assert rows["attrs"]["status"].startswith("failed: ") and len(rows["lca/total"]) >= 3
+    assert time.perf_counter() - t0 < 120
+
+
+@pytest.mark.gpu
+def test_two_ranks_on_cuda_give_the_single_process_run(tmp_path):
+    import numpy as np
+
+    for ranks in (1, 2):  # on one GPU the two ranks share it through gloo (NCCL needs a GPU per rank)
+        r = _launch(
+            tmp_path, ranks, f"hydra.run.dir={tmp_path / str(ranks)}", "device=cuda", "store.trajectory=true"
+        )
+        assert r.returncode == 0, r.stderr[-3000:]
+    a, b = _rows(tmp_path / "1"), _rows(tmp_path / "2")
+    np.testing.assert_array_equal(b["lca/splits"], a["lca/splits"])
+    np.testing.assert_allclose(b["lca/param"], a["lca/param"], rtol=1e-4, atol=1e-7)
