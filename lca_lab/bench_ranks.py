@@ -6,7 +6,8 @@ Each rank is one process with one thread (gloo on the CPU; on GPUs one rank per 
 * ``pass_s_1``: one process evaluating ``loss_and_grad`` over the whole split;
 * ``pass_s_N``: the same pass sharded over N ranks, its all-reduce included (the slowest rank's time);
 * ``allreduce_s``: the all-reduce alone ([K + 1] float64: the gradient and the loss sum, one per point);
-* ``efficiency = pass_s_1 / (N · pass_s_N)`` and ``allreduce_share = allreduce_s / pass_s_N``.
+* ``efficiency = pass_s_1 / (N · pass_s_N)`` and ``allreduce_share = allreduce_s / pass_s_N``;
+* ``theta_broadcast_s``: θ sent from rank 0 to the others, once per training step.
 
 ``project_h200`` adds a projection for 8 GPUs from a measured single-GPU pass time and all-reduce size, with
 the chunk granularity of BatchNorm nets (whole chunks per rank) made explicit.
@@ -73,19 +74,24 @@ def _rank_main(rank: int, world: int, port: int, opts: dict, out: str) -> None:
         sync = _sync_for(device)
         t_pass = _time_passes(fbl, opts["iters"], sync)
         buf = torch.zeros(fbl.n_params + 1, dtype=torch.float64, device=device)
-        ar = []
+        theta = fbl.flat_params()  # θ as the training step broadcasts it, in the model's dtype
+        ar, bc = [], []
         for _ in range(max(5, opts["iters"])):
-            tdist.barrier()
-            t0 = time.perf_counter()
-            tdist.all_reduce(buf)
-            sync()
-            ar.append(time.perf_counter() - t0)
-        slowest = torch.tensor([t_pass, statistics.median(ar)], dtype=torch.float64, device=device)
+            for op, times in (
+                (lambda: tdist.all_reduce(buf), ar),
+                (lambda: tdist.broadcast(theta, src=0), bc),
+            ):
+                tdist.barrier()
+                t0 = time.perf_counter()
+                op()
+                sync()
+                times.append(time.perf_counter() - t0)
+        medians = [t_pass, statistics.median(ar), statistics.median(bc)]
+        slowest = torch.tensor(medians, dtype=torch.float64, device=device)
         tdist.all_reduce(slowest, op=tdist.ReduceOp.MAX)
         if rank == 0:
-            torch.save(
-                {"pass_s": float(slowest[0]), "allreduce_s": float(slowest[1]), "K": fbl.n_params}, out
-            )
+            keys = ("pass_s", "allreduce_s", "broadcast_s")
+            torch.save({**dict(zip(keys, slowest.tolist())), "K": fbl.n_params}, out)
     finally:
         tdist.destroy_process_group()
 
@@ -125,6 +131,7 @@ def scaling(net: str, ranks: int, n_train: int, iters: int, device: str = "cpu")
         "threads_per_rank": 1, "pass_s_1": pass_1, "pass_s_N": got["pass_s"],
         "efficiency": pass_1 / (ranks * got["pass_s"]), "allreduce_s": got["allreduce_s"],
         "allreduce_share": got["allreduce_s"] / got["pass_s"], "allreduce_bytes": 8 * (got["K"] + 1),
+        "theta_broadcast_s": got["broadcast_s"],  # once per training step: θ from rank 0 to all
     }  # fmt: skip
 
 
@@ -158,6 +165,6 @@ def format_scaling(r: dict[str, Any]) -> str:
         f"  one rank   : {r['pass_s_1']:.3f} s per pass\n"
         f"  {r['ranks']} ranks    : {r['pass_s_N']:.3f} s per pass (all-reduce "
         f"{1e3 * r['allreduce_s']:.2f} ms, {100 * r['allreduce_share']:.1f} % of it; "
-        f"{r['allreduce_bytes'] / 1e6:.2f} MB)\n"
+        f"{r['allreduce_bytes'] / 1e6:.2f} MB); θ broadcast per step: {1e3 * r['theta_broadcast_s']:.2f} ms\n"
         f"  efficiency : {r['efficiency']:.3f}  (time(1) / (N · time(N)))"
     )

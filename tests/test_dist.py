@@ -231,7 +231,10 @@ def test_world_comes_from_torchrun_or_slurm(monkeypatch):
     monkeypatch.setenv("SLURM_PROCID", "5")
     monkeypatch.setenv("SLURM_LOCALID", "1")
     assert world_from_env() == (5, 8, 1)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     assert rank_device("cpu") == "cpu" and rank_device("cuda") == "cuda:1"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert rank_device("cuda") == "cuda:0"  # ranks sharing one GPU (gloo)
     monkeypatch.setenv("RANK", "2")
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_RANK", "0")
