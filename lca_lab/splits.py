@@ -32,6 +32,7 @@ from .examples import (
     fingerprint_tensors,
     read_all,
     tree_leaves,
+    tree_map,
     whole_tensors,
 )
 
@@ -182,8 +183,6 @@ def _empty_like(train: dict[str, Any]) -> dict[str, Any]:
     if train["stream"] is not None:
         return {"x": None, "y": torch.empty(0, dtype=torch.int64), "stream": None, "n": 0, "top": -1,
                 "fingerprint": {"n": 0, "n_counted": 0, "sha256": ""}}  # fmt: skip
-    from .examples import tree_map
-
     x, y = tree_map(lambda t: t[:0], train["x"]), train["y"][:0]
     return {"x": x, "y": y, "stream": None, "n": 0, "top": -1, "fingerprint": fingerprint_tensors(x, y)}
 

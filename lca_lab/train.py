@@ -611,8 +611,9 @@ class _TrainLoop:
         self.writer.set_attrs({**resumed, **(getattr(self.tracker, "attrs", None) or {})})  # and its W&B run
         if self.b.engine is not None and self.plan.lo < self.start_it < self.plan.hi:
             self.driver.resume()
-        where = f"{self.writer.path} from its checkpoint at iteration {self.start_it}"
-        tqdm.write(f"resuming {where} of {self.plan.total_iters}")
+        if self.b.shard.rank == 0:  # one message per run
+            where = f"{self.writer.path} from its checkpoint at iteration {self.start_it}"
+            tqdm.write(f"resuming {where} of {self.plan.total_iters}")
 
     def run(self, boundaries: list) -> None:
         """Train from ``start_it`` to the end, LCA pipelined (see :mod:`lca_lab.loop`)."""

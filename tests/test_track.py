@@ -81,3 +81,25 @@ def test_track_refuses_unknown_options_and_data():
         track(model, (torch.zeros(4, 2), torch.zeros(4, dtype=torch.int64)), "unused", lca={"tol": 1})
     with pytest.raises(TypeError, match="train_data must be a torch Dataset"):
         track(model, [1, 2, 3], "unused")
+
+
+def test_track_takes_a_dict_input_pair_and_conserves(tmp_path):
+    """Dict inputs and per-token targets with -100, given as an (inputs, targets) pair of tensors."""
+    from tests.own_parts import TinyLM, lm_tensors
+
+    x, y = lm_tensors(n=24)
+    torch.manual_seed(0)
+    model = TinyLM()
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    with track(model, train_data=({"input_ids": x}, y), run_dir=tmp_path, lca={"tolerance": 1e-4}) as lca:
+        for idx in torch.arange(24).split(8):
+            logits = model(input_ids=x[idx])["logits"]
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 11), y[idx].reshape(-1))
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            lca.step(loss)
+    got = _rows(tmp_path / "lca.h5")
+    assert got["status"] == "complete" and len(got["lca/total"]) == 3
+    assert np.all((np.abs(got["lca/error"]) <= 1e-4) | ~got["lca/converged"])
+    np.testing.assert_allclose(got["lca/total"] - np.diff(got["train/loss"]), got["lca/error"], atol=1e-12)

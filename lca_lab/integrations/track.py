@@ -19,15 +19,17 @@ module in eval mode but BatchNorm. A block left by an exception keeps every row,
 from __future__ import annotations
 
 import datetime as _dt
+import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset
 
 from .. import __version__
+from ..examples import tree_map
 from ..lca import FullBatchLoss, LayerSums, LCAEngine, auto_chunk_size, check_engine_options
 from ..loop import LCADriver, StepRecorder
 from ..nets import entry_layer_index, layer_groups, param_layer_index
@@ -41,18 +43,30 @@ LCA_DEFAULTS = {"method": "rk4", "tolerance": 1e-3, "max_splits": 32, "adaptive"
 STORE_DEFAULTS = {"per_param": True, "trajectory": False, "flush_every": 50}
 
 
+class _Pair(Dataset):
+    """An ``(inputs, targets)`` pair as a Dataset: inputs a tensor, tuple or dict of tensors ``[N, ...]``;
+    lca_lab reads the whole tensors (``inputs`` / ``targets``) without going item by item."""
+
+    def __init__(self, inputs: Any, targets: torch.Tensor):
+        self.inputs, self.targets = inputs, targets
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> tuple[Any, torch.Tensor]:
+        return tree_map(lambda t: t[i], self.inputs), self.targets[i]
+
+
 def _as_dataset(train_data: Any) -> Any:
-    """A Dataset, or an ``(x, y)`` pair of tensors as one."""
+    """A Dataset (or a data target's mapping) as given; an ``(x, y)`` pair of tensors as a Dataset."""
+    if isinstance(train_data, (Dataset, Mapping)):
+        return train_data
     if (
         isinstance(train_data, (tuple, list))
         and len(train_data) == 2
         and isinstance(train_data[1], torch.Tensor)
     ):
-        return (
-            TensorDataset(*train_data) if isinstance(train_data[0], torch.Tensor) else {"train": train_data}
-        )
-    if isinstance(train_data, Dataset) or isinstance(train_data, Mapping):
-        return train_data
+        return _Pair(*train_data)
     raise TypeError(
         f"train_data must be a torch Dataset or an (x, y) pair of tensors, got {type(train_data).__name__}"
     )
@@ -153,7 +167,7 @@ class LCATracker:
         cls = type(self.model)
         config = {
             "net": {"_target_": f"{cls.__module__}.{cls.__qualname__}"},
-            "lca": {**self.lca, "chunk_size": self.lca["chunk_size"]},
+            "lca": dict(self.lca),
             "store": self.store,
             "loop": "track",
         }
@@ -163,7 +177,7 @@ class LCATracker:
             "torch_version": torch.__version__,
             "device": str(self.device),
             "data_source": "track.train_data",
-            "data_fingerprint": __import__("json").dumps(self.data.fingerprint, sort_keys=True),
+            "data_fingerprint": json.dumps(self.data.fingerprint, sort_keys=True),
             "lca_chunk_size": chunk,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
