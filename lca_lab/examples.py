@@ -185,18 +185,26 @@ def collate(items: Sequence[Any]) -> tuple[Tree, torch.Tensor]:
 
 def whole_tensors(ds: Dataset) -> tuple[Tree, torch.Tensor] | None:
     """``(inputs, targets)`` of a Dataset that already holds them as whole tensors (no per-item reads):
-    a ``TensorDataset`` of two tensors, or a Dataset with ``inputs`` and ``targets`` attributes."""
+    a ``TensorDataset`` of two tensors, or a Dataset with ``inputs`` and ``targets`` attributes whose first
+    item is what ``ds[0]`` returns (a Dataset that transforms its items in ``__getitem__`` is read item by
+    item)."""
     tensors = getattr(ds, "tensors", None)
     if isinstance(ds, torch.utils.data.TensorDataset) and tensors is not None and len(tensors) == 2:
         return tensors[0], tensors[1].to(torch.int64)
     inputs, targets = getattr(ds, "inputs", None), getattr(ds, "targets", None)
-    if isinstance(targets, torch.Tensor) and inputs is not None:
-        try:
-            if tree_len(inputs) == len(targets) == len(ds):  # type: ignore[arg-type]
-                return inputs, targets.to(torch.int64)
-        except (TypeError, IndexError):
+    if not isinstance(targets, torch.Tensor) or inputs is None:
+        return None
+    try:
+        if not tree_len(inputs) == len(targets) == len(ds) or len(targets) == 0:  # type: ignore[arg-type]
             return None
-    return None
+        x0, y0 = ds[0]
+        same = all(
+            torch.equal(a, b) for a, b in zip(tree_leaves(x0), tree_leaves(tree_map(lambda t: t[0], inputs)))
+        )
+        same = same and torch.equal(torch.as_tensor(y0), targets[0])
+    except (TypeError, IndexError, ValueError, RuntimeError):
+        return None
+    return (inputs, targets.to(torch.int64)) if same else None
 
 
 def read_all(ds: Dataset, batch: int = 1024, workers: int = 0) -> tuple[Tree, torch.Tensor]:

@@ -290,3 +290,27 @@ def test_a_target_that_cannot_be_imported_exits_2_in_one_line(tmp_path, override
     assert r.returncode == 2
     err = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(err) == 1 and "cannot be imported" in err[0], r.stderr
+
+
+def test_a_dataset_that_transforms_its_items_is_read_item_by_item():
+    """Whole-tensor attributes are used only where ds[0] returns them unchanged."""
+    from lca_lab.examples import read_all
+
+    x, y = lm_tensors(n=5)
+
+    class Shifted(ItemDataset):
+        inputs, targets = None, None
+
+        def __init__(self):
+            super().__init__(x, y)
+            self.inputs, self.targets = {"input_ids": x}, y
+
+        def __getitem__(self, i):
+            inputs, target = super().__getitem__(i)
+            return {"input_ids": inputs["input_ids"] + 1}, target  # a transform in __getitem__
+
+    got_x, _ = read_all(Shifted())
+    assert torch.equal(got_x["input_ids"], x + 1)  # the items, not the raw attribute
+    plain = ItemDataset(x, y)
+    plain.inputs, plain.targets = {"input_ids": x}, y
+    assert read_all(plain)[0]["input_ids"] is x  # no per-item read where the attributes are the items
