@@ -467,15 +467,14 @@ def probe_model(model: nn.Module, data: DataBundle, loss_fn: Callable[..., Any],
     """Run the model on the first two training examples (no gradient) and check what L needs: logits
     ``[..., C]`` (or ``.logits``) whose leading dims are the targets' shape, targets below C, and a finite
     loss. ``ConfigError`` in one line naming what to fix, before any compute is spent."""
-    from .examples import call, logits_of, target_loss, tree_map
+    from .examples import call, logits_of, target_loss
     from .lca import lca_eval_mode
 
     ex = data.train
-    x = ex.head(2)
-    y = ex.take(torch.arange(min(2, len(ex))))[1] if ex.streamed else ex.targets[:2]
+    x, y = ex.take(torch.arange(min(2, len(ex)), device=data.device if not ex.streamed else "cpu"))
     with torch.no_grad(), lca_eval_mode(model):
         try:
-            out = call(model, tree_map(lambda t: t, x))
+            out = call(model, x)
         except Exception as e:  # the user's forward on the user's data: one line, not a traceback
             raise ConfigError(
                 f"net._target_={target} failed on the first training examples ({type(e).__name__}: "
