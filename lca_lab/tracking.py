@@ -125,6 +125,7 @@ class WandbTracker:
         import wandb  # only when W&B is actually used
 
         self._wandb = wandb
+        self.prefix, self.owned = "", True  # keys as named (KEYS); this tracker finishes its run
         self.log_every = int(lcfg.get("log_every", 50))
         if self.log_every < 1:
             raise ConfigError(f"logger.log_every={self.log_every} must be ≥ 1 (iterations between W&B logs)")
@@ -172,6 +173,22 @@ class WandbTracker:
             _print(f"offline run written to {d}\nwandb: upload it later with: wandb sync {d}")
         self.run.define_metric("iteration")
         self.run.define_metric("*", step_metric="iteration")
+
+    @classmethod
+    def attach(cls, run: Any, log_every: int = 50, prefix: str = "lca_lab/") -> WandbTracker:
+        """A tracker that logs into a W&B run someone else started and will finish (Lightning's
+        ``WandbLogger``, Hugging Face's W&B integration): every key under ``prefix`` (``lca_lab/lca/total``,
+        step metric ``lca_lab/iteration``), so none collides with the trainer's own; :meth:`finish` only
+        flushes."""
+        import wandb
+
+        self = cls.__new__(cls)
+        self._wandb, self.run, self.mode, self.prefix, self.owned = wandb, run, "attached", prefix, False
+        self.log_every, self.artifact_max_mb, self.images = int(log_every), 0.0, True
+        self._buffer, self._n_iters, self._t_last, self._it_last = [], 0, None, 0
+        run.define_metric(f"{prefix}iteration")
+        run.define_metric(f"{prefix}*", step_metric=f"{prefix}iteration")
+        return self
 
     # -- what the run file records about this W&B run -------------------------------------------------
     @property
@@ -236,8 +253,9 @@ class WandbTracker:
             if now > self._t_last and rate_at > self._it_last:
                 rows[-1]["perf/iters_per_s"] = (rate_at - self._it_last) / (now - self._t_last)
             self._t_last, self._it_last = now, rate_at
+        pre = self.prefix
         for (it, _), row in zip(self._buffer, rows):
-            self.run.log({"iteration": it, **row})
+            self.run.log({f"{pre}iteration": it, **{pre + k: v for k, v in row.items()}})
         self._buffer.clear()
 
     # -- end of run (called by the entry point) ---------------------------------------------------------
@@ -248,13 +266,13 @@ class WandbTracker:
         self.flush()
         wandb = self._wandb
         flat = _scalar_leaves("", summary)
-        self.run.summary.update(flat)
+        self.run.summary.update({self.prefix + k: v for k, v in flat.items()})
         layers = summary.get("layer_lca") or {}
         if layers:
             table = wandb.Table(columns=["layer", "index", "total_lca"])
             for i, (name, v) in enumerate(layers.items()):
                 table.add_data(name, i, float(v))
-            self.run.log({"summary/layer_lca": table})
+            self.run.log({f"{self.prefix}summary/layer_lca": table})
         if run_file and self.artifact_max_mb > 0:
             p = Path(run_file)
             size_mb = p.stat().st_size / 1e6 if p.exists() else math.inf
@@ -279,7 +297,7 @@ class WandbTracker:
             return 0
         pngs = sorted(Path(run_dir).glob("*.png"))
         if pngs:
-            self.run.log({f"figures/{p.stem}": self._wandb.Image(str(p)) for p in pngs})
+            self.run.log({f"{self.prefix}figures/{p.stem}": self._wandb.Image(str(p)) for p in pngs})
         return len(pngs)
 
     def use_inputs(self, artifacts: list[str]) -> None:
@@ -300,6 +318,10 @@ class WandbTracker:
     def finish(self, exit_code: int = 0) -> None:
         """Flush what is buffered and close the run; a non-zero exit code marks the W&B run failed."""
         if self.run is None:
+            return
+        if not self.owned:  # the trainer's run: it finishes it
+            self.flush()
+            self.run = None
             return
         try:
             self.flush()

@@ -103,3 +103,24 @@ def test_track_takes_a_dict_input_pair_and_conserves(tmp_path):
     assert got["status"] == "complete" and len(got["lca/total"]) == 3
     assert np.all((np.abs(got["lca/error"]) <= 1e-4) | ~got["lca/converged"])
     np.testing.assert_allclose(got["lca/total"] - np.diff(got["train/loss"]), got["lca/error"], atol=1e-12)
+
+
+def test_the_loops_autocast_does_not_reach_the_passes(tmp_path):
+    """A step taken (and lca.step() called) under bfloat16 autocast: L is still measured in float32."""
+    cfg = _cfg(*CFG)
+    parts = build_parts(cfg, torch.device("cpu"))
+    model, opt, x, y = parts.model, parts.optimizer, parts.data.train_x, parts.data.train_y
+    with torch.no_grad():
+        ref0 = torch.nn.functional.cross_entropy(model(x), y).item()  # float32 L(θ_0)
+    with track(model, (x, y), tmp_path, lca={"tolerance": 1e-4}) as lca, torch.autocast("cpu", torch.bfloat16):
+        for idx in torch.arange(90).split(30):
+            loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            lca.step(loss)
+    with torch.no_grad():
+        ref1 = torch.nn.functional.cross_entropy(model(x), y).item()
+    got = _rows(tmp_path / "lca.h5")
+    np.testing.assert_allclose(got["train/loss"][[0, -1]], [ref0, ref1], rtol=1e-6)
+    assert np.all((np.abs(got["lca/error"]) <= 1e-4) | ~got["lca/converged"])
