@@ -52,8 +52,13 @@ def test_a_fit_resumed_from_its_checkpoint_continues_the_run_file(tmp_path):
     _, model, _, _ = problem()
     ck = ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=4, save_top_k=-1)
     with pytest.raises(RuntimeError):
-        _fit(tmp_path / "run", module=lightning_module(model, fail_at=6), callbacks=[ck], max_epochs=3,
-             enable_checkpointing=True)
+        _fit(
+            tmp_path / "run",
+            module=lightning_module(model, fail_at=6),
+            callbacks=[ck],
+            max_epochs=3,
+            enable_checkpointing=True,
+        )
     assert len(rows(tmp_path / "run" / "lca.h5")["lca/total"]) == 6  # rows 4, 5: after the checkpoint
     _, model, _, _ = problem()
     _fit(tmp_path / "run", module=lightning_module(model), ckpt_path=tmp_path / "ck" / "epoch=0-step=4.ckpt",
@@ -63,9 +68,10 @@ def test_a_fit_resumed_from_its_checkpoint_continues_the_run_file(tmp_path):
     np.testing.assert_array_equal(got["lca/iteration"], whole["lca/iteration"])
     np.testing.assert_array_equal(got["lca/param"], whole["lca/param"])  # the same bits on the CPU
     np.testing.assert_array_equal(got["train/loss"], whole["train/loss"])
-    with __import__("h5py").File(tmp_path / "run" / "lca.h5") as f, __import__("h5py").File(
-        tmp_path / "whole" / "lca.h5"
-    ) as g:
+    with (
+        __import__("h5py").File(tmp_path / "run" / "lca.h5") as f,
+        __import__("h5py").File(tmp_path / "whole" / "lca.h5") as g,
+    ):
         np.testing.assert_array_equal(f["reduce/param_helped"][()], g["reduce/param_helped"][()])
 
 

@@ -10,8 +10,19 @@ import torch.nn.functional as F
 
 from lca_lab import track
 from lca_lab.train import run
-from tests.loops import EPOCHS, LR, DictRows, WithLoss, conserved, hf_args, lightning_module, lightning_trainer
-from tests.loops import loader, problem, rows
+from tests.loops import (
+    EPOCHS,
+    LR,
+    DictRows,
+    WithLoss,
+    conserved,
+    hf_args,
+    lightning_module,
+    lightning_trainer,
+    loader,
+    problem,
+    rows,
+)
 
 pytest.importorskip("lightning")
 pytest.importorskip("transformers")
@@ -69,6 +80,7 @@ def test_four_loops_give_the_same_lca(tmp_path):
         np.testing.assert_allclose(got["theta"], ref["theta"], rtol=0, atol=1e-6, err_msg=name)
         # … give the same per-parameter LCA and the same L
         scale = np.abs(ref["lca/param"]).max()
-        np.testing.assert_allclose(got["lca/param"], ref["lca/param"], rtol=1e-4, atol=1e-5 * scale, err_msg=name)
+        atol = 1e-5 * scale
+        np.testing.assert_allclose(got["lca/param"], ref["lca/param"], rtol=1e-4, atol=atol, err_msg=name)
         np.testing.assert_allclose(got["train/loss"], ref["train/loss"], rtol=1e-6, err_msg=name)
         assert conserved(got, 1e-5), name

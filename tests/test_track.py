@@ -112,7 +112,8 @@ def test_the_loops_autocast_does_not_reach_the_passes(tmp_path):
     model, opt, x, y = parts.model, parts.optimizer, parts.data.train_x, parts.data.train_y
     with torch.no_grad():
         ref0 = torch.nn.functional.cross_entropy(model(x), y).item()  # float32 L(θ_0)
-    with track(model, (x, y), tmp_path, lca={"tolerance": 1e-4}) as lca, torch.autocast("cpu", torch.bfloat16):
+    bf16 = torch.autocast("cpu", torch.bfloat16)
+    with track(model, (x, y), tmp_path, lca={"tolerance": 1e-4}) as lca, bf16:
         for idx in torch.arange(90).split(30):
             loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
             opt.zero_grad()

@@ -76,8 +76,8 @@ class ModelItems(Dataset):
         item = self.data[i]
         if not isinstance(item, Mapping) or self.label not in item:
             raise ValueError(
-                f"item {i} of the training data is not a dict with {self.label!r}; LCATrainerCallback needs the "
-                "Trainer's items (dicts of model inputs and labels), or set args.label_names"
+                f"item {i} of the training data is not a dict with {self.label!r}; LCATrainerCallback "
+                "needs the Trainer's items (dicts of model inputs and labels), or set args.label_names"
             )
         inputs = {
             k: torch.as_tensor(v) for k, v in item.items()
@@ -184,8 +184,8 @@ class LCATrainerCallback(TrainerCallback):
         path = Path(args.output_dir) / f"checkpoint-{state.global_step}" / STATE_FILE
         if not path.exists():
             raise FileNotFoundError(
-                f"the Trainer resumes at step {state.global_step} but {path} is missing: resume from a checkpoint "
-                "saved with LCATrainerCallback, or give this run another run_dir"
+                f"the Trainer resumes at step {state.global_step} but {path} is missing: resume from a "
+                "checkpoint saved with LCATrainerCallback, or give this run another run_dir"
             )
         return torch.load(path, map_location="cpu", weights_only=True)
 

@@ -97,7 +97,9 @@ class LCACallback(pl.Callback):
         if session is not None:
             session.close()
 
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
         session, self.session = self.session, None
         if session is not None:
             session.close(exception)
@@ -132,7 +134,7 @@ def _loader_dataset(trainer: pl.Trainer) -> Any:
     dataset = getattr(loader, "dataset", None)
     if dataset is None:
         raise ValueError(
-            "LCACallback could not find the training DataLoader's dataset; pass train_data=… (a Dataset or an "
-            "(x, y) pair of tensors)"
+            "LCACallback could not find the training DataLoader's dataset; pass train_data=… (a Dataset "
+            "or an (x, y) pair of tensors)"
         )
     return dataset

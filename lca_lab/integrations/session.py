@@ -181,15 +181,15 @@ class LCASession:
         elif isinstance(self.tracker, Mapping):  # lca_lab's own W&B run, once every check has passed
             from ..tracking import WandbTracker
 
-            self.tracker = WandbTracker(
-                dict(self.tracker), yaml.safe_load(self._attrs(chunk)["config"]), self.run_dir, name=self.label
-            )
+            config = yaml.safe_load(self._attrs(chunk)["config"])
+            self.tracker = WandbTracker(dict(self.tracker), config, self.run_dir, name=self.label)
         if self.shard.rank == 0:
             self.writer = RunWriter(
                 self.run_dir / "lca.h5", param_names=self.pnames,
-                param_shapes=[tuple(named[n].shape) for n in self.pnames], param_layer=param_layer_index(model),
-                layer_names=self.layer_names, attrs=self._attrs(chunk), per_param=bool(self.store["per_param"]),
-                trajectory=bool(self.store["trajectory"]), flush_every=int(self.store["flush_every"]),
+                param_shapes=[tuple(named[n].shape) for n in self.pnames],
+                param_layer=param_layer_index(model), layer_names=self.layer_names, attrs=self._attrs(chunk),
+                per_param=bool(self.store["per_param"]), trajectory=bool(self.store["trajectory"]),
+                flush_every=int(self.store["flush_every"]),
                 n_classes=self.data.n_classes if self.lca["per_class"] else None,
                 resume=None if resume is None else resume["file_rows"],
             )  # fmt: skip
@@ -197,8 +197,9 @@ class LCASession:
             self.writer = NoWriter()
         self.writer.__enter__()
         self.recorder = StepRecorder(
-            LCAReducer(index, len(groups), engine.layer_sums), self.writer, per_param=bool(self.store["per_param"]),
-            trajectory=bool(self.store["trajectory"]), layer_names=self.layer_names, divergence_hint=None,
+            LCAReducer(index, len(groups), engine.layer_sums), self.writer,
+            per_param=bool(self.store["per_param"]), trajectory=bool(self.store["trajectory"]),
+            layer_names=self.layer_names, divergence_hint=None,
             tracker=self.tracker,
         )  # fmt: skip
         self._driver = LCADriver(engine, self.recorder, self._flat, pipelined=not self.shard.active)
