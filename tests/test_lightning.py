@@ -100,3 +100,30 @@ def test_the_series_go_into_the_wandb_loggers_run(tmp_path, monkeypatch):
     np.testing.assert_allclose([h["lca_lab/lca/total"] for h in lca_rows], r["lca/total"], rtol=1e-12)
     assert got["project"] == "lightning-user"  # the logger's own run, not one of lca_lab's
     assert got["summary"]["lca_lab/L_end"] == pytest.approx(r["train/loss"][-1], rel=1e-12)
+
+
+def test_ddp_shards_the_passes_over_the_trainers_ranks(tmp_path):
+    """2 DDP ranks (gloo): one run file, written by rank 0; its rows equal the single-process LCA of the
+    trajectory it stored."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from lca_lab.lca import FullBatchLoss, LCAEngine
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "tests/lightning_ddp.py", str(tmp_path)], cwd=root, env=env,
+                       capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = rows(tmp_path / "lca.h5")
+    assert r["attrs"]["status"] == "complete" and r["attrs"]["dist_world_size"] == 2
+    assert len(r["lca/total"]) == 6 and conserved(r, 1e-5)  # 4 batches of 15 over 2 ranks: 2 steps/epoch
+    _, model, x, y = problem()
+    engine = LCAEngine(FullBatchLoss(model, x, y, 16), "rk4", 1e-5, 32, True)
+    theta = torch.as_tensor(r["theta"])
+    for t in range(6):
+        st = engine.step(theta[t], theta[t + 1])
+        np.testing.assert_allclose(st.param.numpy(), r["lca/param"][t], rtol=1e-4, atol=1e-9)
+        assert abs(st.loss1.item() - r["train/loss"][t + 1]) < 1e-6
