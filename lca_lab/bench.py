@@ -1821,6 +1821,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a == "--ranks" or a.startswith("--ranks=") for a in argv):
         return _main_ranks(argv)
+    if "--loops" in argv:
+        return _main_loops(argv)
     o = parse_args(argv)
     json_path = getattr(o, "json_path", None)
     if json_path:  # fail on an unwritable path before minutes of compute, not after
@@ -1875,6 +1877,49 @@ def _main_ranks(argv: Sequence[str]) -> int:
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "options": vars(a),
         "scaling": rows,
+    }
+    if a.json_path:
+        with open(a.json_path, "w") as f:
+            json.dump(jsonable(result), f, indent=1)
+        log(f"wrote {a.json_path}")
+    return 0
+
+
+def _main_loops(argv: Sequence[str]) -> int:
+    """``--loops``: LCA inside lca_lab's loop, track(), Lightning and the HF Trainer, side by side
+    (:mod:`lca_lab.bench_loops`)."""
+    p = argparse.ArgumentParser(prog="python -m lca_lab.bench --loops", description=_main_loops.__doc__)
+    p.add_argument("--loops", action="store_true", required=True)
+    p.add_argument("--which", default="own,track,lightning,hf", help="comma list of own,track,lightning,hf")
+    p.add_argument("--n-train", type=int, default=4096, help="examples (default 4096)")
+    p.add_argument("--batch", type=int, default=128, help="batch size (default 128)")
+    p.add_argument("--epochs", type=int, default=2, help="epochs (default 2)")
+    p.add_argument("--json", "--out", dest="json_path", help="also write the results as JSON to this path")
+    a = p.parse_args(argv)
+    from . import bench_loops
+
+    loops = _csv(a.which)
+    bad = [x for x in loops if x not in bench_loops.LOOPS]
+    steps = a.epochs * math.ceil(a.n_train / max(a.batch, 1))
+    if bad or a.batch < 1 or steps < 8:
+        print(
+            f"error: --which from {','.join(bench_loops.LOOPS)}"
+            f"{' (got ' + ','.join(bad) + ')' if bad else ''}; "
+            f"--batch ≥ 1 and at least 8 steps (--epochs × --n-train / --batch, got {steps})",
+            file=sys.stderr,
+        )
+        return 2
+    rows = bench_loops.measure(loops, a.n_train, a.batch, a.epochs)
+    print(bench_loops.format_loops(rows))
+    result = {
+        "device": device_name(torch.device("cpu")),
+        "torch": torch.__version__,
+        "versions": bench_loops.versions(),
+        "platform": platform.platform(),
+        "commit": bench_loops.git_sha(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "options": vars(a),
+        "loops": rows,
     }
     if a.json_path:
         with open(a.json_path, "w") as f:
