@@ -39,7 +39,8 @@ class LCATracker(LCASession):
 def track(
     model: torch.nn.Module, train_data: Any, run_dir: str | Path, *,
     loss_fn: Callable[..., torch.Tensor] | None = None, lca: Mapping[str, Any] | None = None,
-    store: Mapping[str, Any] | None = None, test_data: Any = None, every: int = 1, tracker: Any = None,
+    store: Mapping[str, Any] | None = None, test_data: Any = None, every: int = 1,
+    logger: Mapping[str, Any] | None = None,
 ) -> LCATracker:  # fmt: skip
     """LCA of the optimizer steps of your own loop, written to ``<run_dir>/lca.h5`` (see the module).
 
@@ -53,9 +54,10 @@ def track(
         store: ``per_param``, ``trajectory``, ``flush_every`` (the keys of ``store``).
         test_data: held-out data (as ``train_data``): each step's motion scored on it too.
         every: one row per ``every`` optimizer steps.
-        tracker: lca_lab's W&B tracker (:func:`lca_lab.integrations.wandb_run.tracker`) or None.
+        logger: a dict of ``conf/logger`` keys (``mode``, ``project``, ``log_every``, …): the LCA series also
+            go to a W&B run of lca_lab's own; None: the run file only.
     """
     return LCATracker(
         model, train_data, run_dir, loss_fn=loss_fn, lca=lca, store=store, test_data=test_data, every=every,
-        tracker=tracker, label="track",
+        tracker=None if logger is None else dict(logger), label="track",
     )  # fmt: skip
