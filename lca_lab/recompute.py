@@ -188,6 +188,13 @@ class Trajectory:
             raise RecomputeError(f"no run file at {p}: give a run directory holding lca.h5 (or the run file)")
         with open_run(p) as rf:
             f = rf.h5
+            loop = rf.attrs.get("lca_loop")
+            if loop:  # track() or a trainer's callback: no config rebuilds its model, data and loss
+                raise RecomputeError(
+                    f"{p} was made inside a training loop of its own (lca_loop={loop}): its model, data and "
+                    "loss are not in a config that python -m lca_lab.recompute can rebuild; compute the LCA "
+                    "of its stored trajectory with lca_lab.lca.LCAEngine in Python (docs/integrations.md)"
+                )
             if "trajectory/theta" not in f:
                 raise RecomputeError(
                     f"{p} has no stored trajectory (trajectory/theta): offline LCA needs θ of every "

@@ -132,3 +132,25 @@ def test_items_without_labels_are_refused_in_one_line(tmp_path):
     trainer = Trainer(model=model, args=_args(tmp_path / "out"), train_dataset=items, callbacks=[cb])
     with pytest.raises(ValueError, match="not a dict with 'labels'"):
         trainer.train()
+
+
+def test_the_series_go_into_the_trainers_wandb_run(tmp_path, monkeypatch):
+    from tests.wandb_offline import offline_runs, read_run
+
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "w"))
+    monkeypatch.setenv("WANDB_PROJECT", "hf-user")
+    (tmp_path / "w").mkdir()
+    model, _, items = _lm()
+    cb = LCATrainerCallback(run_dir=tmp_path / "run", figures=False)
+    Trainer(model=model, args=_args(tmp_path / "out", report_to=["wandb"]), train_dataset=items,
+            callbacks=[cb]).train()  # fmt: skip
+    import wandb
+
+    wandb.finish()
+    (run_dir,) = offline_runs(tmp_path / "w")
+    got = read_run(run_dir)
+    r = rows(tmp_path / "run" / "lca.h5")
+    lca_rows = [h for h in got["history"] if "lca_lab/lca/total" in h]
+    assert got["project"] == "hf-user"
+    np.testing.assert_allclose([h["lca_lab/lca/total"] for h in lca_rows], r["lca/total"], rtol=1e-12)
+    assert any("train/" in k and not k.startswith("lca_lab/") for h in got["history"] for k in h)  # HF's own

@@ -125,3 +125,94 @@ def test_the_loops_autocast_does_not_reach_the_passes(tmp_path):
     got = _rows(tmp_path / "lca.h5")
     np.testing.assert_allclose(got["train/loss"][[0, -1]], [ref0, ref1], rtol=1e-6)
     assert np.all((np.abs(got["lca/error"]) <= 1e-4) | ~got["lca/converged"])
+
+
+def _sgd_loop(model, x, y, lca, steps, bs=30):
+    opt = torch.optim.SGD(model.parameters(), lr=0.02)
+    n = len(y)
+    for t in range(steps):
+        idx = torch.arange(t * bs, t * bs + bs) % n
+        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        lca.step(loss)
+
+
+def test_every_k_steps_gives_one_conserving_row_per_segment(tmp_path):
+    """every=3 over 8 steps: rows for steps 0-2, 3-5 and 6-7 (the window's end closes the last one); each
+    is the LCA of the straight segment between the stored points, so Σ over rows is L_end − L_0."""
+    cfg = _cfg(*CFG)
+    parts = build_parts(cfg, torch.device("cpu"))
+    x, y = parts.data.train_x, parts.data.train_y
+    lcfg = {"tolerance": 1e-4, "window": [0, 8]}
+    with track(parts.model, (x, y), tmp_path, lca=lcfg, store={"trajectory": True}, every=3) as lca:
+        _sgd_loop(parts.model, x, y, lca, steps=10)
+    with h5py.File(tmp_path / "lca.h5") as f:
+        it, total, theta = f["lca/iteration"][()], f["lca/total"][()], f["trajectory/theta"][()]
+        loss, err = f["train/loss"][()], f["lca/error"][()]
+        assert f.attrs["lca_every"] == 3
+    np.testing.assert_array_equal(it, [0, 3, 6])
+    np.testing.assert_allclose(total - np.diff(loss), err, atol=1e-12)
+    assert np.all(np.abs(err) <= 1e-4)
+    # the stored points are θ at steps 0, 3, 6 and 8: L there is the whole-set loss
+    model = parts.model
+    with torch.no_grad():
+        for k, th in enumerate(theta):
+            torch.nn.utils.vector_to_parameters(torch.as_tensor(th), model.parameters())
+            ref = torch.nn.functional.cross_entropy(model(x), y).item()
+            assert abs(ref - loss[k]) < 1e-6
+
+
+def test_per_class_and_test_data(tmp_path):
+    from lca_lab.data import synthetic
+
+    cfg = _cfg(*CFG)
+    parts = build_parts(cfg, torch.device("cpu"))
+    x, y = parts.data.train_x, parts.data.train_y
+    test = synthetic(shape="mnist", size=40, split_seed=1)
+    tx, ty = test.train_x, test.train_y
+    lcfg = {"tolerance": 1e-4, "per_class": True}
+    with track(parts.model, (x, y), tmp_path, lca=lcfg, test_data=(tx, ty)) as lca:
+        _sgd_loop(parts.model, x, y, lca, steps=4)
+    with h5py.File(tmp_path / "lca.h5") as f:
+        total, class_layer = f["lca/total"][()], f["lca/class_layer"][()]
+        test_loss = f["test/loss"][()]
+    # the classes' parts add up to the total; the held-out loss is the test set's at each point
+    np.testing.assert_allclose(class_layer.sum(axis=(1, 2)), total, rtol=1e-6, atol=1e-9)
+    with torch.no_grad():
+        ref = torch.nn.functional.cross_entropy(parts.model(tx), ty).item()
+    assert len(test_loss) == 5 and abs(test_loss[-1] - ref) < 1e-6
+
+
+def test_track_logs_to_a_wandb_run_of_its_own(tmp_path):
+    from tests.wandb_offline import offline_runs, read_run
+
+    cfg = _cfg(*CFG)
+    parts = build_parts(cfg, torch.device("cpu"))
+    x, y = parts.data.train_x, parts.data.train_y
+    logger = {"mode": "offline", "project": "own-loop", "dir": str(tmp_path / "w"), "log_every": 2}
+    with track(parts.model, (x, y), tmp_path / "run", logger=logger) as lca:
+        _sgd_loop(parts.model, x, y, lca, steps=4)
+    (run_dir,) = offline_runs(tmp_path / "w")
+    got = read_run(run_dir)
+    totals = [h["lca/total"] for h in got["history"] if "lca/total" in h]
+    with h5py.File(tmp_path / "run" / "lca.h5") as f:
+        np.testing.assert_allclose(totals, f["lca/total"][()], rtol=1e-12)
+        assert f.attrs["status"] == "complete"
+    assert got["project"] == "own-loop" and got["exit_code"] == 0
+
+
+def test_recompute_refuses_a_tracked_run_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    model = torch.nn.Linear(3, 2)
+    x, y = torch.randn(12, 3), torch.randint(0, 2, (12,))
+    with track(model, (x, y), tmp_path, store={"trajectory": True}) as lca:
+        _sgd_loop(model, x, y, lca, steps=2, bs=6)
+    p = subprocess.run(
+        [sys.executable, "-m", "lca_lab.recompute", str(tmp_path)], capture_output=True, text=True
+    )
+    err = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(err) == 1 and "lca_loop=track" in err[0], p.stderr

@@ -59,12 +59,19 @@ def _key(item) -> str:
 
 
 def read_run(run_dir: str | Path, wait: float = 20.0) -> dict[str, Any]:
-    """Like :func:`_read_run`, waiting up to ``wait`` seconds for the exit record: wandb-core writes the
-    file asynchronously, so right after ``finish()`` its last records may not be on disk yet."""
+    """Like :func:`_read_run`, waiting up to ``wait`` seconds for the run and exit records: wandb-core
+    writes the file asynchronously, so right after ``finish()`` its last records may not be on disk yet,
+    and a record still being written does not parse."""
     deadline = time.monotonic() + wait
     while True:
-        out = _read_run(run_dir)
-        if out["exit_code"] is not None or time.monotonic() > deadline:
+        try:
+            out = _read_run(run_dir)
+        except Exception:  # a record being written (a DecodeError on its partial bytes): read again
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+            continue
+        if (out["exit_code"] is not None and "id" in out) or time.monotonic() > deadline:
             return out
         time.sleep(0.2)
 
