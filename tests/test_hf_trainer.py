@@ -154,3 +154,30 @@ def test_the_series_go_into_the_trainers_wandb_run(tmp_path, monkeypatch):
     assert got["project"] == "hf-user"
     np.testing.assert_allclose([h["lca_lab/lca/total"] for h in lca_rows], r["lca/total"], rtol=1e-12)
     assert any("train/" in k and not k.startswith("lca_lab/") for h in got["history"] for k in h)  # HF's own
+
+
+def test_torchrun_shards_the_passes_over_the_trainers_ranks(tmp_path):
+    """2 ranks under torchrun (gloo): one run file from rank 0, equal to the single-process LCA of the
+    trajectory it stored."""
+    import os
+
+    from lca_lab.integrations.hf import ModelItems
+    from lca_lab.lca import FullBatchLoss, LCAEngine
+    from lca_lab.splits import bundle_from
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "tests/hf_ddp.py",
+           str(tmp_path / "run"), str(tmp_path / "out")]  # fmt: skip
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = rows(tmp_path / "run" / "lca.h5")
+    assert r["attrs"]["status"] == "complete" and r["attrs"]["dist_world_size"] == 2
+    assert len(r["lca/total"]) == 3 and conserved(r, 1e-5)  # 24 items, 4 per rank per step
+    model, _, items = _lm()
+    data = bundle_from(ModelItems(items, "labels", True), "items", torch.device("cpu"))
+    engine = LCAEngine(FullBatchLoss(model, data.train, None, 24), "rk4", 1e-5, 32, True)
+    theta = torch.as_tensor(r["theta"])
+    for t in range(3):
+        st = engine.step(theta[t], theta[t + 1])
+        np.testing.assert_allclose(st.param.numpy(), r["lca/param"][t], rtol=1e-4, atol=1e-8)
+        assert abs(st.loss1.item() - r["train/loss"][t + 1]) < 1e-5

@@ -216,3 +216,15 @@ def test_recompute_refuses_a_tracked_run_in_one_line(tmp_path):
     )
     err = p.stderr.strip().splitlines()
     assert p.returncode == 2 and len(err) == 1 and "lca_loop=track" in err[0], p.stderr
+
+
+def test_an_existing_run_file_is_refused_naming_the_fix(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    x, y = torch.randn(12, 3), torch.randint(0, 2, (12,))
+    for overwrite in (False, True):  # the second run replaces the first only when asked
+        with track(model, (x, y), tmp_path, overwrite=overwrite) as lca:
+            _sgd_loop(model, x, y, lca, steps=2, bs=6)
+    with pytest.raises(FileExistsError, match="give another run_dir, pass overwrite=True"):
+        with track(model, (x, y), tmp_path):
+            pass
+    assert _rows(tmp_path / "lca.h5")["status"] == "complete"  # the refused run touched nothing

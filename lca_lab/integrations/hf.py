@@ -110,6 +110,7 @@ class LCATrainerCallback(TrainerCallback):
         lca, store, test_data, every: as for :func:`lca_lab.track`.
         logger: None: the Trainer's W&B run with ``report_to`` wandb, else no W&B; a dict of
             ``conf/logger`` keys: lca_lab's own W&B run; False: none.
+        overwrite: replace a run file already in ``run_dir`` (default: refuse it, naming the fix).
         figures: write the run's figures and report.md when training ends.
     """
 
@@ -117,11 +118,11 @@ class LCATrainerCallback(TrainerCallback):
         self, train_data: Any = None, run_dir: str | Path = "lca_run", *, shift_labels: bool | None = None,
         loss_fn: Callable[..., torch.Tensor] | None = None, lca: Mapping[str, Any] | None = None,
         store: Mapping[str, Any] | None = None, test_data: Any = None, every: int = 1,
-        logger: Mapping[str, Any] | bool | None = None, figures: bool = True,
+        logger: Mapping[str, Any] | bool | None = None, figures: bool = True, overwrite: bool = False,
     ):  # fmt: skip
         self.train_data, self.run_dir, self.shift_labels = train_data, Path(run_dir), shift_labels
         self.logger, self.figures = logger, figures
-        self.options = dict(loss_fn=loss_fn, lca=lca, store=store, every=every)
+        self.options = dict(loss_fn=loss_fn, lca=lca, store=store, every=every, overwrite=overwrite)
         self.test_data = test_data
         LCASession(torch.nn.Linear(1, 1), (torch.zeros(1, 1), torch.zeros(1)), self.run_dir, **self.options)
         self.session: LCASession | None = None

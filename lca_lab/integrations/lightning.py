@@ -53,6 +53,7 @@ class LCACallback(pl.Callback):
         lca, store, test_data, every: as for :func:`lca_lab.track` (the keys of ``conf/lca`` and ``store``).
         logger: None: the trainer's ``WandbLogger`` run when it has one, else no W&B; a dict of
             ``conf/logger`` keys: lca_lab's own W&B run; False: none.
+        overwrite: replace a run file already in ``run_dir`` (default: refuse it, naming the fix).
         figures: write the run's figures and report.md when the fit ends.
     """
 
@@ -60,10 +61,12 @@ class LCACallback(pl.Callback):
         self, train_data: Any = None, run_dir: str | Path = "lca_run", *,
         loss_fn: Callable[..., torch.Tensor] | None = None, lca: Mapping[str, Any] | None = None,
         store: Mapping[str, Any] | None = None, test_data: Any = None, every: int = 1,
-        logger: Mapping[str, Any] | bool | None = None, figures: bool = True,
+        logger: Mapping[str, Any] | bool | None = None, figures: bool = True, overwrite: bool = False,
     ):  # fmt: skip
         self.train_data, self.run_dir, self.logger = train_data, Path(run_dir), logger
-        self.options = dict(loss_fn=loss_fn, lca=lca, store=store, test_data=test_data, every=every)
+        self.options = dict(
+            loss_fn=loss_fn, lca=lca, store=store, test_data=test_data, every=every, overwrite=overwrite
+        )
         # the options' checks, before any fit (the data is not read here)
         LCASession(torch.nn.Linear(1, 1), (torch.zeros(1, 1), torch.zeros(1)), self.run_dir, **self.options)
         self.figures = figures

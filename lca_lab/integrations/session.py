@@ -118,6 +118,7 @@ class LCASession:
             ``project``, ``log_every``, …: lca_lab's own W&B run, started by :meth:`open`), or None.
         figures: at a complete end, write the run's figures and report.md next to its run file (as
             ``python -m lca_lab`` does) and log them to the tracker.
+        overwrite: replace a run file already in ``run_dir`` (default: refuse it, naming the fix).
         label: how the run was made (the ``loop`` entry of the stored config: track, lightning, hf).
     """
 
@@ -125,7 +126,7 @@ class LCASession:
         self, model: torch.nn.Module, train_data: Any, run_dir: str | Path, *,
         loss_fn: Callable[..., torch.Tensor] | None = None, lca: Mapping[str, Any] | None = None,
         store: Mapping[str, Any] | None = None, test_data: Any = None, every: int = 1,
-        tracker: Any = None, figures: bool = False, label: str = "track",
+        tracker: Any = None, figures: bool = False, overwrite: bool = False, label: str = "track",
     ):  # fmt: skip
         self.lca = _options(lca, LCA_DEFAULTS, "lca")
         self.store = _options(store, STORE_DEFAULTS, "store")
@@ -137,6 +138,7 @@ class LCASession:
         if self.lca["test"] and test_data is None:
             raise ValueError("lca test=True needs test_data (held-out examples to score each step on)")
         self.every, self.label, self.tracker, self.figures = int(every), label, tracker, bool(figures)
+        self.overwrite = bool(overwrite)
         self.model, self.run_dir = model, Path(run_dir)
         self.train_data, self.test_data = as_dataset(train_data), test_data
         if test_data is not None:
@@ -163,6 +165,12 @@ class LCASession:
     def open(self, t: int = 0, resume: Mapping[str, Any] | None = None) -> LCASession:
         """Build the engine and the run file and read θ (``t``: optimizer steps already taken, e.g. a
         resumed trainer's; ``resume``: a :meth:`state_dict` to continue the run file from)."""
+        path = self.run_dir / "lca.h5"
+        if resume is None and path.exists() and not self.overwrite:
+            raise FileExistsError(
+                f"{path} exists already: give another run_dir, pass overwrite=True to replace it, or resume "
+                "the trainer from one of its checkpoints to continue it"
+            )
         model = self.model
         self.device = device = next(model.parameters()).device
         self.shard = shard_of_group()
@@ -191,7 +199,7 @@ class LCASession:
                 per_param=bool(self.store["per_param"]), trajectory=bool(self.store["trajectory"]),
                 flush_every=int(self.store["flush_every"]),
                 n_classes=self.data.n_classes if self.lca["per_class"] else None,
-                resume=None if resume is None else resume["file_rows"],
+                resume=None if resume is None else resume["file_rows"], overwrite=self.overwrite,
             )  # fmt: skip
         else:
             self.writer = NoWriter()

@@ -40,7 +40,7 @@ def track(
     model: torch.nn.Module, train_data: Any, run_dir: str | Path, *,
     loss_fn: Callable[..., torch.Tensor] | None = None, lca: Mapping[str, Any] | None = None,
     store: Mapping[str, Any] | None = None, test_data: Any = None, every: int = 1,
-    logger: Mapping[str, Any] | None = None,
+    logger: Mapping[str, Any] | None = None, overwrite: bool = False,
 ) -> LCATracker:  # fmt: skip
     """LCA of the optimizer steps of your own loop, written to ``<run_dir>/lca.h5`` (see the module).
 
@@ -56,8 +56,9 @@ def track(
         every: one row per ``every`` optimizer steps.
         logger: a dict of ``conf/logger`` keys (``mode``, ``project``, ``log_every``, …): the LCA series also
             go to a W&B run of lca_lab's own; None: the run file only.
+        overwrite: replace a run file already in ``run_dir`` (default: refuse it).
     """
     return LCATracker(
         model, train_data, run_dir, loss_fn=loss_fn, lca=lca, store=store, test_data=test_data, every=every,
-        tracker=None if logger is None else dict(logger), label="track",
+        tracker=None if logger is None else dict(logger), overwrite=overwrite, label="track",
     )  # fmt: skip
