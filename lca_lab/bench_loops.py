@@ -148,7 +148,9 @@ def _lightning(cfg: dict[str, Any], run_dir: Path, warmup: int) -> list[float]:
     return clock.intervals(warmup)
 
 
-class _WithLoss(torch.nn.Module):
+class WithLoss(torch.nn.Module):
+    """A classifier as the HF Trainer takes it: ``forward(x, labels=None)`` → ``{"logits", "loss"}``."""
+
     def __init__(self, net: torch.nn.Module):
         super().__init__()
         self.net = net
@@ -158,7 +160,9 @@ class _WithLoss(torch.nn.Module):
         return {"logits": logits, **({"loss": F.cross_entropy(logits, labels)} if labels is not None else {})}
 
 
-class _Rows(Dataset):
+class DictRows(Dataset):
+    """(x, y) tensors as the HF Trainer's dict items ``{"x", "labels"}``."""
+
     def __init__(self, x, y):
         self.x, self.y = x, y
 
@@ -188,7 +192,7 @@ def _hf(cfg: dict[str, Any], run_dir: Path, warmup: int) -> list[float]:
         save_strategy="no", logging_strategy="no", disable_tqdm=True, remove_unused_columns=False,
     )  # fmt: skip
     cbs = [LCATrainerCallback(run_dir=run_dir, figures=False)] if cfg["lca"]["enabled"] else []
-    Trainer(model=_WithLoss(model), args=args, train_dataset=_Rows(x, y), callbacks=[*cbs, Tick()]).train()
+    Trainer(model=WithLoss(model), args=args, train_dataset=DictRows(x, y), callbacks=[*cbs, Tick()]).train()
     return clock.intervals(warmup)
 
 

@@ -9,8 +9,9 @@ import h5py
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
+from lca_lab.bench_loops import DictRows, WithLoss  # noqa: F401  (the tests' HF model and items)
 from lca_lab.parts import build_parts
 from tests.test_train import _cfg
 
@@ -87,34 +88,6 @@ def loader(x, y, batch_size=N) -> DataLoader:
 
 
 # -- Hugging Face ---------------------------------------------------------------------------------------
-
-
-class WithLoss(torch.nn.Module):
-    """A classifier as the HF Trainer takes it: ``forward(x, labels=None)`` → ``{"logits", "loss"}``."""
-
-    def __init__(self, net: torch.nn.Module):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x, labels=None):
-        logits = self.net(x)
-        out = {"logits": logits}
-        if labels is not None:
-            out["loss"] = F.cross_entropy(logits, labels)
-        return out
-
-
-class DictRows(Dataset):
-    """(x, y) tensors as the HF Trainer's dict items ``{"x", "labels"}``."""
-
-    def __init__(self, x, y):
-        self.x, self.y = x, y
-
-    def __len__(self):
-        return len(self.y)
-
-    def __getitem__(self, i):
-        return {"x": self.x[i], "labels": self.y[i]}
 
 
 def hf_args(out, **kw):

@@ -46,7 +46,7 @@ try:
 except ImportError as e:  # pragma: no cover - the message is the point
     raise ImportError('lca_lab.integrations.hf needs transformers: pip install "lca_lab[hf]"') from e
 
-from .session import LCASession
+from .session import LCASession, check_options
 
 STATE_FILE = "lca_lab_state.pt"
 
@@ -124,7 +124,7 @@ class LCATrainerCallback(TrainerCallback):
         self.logger, self.figures = logger, figures
         self.options = dict(loss_fn=loss_fn, lca=lca, store=store, every=every, overwrite=overwrite)
         self.test_data = test_data
-        LCASession(torch.nn.Linear(1, 1), (torch.zeros(1, 1), torch.zeros(1)), self.run_dir, **self.options)
+        check_options(lca, store, test_data, every)  # before any training (the data is not read here)
         self.session: LCASession | None = None
         self._hook = None
 

@@ -39,7 +39,7 @@ except ImportError as e:  # pragma: no cover - the message is the point
         'lca_lab.integrations.lightning needs PyTorch Lightning: pip install "lca_lab[lightning]"'
     ) from e
 
-from .session import LCASession
+from .session import LCASession, check_options
 
 
 class LCACallback(pl.Callback):
@@ -67,8 +67,7 @@ class LCACallback(pl.Callback):
         self.options = dict(
             loss_fn=loss_fn, lca=lca, store=store, test_data=test_data, every=every, overwrite=overwrite
         )
-        # the options' checks, before any fit (the data is not read here)
-        LCASession(torch.nn.Linear(1, 1), (torch.zeros(1, 1), torch.zeros(1)), self.run_dir, **self.options)
+        check_options(lca, store, test_data, every)  # before any fit (the data is not read here)
         self.figures = figures
         self.session: LCASession | None = None
         self._resume: dict[str, Any] | None = None

@@ -90,6 +90,24 @@ def _options(given: Mapping[str, Any] | None, defaults: dict[str, Any], group: s
     return {**defaults, **(given or {})}
 
 
+def check_options(
+    lca: Mapping[str, Any] | None, store: Mapping[str, Any] | None, test_data: Any = None, every: int = 1
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The ``lca`` and ``store`` options with their defaults, checked (ValueError naming the fix, before
+    any training) → (lca, store)."""
+    lca, store = _options(lca, LCA_DEFAULTS, "lca"), _options(store, STORE_DEFAULTS, "store")
+    check_engine_options(lca["method"], float(lca["tolerance"]), int(lca["max_splits"]))
+    if lca["precision"] not in ("fp32", "tf32"):
+        raise ValueError(f"lca precision={lca['precision']!r} must be fp32 or tf32")
+    if int(every) < 1:
+        raise ValueError(f"every={every} must be ≥ 1 (optimizer steps per LCA row)")
+    if lca["test"] and test_data is None:
+        raise ValueError("lca test=True needs test_data (held-out examples to score each step on)")
+    if test_data is not None:
+        as_dataset(test_data, "test_data")  # the type check
+    return lca, store
+
+
 def shard_of_group() -> Shard:
     """This process's rank and the world of the default ``torch.distributed`` group (one process: SINGLE)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -128,21 +146,11 @@ class LCASession:
         store: Mapping[str, Any] | None = None, test_data: Any = None, every: int = 1,
         tracker: Any = None, figures: bool = False, overwrite: bool = False, label: str = "track",
     ):  # fmt: skip
-        self.lca = _options(lca, LCA_DEFAULTS, "lca")
-        self.store = _options(store, STORE_DEFAULTS, "store")
-        check_engine_options(self.lca["method"], float(self.lca["tolerance"]), int(self.lca["max_splits"]))
-        if self.lca["precision"] not in ("fp32", "tf32"):
-            raise ValueError(f"lca precision={self.lca['precision']!r} must be fp32 or tf32")
-        if int(every) < 1:
-            raise ValueError(f"every={every} must be ≥ 1 (optimizer steps per LCA row)")
-        if self.lca["test"] and test_data is None:
-            raise ValueError("lca test=True needs test_data (held-out examples to score each step on)")
+        self.lca, self.store = check_options(lca, store, test_data, every)
         self.every, self.label, self.tracker, self.figures = int(every), label, tracker, bool(figures)
         self.overwrite = bool(overwrite)
         self.model, self.run_dir = model, Path(run_dir)
         self.train_data, self.test_data = as_dataset(train_data), test_data
-        if test_data is not None:
-            as_dataset(test_data, "test_data")  # the type check, before compute is spent
         self.loss_fn = loss_fn or build_loss(None)
         window = self.lca["window"]
         self.lo, self.hi = (0, float("inf")) if window is None else (int(window[0]), int(window[1]))
@@ -254,9 +262,10 @@ class LCASession:
                 self._begin_segment()
 
     def _launch(self, loss: torch.Tensor | float | None) -> None:
-        batch = torch.as_tensor(
-            float("nan") if loss is None else float(torch.as_tensor(loss).detach()), device=self.device
-        )
+        if isinstance(loss, torch.Tensor):  # stays on the device: the tracker reads it with the others
+            batch = loss.detach().reshape(()).to(self.device)
+        else:
+            batch = torch.tensor(float("nan") if loss is None else float(loss), device=self.device)
         theta1 = self._flat()
         driver = self._driver
         driver.push(Launched(self._t0, driver.engine.launch(self._theta0, theta1), theta1, batch))
