@@ -404,14 +404,30 @@ class SubsetEngine:
     def _unit_jvps(self, theta: torch.Tensor, xb: Any, yb: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """∇ℓ_i(θ)·Δ_l for every example i of the chunk and layer l → [m, n_layers] float64: one forward-mode
         product (``torch.func.jvp``) along Δ restricted to each layer, vmap-ed over groups of layers."""
+        return self._layer_jvps(lambda th: self._per_example(th, xb, yb), theta, delta)
+
+    def _units_along(self, theta: torch.Tensor, g: _Gathered, delta: torch.Tensor) -> torch.Tensor:
+        """U [n_units, n_layers] at θ by forward-mode products only (a reused endpoint of a fixed subset)."""
+        fb = self.loss
+        with torch.enable_grad(), _eval_mode(fb):
+            if self.plan.chunk is None:
+                return torch.cat([self._unit_jvps(theta.detach(), xb, yb, delta) for xb, yb in g.parts])
+            rows = []
+            for xb, yb in g.parts:
+
+                def f(th: torch.Tensor, xb: Any = xb, yb: torch.Tensor = yb) -> torch.Tensor:
+                    return fb._chunk_loss(fb.unflatten(th, layout=False), xb, yb).reshape(1)
+
+                rows.append(self._layer_jvps(f, theta.detach(), delta)[0])
+            return torch.stack(rows)
+
+    def _layer_jvps(self, f: Any, theta: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """f: θ → [m]; → [m, n_layers] float64, ∂f/∂θ along Δ restricted to each layer (forward mode)."""
         n_l, K = self.layer_sums.n_layers, self.loss.n_params
         idx = self.layer_sums._index
         d = delta.to(theta.dtype)
         group = max(1, PER_EXAMPLE_FLOATS // max(K, 1))
         out = []
-
-        def f(th: torch.Tensor) -> torch.Tensor:
-            return self._per_example(th, xb, yb)
 
         def dd(tan: torch.Tensor) -> torch.Tensor:
             return jvp(f, (theta,), (tan,))[1]
@@ -456,6 +472,14 @@ class SubsetEngine:
                 pts[f] = self._eval(th, g, delta)
             return pts[f]
 
+        # A fixed subset reuses L̂ and ∇L̂ at θ_t from the previous step (the same subset); the per-unit parts
+        # along this step's Δ are forward-mode products only (no gradient pass).
+        reused = 0
+        if self.fixed and self._cache is not None:
+            c0, cp = self._cache
+            if c0 is theta0 or torch.equal(c0, theta0):
+                pts[Fraction(0)] = {"L": cp["L"], "g": cp["g"], "U": self._units_along(theta0, g, delta)}
+                reused = 1
         p0, p1 = at(Fraction(0)), at(Fraction(1))
         dloss = p1["L"] - p0["L"]
 
@@ -494,8 +518,8 @@ class SubsetEngine:
         self.se2_total += total_se**2
         self.se2_layer += layer_se**2
         st = StepLCA(
-            param, total, p0["L"], p1["L"], total - dloss, splits, abs(err) <= self.tolerance, len(pts),
-            grad0=p0["g"], delta=delta, layer=layer,
+            param, total, p0["L"], p1["L"], total - dloss, splits, abs(err) <= self.tolerance,
+            len(pts) - reused, grad0=p0["g"], delta=delta, layer=layer,
         )  # fmt: skip
         st.host_error, st.host_loss1 = err, float(p1["L"])
         st.total_se, st.layer_se, st.subset_seed, st.subset_examples = (

@@ -260,3 +260,20 @@ def test_cli_refuses_a_bad_subset_in_one_line(tmp_path):
     assert p.returncode == 2
     assert "lca.subset=-3" in p.stderr and "Traceback" not in p.stderr
     assert not (tmp_path / "run" / "lca.h5").exists()
+
+
+@pytest.mark.parametrize("bn", [False, True])
+def test_fixed_subset_reuses_the_endpoint(bn):
+    """With one subset, L̂ and ∇L̂ at θ_{t+1} serve the next step; its per-unit parts come by forward mode."""
+    fbl, ls, th0, th1 = _problem(bn=bn)
+    th2 = th1 + 0.5 * (th1 - th0)
+    _, reuse = _engines(fbl, ls, 0.3, fixed=True)
+    _, fresh = _engines(fbl, ls, 0.3, fixed=True)
+    a = [reuse.step(th0, th1), reuse.step(th1, th2)]
+    b = [fresh.step(th0, th1)]
+    fresh.reset()
+    b.append(fresh.step(th1, th2))
+    assert a[1].passes == b[1].passes - 1  # one gradient point fewer
+    for x, y in zip(a, b):
+        for name in ("param", "total", "layer", "total_se", "layer_se"):
+            torch.testing.assert_close(getattr(x, name), getattr(y, name), rtol=1e-9, atol=1e-13)
