@@ -811,7 +811,8 @@ def format_summary(s: dict[str, Any]) -> str:
             f"LCA rows          : {s['lca_rows']}   L: {s['L_start']:.4f} → {s['L_end']:.4f}",
             f"entries helping   : {100 * s['frac_helping']:.2f}%   hurting {100 * s['frac_hurting']:.2f}%"
             f"   zero {100 * s['frac_zero']:.2f}%  (mean over iterations)",
-            f"helping, zeros ignored (paper's Table 1): {s['pct_helping_nonzero']:.2f}%",
+            f"helping, zeros ignored (paper's Table 1): {s['pct_helping_nonzero']:.2f}%"
+            + ("  (from subset estimates: biased down, docs/estimates.md)" if s.get("lca_estimate") else ""),
             "LCA per layer (nats, negative = helped):",
         ]
         width = max(len(n) for n in s["layer_lca"])
