@@ -277,3 +277,18 @@ def test_fixed_subset_reuses_the_endpoint(bn):
     for x, y in zip(a, b):
         for name in ("param", "total", "layer", "total_se", "layer_se"):
             torch.testing.assert_close(getattr(x, name), getattr(y, name), rtol=1e-9, atol=1e-13)
+
+
+def test_bench_estimate_smoke(tmp_path, capsys):
+    import json
+
+    from lca_lab.bench import main
+
+    out = tmp_path / "b.json"
+    argv = ["--estimate", "--nets", "fc", "--iters", "3", "--subsets", "0.5", "--draws", "fixed"]
+    assert main([*argv, "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    (sub,) = res["nets"][0]["subsets"]
+    assert sub["examples_per_draw"] == 2250 and sub["draw"] == "fixed"
+    assert 0 <= sub["coverage_total"] <= 1 and len(sub["coverage_layer"]) == 3
+    assert "| fc | 0.5 | fixed |" in capsys.readouterr().out
