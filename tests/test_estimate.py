@@ -292,3 +292,30 @@ def test_bench_estimate_smoke(tmp_path, capsys):
     assert sub["examples_per_draw"] == 2250 and sub["draw"] == "fixed"
     assert 0 <= sub["coverage_total"] <= 1 and len(sub["coverage_layer"]) == 3
     assert "| fc | 0.5 | fixed |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("fixed", [False, True])
+def test_preempted_subset_run_resumes_identically(tmp_path, monkeypatch, fixed):
+    import signal as _signal
+
+    import lca_lab.train as train_mod
+    from lca_lab.checkpoint import PreemptionSignals, RunPreempted
+
+    class SignalNow(PreemptionSignals):  # as if SIGUSR1 arrived before the first iteration
+        def __enter__(self):
+            super().__enter__()
+            self.signum = _signal.SIGUSR1
+            return self
+
+    args = [*COMMON, "lca.estimate=subset", "lca.subset=0.25", f"lca.subset_fixed={str(fixed).lower()}"]
+    ref = run(_cfg(*args), tmp_path / "ref")
+    d = tmp_path / "run"
+    monkeypatch.setattr(train_mod, "PreemptionSignals", SignalNow)
+    with pytest.raises(RunPreempted):
+        run(_cfg(*args), d)
+    monkeypatch.undo()
+    s = run(_cfg(*args, "resume=true"), d)
+    assert s["lca_total_se"] == pytest.approx(ref["lca_total_se"], rel=1e-12)
+    with h5py.File(d / "lca.h5") as a, h5py.File(tmp_path / "ref" / "lca.h5") as b:
+        for name in ("estimate/seed", "lca/total", "lca/total_se", "lca/layer_se", "estimate/run_layer_se"):
+            np.testing.assert_array_equal(a[name][()], b[name][()], err_msg=name)
