@@ -319,3 +319,21 @@ def test_preempted_subset_run_resumes_identically(tmp_path, monkeypatch, fixed):
     with h5py.File(d / "lca.h5") as a, h5py.File(tmp_path / "ref" / "lca.h5") as b:
         for name in ("estimate/seed", "lca/total", "lca/total_se", "lca/layer_se", "estimate/run_layer_se"):
             np.testing.assert_array_equal(a[name][()], b[name][()], err_msg=name)
+
+
+def test_streamed_split_draws_examples_from_its_dataset():
+    from torch.utils.data import TensorDataset
+
+    from lca_lab.examples import StreamedExamples
+
+    fbl, ls, th0, th1 = _problem()
+    streamed = StreamedExamples(TensorDataset(fbl.x, fbl.y), "cpu", len(fbl.y), len(fbl.y), ())
+    f2 = FullBatchLoss(fbl.model, streamed, None, 32)
+    plan = subset_plan_for(f2, 1.0)
+    assert plan.unit == "example" and len(plan.strata) == 1  # targets not held: simple random sampling
+    exact = LCAEngine(fbl, "rk4", 1e-6, 32, layer_sums=ls).step(th0, th1)
+    st = SubsetEngine(f2, plan, ls, "rk4", 1e-6, 32).step(th0, th1)
+    torch.testing.assert_close(st.param, exact.param, rtol=1e-10, atol=1e-13)
+    assert float(st.total_se) == 0.0
+    st = SubsetEngine(f2, subset_plan_for(f2, 0.3), ls, "rk4", 1e-6, 32).step(th0, th1)
+    assert st.subset_examples == 27 and float(st.total_se) > 0
