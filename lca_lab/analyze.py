@@ -57,6 +57,15 @@ def _group_key(cfg: dict[str, Any]) -> tuple:
     return tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in keep.items()))
 
 
+def run_layer_se(h5: Any, T: int) -> np.ndarray:
+    """Standard errors [n_layers] of the per-layer run totals of a subset estimate: the run's own
+    ``estimate/run_layer_se`` when written (a fixed subset's come from per-unit run sums: its rows'
+    errors are correlated), else sqrt(Σ_t SE_t²) over the rows (fresh draws are independent)."""
+    if "estimate/run_layer_se" in h5:
+        return np.asarray(h5["estimate/run_layer_se"][:], dtype=np.float64)
+    return np.sqrt((np.asarray(h5["lca/layer_se"][:T], dtype=np.float64) ** 2).sum(0))
+
+
 def load_run(path: Path, max_entries: int = 2_000_000) -> dict[str, Any]:
     """The numbers one run contributes to the analysis (small arrays; per-parameter rows sampled)."""
     with open_run(path) as r:
@@ -73,6 +82,8 @@ def load_run(path: Path, max_entries: int = 2_000_000) -> dict[str, Any]:
         rec["train_loss_path"] = np.asarray(r.train_loss)
         rec["lca_layer"] = np.asarray(r.lca_layer)  # [T, n_layers]
         rec["layer_totals"] = rec["lca_layer"].sum(0)
+        if "lca/layer_se" in h5:  # subset estimates (lca_lab.estimate): standard errors of the run totals
+            rec["layer_totals_se"] = run_layer_se(h5, T)
         rec["error"] = np.asarray(r.lca_error)
         ev = {
             n: np.asarray(h5[f"eval/{n}"][:])
@@ -241,6 +252,8 @@ def analyze(
             [abs(r["error"].sum()) / abs(r["train_loss_path"][-1] - r["train_loss_path"][0]) for r in rs]
         )
         g["layer_effects"] = stats.layer_effects(totals, names, alpha=alpha)
+        if all("layer_totals_se" in r for r in rs):
+            g["estimate"] = estimate_intervals(totals, np.stack([r["layer_totals_se"] for r in rs]), names)
         # Moments of learning: per-class curves when stored (stronger test), else per-layer totals.
         r0 = rs[0]
         curves = np.transpose(r0["class_layer"], (1, 2, 0)) if "class_layer" in r0 else r0["lca_layer"].T
@@ -446,6 +459,29 @@ def _moments_figure(curves: np.ndarray, k: int, names: list[str], T: int):
     return fg.moments_of_learning(moms, T, names, synchronized=sync)
 
 
+def estimate_intervals(totals: np.ndarray, se: np.ndarray, names: list[str]) -> list[dict[str, Any]]:
+    """Per layer, for runs of subset estimates: each run's total ± 1.96 SE (the sampling's 95 % interval),
+    and the share of the between-seed variance of the totals that the sampling adds (mean SE² over the
+    runs / variance of the totals across runs; NaN with one run). The t-tests across seeds use the
+    totals as they are: the sampling's variance is part of the spread they see."""
+    rows = []
+    for j, name in enumerate(names):
+        var = float(np.var(totals[:, j], ddof=1)) if len(totals) > 1 else math.nan
+        rows.append(
+            {
+                "layer": name,
+                "run totals ± 1.96 SE": "; ".join(
+                    f"{t:+.4g} ± {1.96 * s:.2g}" for t, s in zip(totals[:, j], se[:, j])
+                ),
+                "mean SE": float(se[:, j].mean()),
+                "sampling share of between-seed var": float(np.mean(se[:, j] ** 2)) / var
+                if var and var > 0
+                else math.nan,
+            }
+        )
+    return rows
+
+
 def _pm(d: dict) -> str:
     return f"{_fmt(d.get('mean', math.nan))} ± {_fmt(d.get('std', math.nan))}"
 
@@ -489,6 +525,17 @@ def render_markdown(rep: dict[str, Any]) -> str:
             "",
             _table(g["layer_effects"], ["layer", "n", "mean", "std", "t", "p", "p_adj", "direction"]),
         ]
+        if "estimate" in g:
+            lines += [
+                "",
+                f"Subset estimates (lca.estimate=subset, docs/estimates.md) — {g['label']}: per-layer run "
+                "totals with their sampling intervals; the t-tests above use the totals as they are.",
+                "",
+                _table(
+                    g["estimate"],
+                    ["layer", "run totals ± 1.96 SE", "mean SE", "sampling share of between-seed var"],
+                ),
+            ]
         if "moments" in g:
             m = g["moments"]
             lines += [

@@ -1823,6 +1823,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _main_ranks(argv)
     if "--loops" in argv:
         return _main_loops(argv)
+    if "--estimate" in argv:  # subset estimates against the exact LCA (lca_lab.bench_estimate)
+        from .bench_estimate import main as estimate_main
+
+        return estimate_main(argv)
     o = parse_args(argv)
     json_path = getattr(o, "json_path", None)
     if json_path:  # fail on an unwritable path before minutes of compute, not after

@@ -39,7 +39,11 @@ RESUME_IGNORED = (
 )  # fmt: skip
 # Config keys added after checkpoints existed, with the value that a checkpoint written before them ran
 # with: such a run continues under the new code with that value (and is refused with any other).
-IMPLIED_IN_OLDER = {"lca.cuda_graph": False, "lca.cudnn_benchmark": False, "lca.compile": False}
+IMPLIED_IN_OLDER = {
+    "lca.cuda_graph": False, "lca.cudnn_benchmark": False, "lca.compile": False,
+    # subset estimates (lca_lab.estimate) came later: a checkpoint without these keys ran exactly
+    "lca.estimate": "exact", "lca.subset": 0.1, "lca.subset_fixed": False, "lca.subset_seed": None,
+}  # fmt: skip
 # The speed switches whose default became auto (lca_lab.speed): auto against a set value is no difference.
 SPEED_AUTO = ("lca.channels_last", "lca.cuda_graph", "lca.cudnn_benchmark", "lca.compile")
 # store.per_param became auto too: a resumed run keeps what its run file holds (train._check_size), so

@@ -314,11 +314,30 @@ def _check_lca(cfg: Mapping[str, Any]) -> None:
         raise ConfigError(
             f"lca.window must be [start, stop) iterations with 0 ≤ start < stop, got {list(window)}"
         )
+    _check_estimate(lca)
     if not lca["enabled"]:
         return
     from .speed import check_settings  # late: speed imports this module's ConfigError
 
     check_settings(lca, None, bool(cfg["deterministic"]))  # the rules between the speed switches
+
+
+def _check_estimate(lca: Mapping[str, Any]) -> None:
+    """``lca.estimate``/``lca.subset``/``lca.subset_fixed`` (missing keys: their defaults, exact)."""
+    from .estimate import check_estimate
+
+    estimate = lca.get("estimate") or "exact"
+    try:
+        check_estimate(estimate, lca.get("subset", 0.1), lca.get("subset_fixed") or False)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if estimate == "subset":
+        for key, why in (("per_class", "per-class LCA"), ("test", "held-out LCA")):
+            if lca.get(key):
+                raise ConfigError(
+                    f"lca.estimate=subset does not estimate {why} yet; "
+                    f"set lca.{key}=false or lca.estimate=exact"
+                )
 
 
 def _check_parts(cfg: Mapping[str, Any]) -> None:
@@ -432,6 +451,7 @@ def check_lca_overrides(lca: Mapping[str, Any]) -> dict[str, Any]:
         check_engine_options(m or "rk4", 1.0 if tol is None else tol, 2 if ms is None else ms)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    _check_estimate({k: v for k, v in lca.items() if v is not None})
     return lca
 
 

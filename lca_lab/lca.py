@@ -614,6 +614,12 @@ class StepLCA:
     # caller needs no host sync of its own; None for steps of :meth:`LCAEngine.steps` in batched blocks.
     host_error: float | None = None
     host_loss1: float | None = None
+    # Subset estimates (lca.estimate=subset, lca_lab.estimate): standard errors of ``total`` (0-d) and of
+    # ``layer`` [n_layers] from the sampling, the subset's seed and its examples; None on the exact path.
+    total_se: torch.Tensor | None = None
+    layer_se: torch.Tensor | None = None
+    subset_seed: int | None = None
+    subset_examples: int | None = None
 
 
 class _HostPair:

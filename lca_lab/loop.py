@@ -257,6 +257,9 @@ class StepRecorder:
         self.layer_names, self.divergence_hint = list(layer_names), divergence_hint
         self.layer_sums = reducer.layer_sums  # [..., K] → [..., n_layers] float64
         self.sums = RunningSums.zeros(reducer.n_layers, reducer.index.device)
+        # a subset estimate's engine (lca_lab.estimate.SubsetEngine): its run totals' standard errors go
+        # into the summary; None on the exact path
+        self.estimator: Any = None
 
     def start(self, loss0: Any, theta0: Any = None, class_loss0: Any = None, test_loss0: Any = None) -> None:
         """Row 0 of the point series: L(θ_0) (0-d or float; read to the host once), θ_0 [K] when the
@@ -316,6 +319,11 @@ class StepRecorder:
             w.append_dataset("lca_test/error", st.test_error)
         if self.passes_row:
             w.append_dataset("recompute/passes", st.passes, np.int32)
+        if st.total_se is not None:  # a subset estimate (lca_lab.estimate): its sampling errors and subset
+            w.append_dataset("lca/total_se", st.total_se, np.float64)
+            w.append_dataset("lca/layer_se", st.layer_se, np.float64)
+            w.append_dataset("estimate/seed", st.subset_seed, np.int64)
+            w.append_dataset("estimate/passes", st.passes, np.int32)
         w.append(
             step.t, loss1, st.total, err, st.splits, st.converged, st.layer,
             st.param if self.per_param else None,
@@ -326,8 +334,9 @@ class StepRecorder:
 
     def _track(self, step: Launched, st: StepLCA, views: dict, loss1: float, err: float) -> None:
         """Device tensors to the tracker, which copies them in batches."""
+        se = {} if st.total_se is None else {"lca_total_se": st.total_se}
         self.tracker.log_iteration(
-            step.t, loss=loss1, lca_total=st.total, lca_error=err, splits=st.splits,
+            step.t, loss=loss1, lca_total=st.total, lca_error=err, splits=st.splits, **se,
             frac_helping=views["frac_helping"], frac_hurting=views["frac_hurting"],
             frac_zero=views["frac_zero"], batch_loss=step.batch_loss,
             layer_lca=dict(zip(self.layer_names, st.layer)),
@@ -348,7 +357,14 @@ class StepRecorder:
 
     def summary(self, n_rows: int) -> dict[str, Any]:
         """:func:`lca_summary` of the rows recorded so far (``n_rows`` of them, resumed ones included)."""
-        return lca_summary(self.sums, n_rows, self.layer_names)
+        out = lca_summary(self.sums, n_rows, self.layer_names)
+        if self.estimator is not None:
+            total_se, layer_se = self.estimator.run_se()
+            out["lca_estimate"] = "subset"
+            out["lca_total"] = float(self.sums.layer_total.sum())
+            out["lca_total_se"] = total_se  # of the run's summed LCA (nats)
+            out["layer_lca_se"] = dict(zip(self.layer_names, layer_se.tolist()))
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         """The checkpoint's ``reducer`` and ``loop`` entries."""

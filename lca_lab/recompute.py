@@ -43,7 +43,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +59,7 @@ from . import __version__
 from .config import ConfigError, check_lca_overrides, run_cli, validate_recompute
 from .dist import SINGLE, NoWriter, Shard, rank_device, world_from_env
 from .dist import init as init_dist
+from .estimate import SubsetEngine, subset_attrs, subset_engine
 from .lca import (
     FullBatchLoss,
     LayerSums,
@@ -92,7 +93,8 @@ MERGED_NAME = "lca.h5"
 LOCK_NAME = ".merge.lock"
 ENGINE_KEYS = (
     "method", "tolerance", "max_splits", "adaptive", "chunk_size", "per_class", "test", "batch_points",
-    "precision", "cuda_graph", "cudnn_benchmark", "compile",
+    "precision", "cuda_graph", "cudnn_benchmark", "compile", "estimate", "subset", "subset_fixed",
+    "subset_seed",
 )  # fmt: skip
 REDUCE_ROW = ("frac_helping", "frac_hurting", "frac_zero", "layer_frac_helping", "layer_frac_hurting")
 # Per-row series whose first row is the start point (T+1 rows): a later shard's first row repeats the
@@ -104,6 +106,10 @@ ROW_SERIES = (
     "lca_test/total",
     "lca_test/error",
     "recompute/passes",
+    "lca/total_se",  # subset estimates (lca_lab.estimate)
+    "lca/layer_se",
+    "estimate/seed",
+    "estimate/passes",
 )
 READ_BLOCK = 64  # θ rows read from the run file at a time
 
@@ -117,7 +123,12 @@ class RecomputeError(ValueError):
 
 
 def recompute_range(
-    engine: LCAEngine, thetas: Callable[[int], torch.Tensor], lo: int, hi: int, batch_points: int = 1
+    engine: LCAEngine | SubsetEngine,
+    thetas: Callable[[int], torch.Tensor],
+    lo: int,
+    hi: int,
+    batch_points: int = 1,
+    iterations: Sequence[int] | None = None,
 ) -> Iterator[tuple[int, StepLCA]]:
     """LCA of the stored steps ``lo..hi-1``: yields ``(r, StepLCA of θ_r → θ_{r+1})`` in order.
 
@@ -128,15 +139,23 @@ def recompute_range(
         lo, hi: step range, ``0 ≤ lo < hi ≤ n_steps``.
         batch_points: path points evaluated together (``LCAEngine.steps``: vmap over the points of up
             to this many steps, refinements batched too); 1 is the online engine's step-by-step path.
+        iterations: the training iteration of every trajectory row (``trajectory/iteration``): a
+            :class:`~lca_lab.estimate.SubsetEngine` draws the subset of row r's step by its iteration, as
+            the training run did (default: r).
 
     The first point is primed (one extra gradient pass); afterwards every endpoint gradient is reused,
     exactly as online. The caller must not modify yielded tensors' inputs in place.
     """
+    subset = isinstance(engine, SubsetEngine)
+    if subset:
+        engine.next_t = int(iterations[lo]) if iterations is not None else lo
     engine.prime(thetas(lo))
-    if batch_points <= 1:
+    if batch_points <= 1 or subset:
         theta0 = thetas(lo)
         for r in range(lo, hi):
             theta1 = thetas(r + 1)
+            if subset:
+                engine.next_t = int(iterations[r]) if iterations is not None else r
             yield r, engine.step(theta0, theta1)  # same tensor object next time: the engine reuses g(θ1)
             theta0 = theta1
         return
@@ -290,7 +309,7 @@ def device_settings(settings: dict[str, Any], overrides: dict[str, Any] | None, 
 
 @dataclass
 class _Setup:
-    engine: LCAEngine
+    engine: LCAEngine | SubsetEngine
     index: torch.Tensor  # [K] int64 layer of each entry
     n_layers: int
     n_classes: int
@@ -366,6 +385,15 @@ def _build(
         fbl, settings["method"], settings["tolerance"], settings["max_splits"], settings["adaptive"],
         per_class=per_class, test_loss=test_fbl, layer_sums=LayerSums(index, len(rf.layer_names)),
     )  # fmt: skip
+    if settings.get("estimate") == "subset":
+        if ranks.active:
+            raise RecomputeError(
+                "lca.estimate=subset runs in one process; drop torchrun or use lca.estimate=exact"
+            )
+        try:
+            engine = subset_engine(fbl, engine, settings, int(run_cfg.get("seed", 0)))
+        except ValueError as e:
+            raise RecomputeError(str(e)) from None
     return _Setup(engine, index, len(rf.layer_names), data.n_classes, settings, fbl.dtype, device, speed)
 
 
@@ -498,6 +526,12 @@ def compute_shard(
             "torch_version": torch.__version__,
             "device": str(dev),
             **setup.speed.attrs(),  # lca_channels_last, …: as resolved here, not the training run's
+            # exact, or subset and the subset's size (lca_lab.estimate), as computed here
+            **(
+                subset_attrs(setup.engine)
+                if isinstance(setup.engine, SubsetEngine)
+                else {"lca_estimate": "exact"}
+            ),
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "recompute/source": str(traj.path.resolve()),
             "recompute/source_created": str(src_attrs.get("created", "")),
@@ -536,7 +570,7 @@ def _write_shard_rows(writer, setup: _Setup, f, traj: Trajectory, lo, hi, per_pa
     thetas = _ThetaReader(f, setup.device, setup.dtype, lo, hi)
     steps = (
         (int(traj.iterations[r]), st)
-        for r, st in recompute_range(setup.engine, thetas, lo, hi, _points(setup))
+        for r, st in recompute_range(setup.engine, thetas, lo, hi, _points(setup), traj.iterations)
     )
     driver = LCADriver(setup.engine, recorder)
     driver.run(driver.computed(steps), after=lambda _launched: bar.update(1))
@@ -782,6 +816,11 @@ def _merged_arrays(shards: list) -> dict[str, np.ndarray]:
         "fh": cat(lambda rf: rf.read("reduce/frac_helping")[: rf.n_rows]),
         "fu": cat(lambda rf: rf.read("reduce/frac_hurting")[: rf.n_rows]),
         "fz": cat(lambda rf: rf.read("reduce/frac_zero")[: rf.n_rows]),
+        **(
+            {"total_se": cat(lambda rf: rf.read("lca/total_se")[: rf.n_rows])}
+            if "lca/total_se" in shards[0].h5 and not shards[0].attrs.get("lca_subset_fixed", False)
+            else {}
+        ),
     }
 
 
@@ -789,7 +828,11 @@ def _summary(a: dict[str, np.ndarray]) -> dict[str, Any]:
     """The scalar ``summary/*`` attrs of a training run from the merged rows: the same definitions
     (:func:`lca_lab.loop.lca_summary`)."""
     n = len(a["total"])
-    return {"lca_rows": n, **lca_summary(RunningSums.from_rows(a), n)}
+    out = {"lca_rows": n, **lca_summary(RunningSums.from_rows(a), n)}
+    if "total_se" in a:  # fresh subset draws: independent rows (a fixed subset's rows are not: no entry)
+        out |= {"lca_estimate": "subset", "lca_total": float(a["total"].sum())}
+        out["lca_total_se"] = float(np.sqrt(np.sum(a["total_se"] ** 2)))
+    return out
 
 
 def _copy_from_source(writer: RunWriter, source: Path) -> None:

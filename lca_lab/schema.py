@@ -97,6 +97,13 @@ class LCAConfig:
     # Dataset) | false (cached); and the DataLoader workers of streamed passes (auto or an integer ≥ 0).
     stream: Switch = _optional(AUTO)
     workers: int | str = _optional(AUTO)
+    # LCA from a random subset of the training split, with standard errors (lca_lab.estimate,
+    # docs/estimates.md): exact | subset; the subset's size (a fraction in (0, 1] or a count of examples);
+    # one subset for the whole run instead of a fresh draw per iteration; the draws' seed (null: seed).
+    estimate: str = _optional("exact")
+    subset: float | int = _optional(0.1)
+    subset_fixed: bool = _optional(False)
+    subset_seed: int | None = _optional(None)
 
 
 @dataclass
@@ -173,7 +180,8 @@ class RunConfig:
 # training run's value), plus batch_points, a recompute-only setting.
 RECOMPUTE_LCA_KEYS = (
     "method", "tolerance", "max_splits", "adaptive", "chunk_size", "per_class", "test", "batch_points",
-    "precision", "cuda_graph", "cudnn_benchmark", "compile",
+    "precision", "cuda_graph", "cudnn_benchmark", "compile", "estimate", "subset", "subset_fixed",
+    "subset_seed",
 )  # fmt: skip
 _LCA_TYPES = {f.name: f.type for f in fields(LCAConfig)}
 RecomputeLCAConfig = make_dataclass(

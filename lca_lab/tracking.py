@@ -47,6 +47,7 @@ KEYS = {
     "batch_loss": "train/batch_loss",
     "lca_total": "lca/total",
     "lca_error": "lca/error",
+    "lca_total_se": "lca/total_se",  # standard error of a subset estimate (lca.estimate=subset)
     "splits": "lca/splits",
     "frac_helping": "frac/helping",
     "frac_hurting": "frac/hurting",

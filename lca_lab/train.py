@@ -6,6 +6,7 @@ called from tests and notebooks as well as from ``python -m lca_lab``.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import errno
 import json
@@ -41,6 +42,7 @@ from .checkpoint import (
 )
 from .config import ConfigError, validate
 from .dist import SINGLE, NoWriter, Shard, broadcast_object, broadcast_params_
+from .estimate import SubsetEngine, subset_attrs, subset_engine
 from .examples import CachedExamples, StreamedExamples, call, correct_targets, target_loss
 from .lca import FullBatchLoss, LayerSums, LCAEngine, auto_chunk_size, set_matmul_precision
 from .loop import LCADriver, StepRecorder
@@ -234,7 +236,7 @@ class Built:
     cuda_graph: bool
     cudnn_bm: bool
     compile_passes: bool
-    engine: LCAEngine | None
+    engine: LCAEngine | SubsetEngine | None  # SubsetEngine with lca.estimate=subset
     per_class: bool
     test_lca: bool
     loss_fn: Any
@@ -289,6 +291,14 @@ def build(cfg: dict[str, Any], device: torch.device, shard: Shard = SINGLE) -> B
             "(e.g. one per token); use lca.per_class=false"
         )
     test_lca = bool(lcfg.get("test", False)) and len(data.test) > 0
+    subset = lca_on and lcfg.get("estimate", "exact") == "subset"
+    if subset:  # the subset's passes are eager, in one process (lca_lab.estimate)
+        if shard.active:
+            raise ConfigError(
+                "lca.estimate=subset runs in one process; drop torchrun or use lca.estimate=exact"
+            )
+        speed = dataclasses.replace(speed, cuda_graph=False, compile=False)
+        cuda_graph = compile_passes = False
     if lca_on:
         # How L's passes run (layout, graphs, cuDNN autotuning): its value only to float rounding.
         fast = speed.engine_kwargs()
@@ -308,6 +318,11 @@ def build(cfg: dict[str, Any], device: torch.device, shard: Shard = SINGLE) -> B
             bool(lcfg.get("adaptive", True)), per_class=per_class, test_loss=test_fbl,
             layer_sums=LayerSums(index, len(groups)),  # each step's per-layer LCA comes with its total
         )  # fmt: skip
+        if subset:
+            try:
+                engine = subset_engine(fbl, engine, lcfg, int(cfg["seed"]))
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
     return Built(
         data, model, optimizer, groups, named, pnames, param_layer, index, K, chunk, channels_last,
         cuda_graph, cudnn_bm, compile_passes, engine, per_class, test_lca, loss_fn, parts.label, shard,
@@ -461,6 +476,8 @@ def _attrs(
         "dist_world_size": b.shard.world,  # ranks that shared L's passes (1: one process)
         "dist_backend": tdist.get_backend() if b.shard.active else "",
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        # exact, or subset and the subset's size (lca_lab.estimate, docs/estimates.md)
+        **(subset_attrs(b.engine) if isinstance(b.engine, SubsetEngine) else {"lca_estimate": "exact"}),
         **(extra or {}),
     }
 
@@ -577,6 +594,9 @@ class _TrainLoop:
             plan.theta_only,
             pipelined=not b.shard.active,
         )
+        if isinstance(b.engine, SubsetEngine):
+            b.engine.next_t = plan.lo  # the subsets' seeds are per training iteration
+            self.recorder.estimator = b.engine
 
     def flat(self) -> torch.Tensor:
         """θ: a fresh flat [K] copy of the trainable parameters."""
@@ -596,6 +616,7 @@ class _TrainLoop:
             "perm": self.trainer.perm.cpu(),
             "rng": rng_state(self.device),
             "loop": rec["loop"],
+            **({"estimate": self.b.engine.state_dict()} if isinstance(self.b.engine, SubsetEngine) else {}),
         }
 
     def resume(self, ck: dict[str, Any], created: str) -> None:
@@ -609,6 +630,8 @@ class _TrainLoop:
         set_rng_state(ck["rng"], self.device)
         resumed = {"resumed": f"from iteration {self.start_it} at {created}"}  # the latest resume
         self.writer.set_attrs({**resumed, **(getattr(self.tracker, "attrs", None) or {})})  # and its W&B run
+        if isinstance(self.b.engine, SubsetEngine) and "estimate" in ck:
+            self.b.engine.load_state_dict(ck["estimate"])
         if self.b.engine is not None and self.plan.lo < self.start_it < self.plan.hi:
             self.driver.resume()
         if self.b.shard.rank == 0:  # one message per run
@@ -749,6 +772,10 @@ def _finish(loop: _TrainLoop, plan: _Plan, device: str) -> dict[str, Any]:
     }
     if plan.n_rows:
         loop.recorder.write_counters()
+        if isinstance(b.engine, SubsetEngine):  # the run totals' standard errors (lca_lab.estimate)
+            total_se, layer_se = b.engine.run_se()
+            writer.write_array("estimate/run_layer_se", layer_se)
+            writer.write_array("estimate/run_total_se", np.array([total_se]))
         summary.update(loop.recorder.summary(plan.n_rows))
     summary.update(_timing(loop.driver.iter_s, b.engine))
     for k, v in summary.items():
@@ -784,11 +811,18 @@ def format_summary(s: dict[str, Any]) -> str:
             f"LCA rows          : {s['lca_rows']}   L: {s['L_start']:.4f} → {s['L_end']:.4f}",
             f"entries helping   : {100 * s['frac_helping']:.2f}%   hurting {100 * s['frac_hurting']:.2f}%"
             f"   zero {100 * s['frac_zero']:.2f}%  (mean over iterations)",
-            f"helping, zeros ignored (paper's Table 1): {s['pct_helping_nonzero']:.2f}%",
+            f"helping, zeros ignored (paper's Table 1): {s['pct_helping_nonzero']:.2f}%"
+            + ("  (from subset estimates: biased down, docs/estimates.md)" if s.get("lca_estimate") else ""),
             "LCA per layer (nats, negative = helped):",
         ]
         width = max(len(n) for n in s["layer_lca"])
-        lines += [f"  {n:<{width}} {v:+.5f}" for n, v in s["layer_lca"].items()]
+        if s.get("lca_estimate") == "subset":  # subset estimates: ± 1.96 standard errors of the sampling
+            se = s["layer_lca_se"]
+            lines[-1] = "LCA per layer (nats, negative = helped; subset estimates ± 1.96 SE):"
+            lines += [f"  {n:<{width}} {v:+.5f} ± {1.96 * se[n]:.5f}" for n, v in s["layer_lca"].items()]
+            lines.append(f"  {'total':<{width}} {s['lca_total']:+.5f} ± {1.96 * s['lca_total_se']:.5f}")
+        else:
+            lines += [f"  {n:<{width}} {v:+.5f}" for n, v in s["layer_lca"].items()]
         lines += [
             f"max |Σ LCA − ΔL| per iteration : {s['max_abs_error']:.2e} nats"
             f"   (rows over lca.tolerance: {s['not_converged']})",
