@@ -1898,6 +1898,7 @@ def _main_loops(argv: Sequence[str]) -> int:
     p.add_argument("--n-train", type=int, default=4096, help="examples (default 4096)")
     p.add_argument("--batch", type=int, default=128, help="batch size (default 128)")
     p.add_argument("--epochs", type=int, default=2, help="epochs (default 2)")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds over the loops (default 3)")
     p.add_argument("--json", "--out", dest="json_path", help="also write the results as JSON to this path")
     a = p.parse_args(argv)
     from . import bench_loops
@@ -1905,15 +1906,15 @@ def _main_loops(argv: Sequence[str]) -> int:
     loops = _csv(a.which)
     bad = [x for x in loops if x not in bench_loops.LOOPS]
     steps = a.epochs * math.ceil(a.n_train / max(a.batch, 1))
-    if bad or a.batch < 1 or steps < 8:
+    if bad or a.batch < 1 or steps < 8 or a.repeats < 1:
         print(
             f"error: --which from {','.join(bench_loops.LOOPS)}"
             f"{' (got ' + ','.join(bad) + ')' if bad else ''}; "
-            f"--batch ≥ 1 and at least 8 steps (--epochs × --n-train / --batch, got {steps})",
+            f"--batch ≥ 1, --repeats ≥ 1 and at least 8 steps (--epochs × --n-train / --batch, got {steps})",
             file=sys.stderr,
         )
         return 2
-    rows = bench_loops.measure(loops, a.n_train, a.batch, a.epochs)
+    rows = bench_loops.measure(loops, a.n_train, a.batch, a.epochs, repeats=a.repeats)
     print(bench_loops.format_loops(rows))
     result = {
         "device": device_name(torch.device("cpu")),

@@ -9,7 +9,7 @@ steps by four loops, each with LCA and without it, in the same run:
 * ``hf``: ``transformers.Trainer.train`` with :class:`~lca_lab.integrations.hf.LCATrainerCallback`.
 
 Measured per loop: the median wall time of an optimizer step (the interval between consecutive steps,
-after ``warmup`` steps), with and without LCA. ``lca_s`` =
+after ``warmup`` steps), with and without LCA, in interleaved rounds (the median over rounds). ``lca_s`` =
 with − without is what LCA costs inside that loop; ``overhead_vs_own`` = ``lca_s / lca_s(own)`` compares it
 with lca_lab's loop at the same LCA work (``passes_per_row``: the gradient passes of a row, the same
 engine and tolerance in every loop). A loop or framework that is not installed is skipped.
@@ -228,21 +228,36 @@ def _passes_per_row(run_file: Path) -> float:
         return float(f["lca/splits"][()].mean())
 
 
-def measure(loops=LOOPS, n: int = 4096, batch: int = 128, epochs: int = 2, warmup: int = 3) -> list[dict]:
-    """Each loop with and without LCA on the same problem; see the module docstring."""
+def measure(
+    loops=LOOPS, n: int = 4096, batch: int = 128, epochs: int = 2, warmup: int = 3, repeats: int = 3
+) -> list[dict]:
+    """Each loop with and without LCA on the same problem, in ``repeats`` interleaved rounds (every loop
+    once per round, so a slow spell of the machine falls on all of them); per loop the median over the
+    rounds of each round's median step. See the module docstring."""
     torch.set_num_threads(1)  # the loops' own threading differs; one thread compares the work itself
+    todo = [loop for loop in loops if available(loop)]
+    times: dict[tuple[str, bool], list[float]] = {(loop, lca): [] for loop in todo for lca in (False, True)}
+    splits: dict[str, float] = {}
+    for _ in range(repeats):
+        for loop in todo:
+            for lca in (False, True):
+                with tempfile.TemporaryDirectory() as d:
+                    steps = RUNNERS[loop](config(n, batch, epochs, lca), Path(d), warmup)
+                    times[loop, lca].append(statistics.median(steps))
+                    if lca:
+                        splits[loop] = _passes_per_row(Path(d) / "lca.h5")
     out = []
     for loop in loops:
-        if not available(loop):
+        if loop not in todo:
             out.append({"loop": loop, "skipped": f"needs {', '.join(NEEDS[loop])}"})
             continue
-        row: dict[str, Any] = {"loop": loop}
-        for lca in (False, True):
-            with tempfile.TemporaryDirectory() as d:
-                times = RUNNERS[loop](config(n, batch, epochs, lca), Path(d), warmup)
-                row["with_lca_s" if lca else "without_lca_s"] = statistics.median(times)
-                if lca:
-                    row["mean_splits"] = _passes_per_row(Path(d) / "lca.h5")
+        row: dict[str, Any] = {
+            "loop": loop,
+            "without_lca_s": statistics.median(times[loop, False]),
+            "with_lca_s": statistics.median(times[loop, True]),
+            "rounds_with_lca_s": times[loop, True],
+            "mean_splits": splits[loop],
+        }
         row["lca_s"] = row["with_lca_s"] - row["without_lca_s"]
         out.append(row)
     own = next((r for r in out if r["loop"] == "own" and "lca_s" in r), None)
