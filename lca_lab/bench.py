@@ -1874,18 +1874,7 @@ def _main_ranks(argv: Sequence[str]) -> int:
         r = bench_ranks.scaling(net, a.ranks, a.n_train, a.iters, a.device)
         print(bench_ranks.format_scaling(r))
         rows.append(r)
-    result = {
-        "device": device_name(torch.device(a.device)),
-        "torch": torch.__version__,
-        "platform": platform.platform(),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "options": vars(a),
-        "scaling": rows,
-    }
-    if a.json_path:
-        with open(a.json_path, "w") as f:
-            json.dump(jsonable(result), f, indent=1)
-        log(f"wrote {a.json_path}")
+    _write_result(a, torch.device(a.device), {"scaling": rows})
     return 0
 
 
@@ -1916,21 +1905,27 @@ def _main_loops(argv: Sequence[str]) -> int:
         return 2
     rows = bench_loops.measure(loops, a.n_train, a.batch, a.epochs, repeats=a.repeats)
     print(bench_loops.format_loops(rows))
+    _write_result(a, torch.device("cpu"), {"versions": bench_loops.versions(), "loops": rows})
+    return 0
+
+
+def _write_result(a: argparse.Namespace, device: torch.device, rows: dict[str, Any]) -> None:
+    """The provenance header (device, versions, commit, date, options) and ``rows``, to ``--json``."""
+    from .train import git_sha
+
     result = {
-        "device": device_name(torch.device("cpu")),
+        "device": device_name(device),
         "torch": torch.__version__,
-        "versions": bench_loops.versions(),
         "platform": platform.platform(),
-        "commit": bench_loops.git_sha(),
+        "commit": git_sha(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "options": vars(a),
-        "loops": rows,
+        **rows,
     }
     if a.json_path:
         with open(a.json_path, "w") as f:
             json.dump(jsonable(result), f, indent=1)
         log(f"wrote {a.json_path}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -110,28 +110,36 @@ def _track(cfg: dict[str, Any], run_dir: Path, warmup: int) -> list[float]:
     return clock.intervals(warmup)
 
 
+def lightning_classifier(net: torch.nn.Module, lr: float, fail_at: int | None = None) -> Any:
+    """``net`` as a LightningModule: ``forward`` gives its logits, ``training_step`` the batch's
+    cross-entropy, plain SGD; ``fail_at``: raise at that optimizer step (for tests of a crashed fit)."""
+    import lightning as L
+
+    class Classifier(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, i):
+            if fail_at is not None and self.global_step == fail_at:
+                raise RuntimeError(f"stopped by the test at step {fail_at}")
+            return F.cross_entropy(self(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=lr)
+
+    return Classifier()
+
+
 def _lightning(cfg: dict[str, Any], run_dir: Path, warmup: int) -> list[float]:
     import lightning as L
 
     from .integrations.lightning import LCACallback
 
     model, x, y = _parts(cfg)
-    lr = cfg["opt"]["lr"]
-
-    class Module(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.net = model
-
-        def forward(self, x):
-            return self.net(x)
-
-        def training_step(self, batch, i):
-            return F.cross_entropy(self(batch[0]), batch[1])
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=lr)
-
     clock = _Clock()
 
     class Tick(L.Callback):
@@ -144,7 +152,7 @@ def _lightning(cfg: dict[str, Any], run_dir: Path, warmup: int) -> list[float]:
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
     )  # fmt: skip
     data = DataLoader(TensorDataset(x, y), batch_size=int(cfg["batch_size"]), shuffle=True)
-    trainer.fit(Module(), data)
+    trainer.fit(lightning_classifier(model, cfg["opt"]["lr"]), data)
     return clock.intervals(warmup)
 
 
@@ -198,12 +206,6 @@ def _hf(cfg: dict[str, Any], run_dir: Path, warmup: int) -> list[float]:
 
 RUNNERS = {"own": _own, "track": _track, "lightning": _lightning, "hf": _hf}
 NEEDS = {"lightning": ("lightning",), "hf": ("transformers", "accelerate")}
-
-
-def git_sha() -> str:
-    from .train import git_sha as sha
-
-    return sha()
 
 
 def versions() -> dict[str, str]:

@@ -8,10 +8,9 @@ import warnings
 import h5py
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from lca_lab.bench_loops import DictRows, WithLoss  # noqa: F401  (the tests' HF model and items)
+from lca_lab.bench_loops import DictRows, WithLoss, lightning_classifier  # noqa: F401  (the tests' HF model and items)
 from lca_lab.parts import build_parts
 from tests.test_train import _cfg
 
@@ -52,26 +51,7 @@ def quiet() -> None:
 
 
 def lightning_module(net: torch.nn.Module, lr: float = LR, fail_at: int | None = None):
-    import lightning as L
-
-    class Classifier(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.net = net
-
-        def forward(self, x):
-            return self.net(x)
-
-        def training_step(self, batch, i):
-            if fail_at is not None and self.global_step == fail_at:
-                raise RuntimeError(f"stopped by the test at step {fail_at}")
-            x, y = batch
-            return F.cross_entropy(self(x), y)
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=lr)
-
-    return Classifier()
+    return lightning_classifier(net, lr, fail_at)
 
 
 def lightning_trainer(callbacks, **kw):
