@@ -24,6 +24,7 @@ import yaml
 
 from . import figures as fg
 from . import stats
+from .estimate import interval_q, run_df
 from .jsonable import jsonable
 from .store import MalformedRunFileError, open_run
 from .sweep import FAILED_MARKER, job_order
@@ -60,10 +61,14 @@ def _group_key(cfg: dict[str, Any]) -> tuple:
 def run_layer_se(h5: Any, T: int) -> np.ndarray:
     """Standard errors [n_layers] of the per-layer run totals of a subset estimate: the run's own
     ``estimate/run_layer_se`` when written (a fixed subset's come from per-unit run sums: its rows'
-    errors are correlated), else sqrt(Σ_t SE_t²) over the rows (fresh draws are independent)."""
+    errors are correlated), else sqrt(Σ_t SE_t² + 2 Σ_t cov_t) over the rows (fresh draws are independent;
+    overlapping halves store the covariance of adjacent rows, ``estimate/cov_prev``)."""
     if "estimate/run_layer_se" in h5:
         return np.asarray(h5["estimate/run_layer_se"][:], dtype=np.float64)
-    return np.sqrt((np.asarray(h5["lca/layer_se"][:T], dtype=np.float64) ** 2).sum(0))
+    var = (np.asarray(h5["lca/layer_se"][:T], dtype=np.float64) ** 2).sum(0)
+    if "estimate/cov_prev" in h5:
+        var = var + 2.0 * np.asarray(h5["estimate/cov_prev"][:T, :-1], dtype=np.float64).sum(0)
+    return np.sqrt(np.maximum(var, 0.0))
 
 
 def load_run(path: Path, max_entries: int = 2_000_000) -> dict[str, Any]:
@@ -84,6 +89,8 @@ def load_run(path: Path, max_entries: int = 2_000_000) -> dict[str, Any]:
         rec["layer_totals"] = rec["lca_layer"].sum(0)
         if "lca/layer_se" in h5:  # subset estimates (lca_lab.estimate): standard errors of the run totals
             rec["layer_totals_se"] = run_layer_se(h5, T)
+            df = run_df(int(r.attrs.get("lca_subset_df", 0)), T, bool(r.attrs.get("lca_subset_fixed", False)))
+            rec["layer_totals_q"] = interval_q(df)  # 95 % interval: ± q · SE
         rec["error"] = np.asarray(r.lca_error)
         ev = {
             n: np.asarray(h5[f"eval/{n}"][:])
@@ -253,7 +260,9 @@ def analyze(
         )
         g["layer_effects"] = stats.layer_effects(totals, names, alpha=alpha)
         if all("layer_totals_se" in r for r in rs):
-            g["estimate"] = estimate_intervals(totals, np.stack([r["layer_totals_se"] for r in rs]), names)
+            se = np.stack([r["layer_totals_se"] for r in rs])
+            q = np.array([r.get("layer_totals_q", 1.96) for r in rs])
+            g["estimate"] = estimate_intervals(totals, se, names, q)
         # Moments of learning: per-class curves when stored (stronger test), else per-layer totals.
         r0 = rs[0]
         curves = np.transpose(r0["class_layer"], (1, 2, 0)) if "class_layer" in r0 else r0["lca_layer"].T
@@ -459,19 +468,23 @@ def _moments_figure(curves: np.ndarray, k: int, names: list[str], T: int):
     return fg.moments_of_learning(moms, T, names, synchronized=sync)
 
 
-def estimate_intervals(totals: np.ndarray, se: np.ndarray, names: list[str]) -> list[dict[str, Any]]:
-    """Per layer, for runs of subset estimates: each run's total ± 1.96 SE (the sampling's 95 % interval),
-    and the share of the between-seed variance of the totals that the sampling adds (mean SE² over the
-    runs / variance of the totals across runs; NaN with one run). The t-tests across seeds use the
+def estimate_intervals(
+    totals: np.ndarray, se: np.ndarray, names: list[str], q: np.ndarray | None = None
+) -> list[dict[str, Any]]:
+    """Per layer, for runs of subset estimates: each run's total ± q · SE (the sampling's 95 % interval;
+    ``q`` [n_runs]: Student's t quantile of each run's degrees of freedom, default 1.96), and the share
+    of the between-seed variance of the totals that the sampling adds (mean SE² over the runs / variance
+    of the totals across runs; NaN with one run). The t-tests across seeds use the
     totals as they are: the sampling's variance is part of the spread they see."""
+    q = np.full(len(totals), 1.96) if q is None else np.asarray(q, dtype=np.float64)
     rows = []
     for j, name in enumerate(names):
         var = float(np.var(totals[:, j], ddof=1)) if len(totals) > 1 else math.nan
         rows.append(
             {
                 "layer": name,
-                "run totals ± 1.96 SE": "; ".join(
-                    f"{t:+.4g} ± {1.96 * s:.2g}" for t, s in zip(totals[:, j], se[:, j])
+                "run totals (95 % interval)": "; ".join(
+                    f"{t:+.4g} ± {k * s:.2g}" for t, s, k in zip(totals[:, j], se[:, j], q)
                 ),
                 "mean SE": float(se[:, j].mean()),
                 "sampling share of between-seed var": float(np.mean(se[:, j] ** 2)) / var
@@ -533,7 +546,7 @@ def render_markdown(rep: dict[str, Any]) -> str:
                 "",
                 _table(
                     g["estimate"],
-                    ["layer", "run totals ± 1.96 SE", "mean SE", "sampling share of between-seed var"],
+                    ["layer", "run totals (95 % interval)", "mean SE", "sampling share of between-seed var"],
                 ),
             ]
         if "moments" in g:

@@ -3,17 +3,20 @@
 For each net: train one trajectory (SGD with momentum on the bundled real MNIST digits, ``mnist5k``,
 4,500 training examples; θ_t kept in memory), compute the exact LCA of every step (the engine of
 ``python -m lca_lab``: RK4/Simpson, adaptive, ``--tolerance``), then the subset estimate
-(:class:`lca_lab.estimate.SubsetEngine`, fresh draw per iteration) of the same steps for every subset
+(:class:`lca_lab.subset_engine.SubsetEngine`) of the same steps for every subset
 size, and report per size:
 
-* cost: gradient points per iteration and example-gradients per iteration (points × examples; the exact
-  path's points are the new ones it evaluates, g(θ_{t+1}) being reused as the next g(θ_t)), forward-mode
-  products per iteration (example units: examples × layers per point), wall time per iteration, and the
-  ratios exact / subset;
+* cost: gradient points per iteration and example-gradients per iteration (points × examples, counted by
+  the engines; the exact path's points are the new ones it evaluates, g(θ_{t+1}) being reused as the next
+  g(θ_t)), forward-mode products per iteration (examples × layer tangents, counted), wall time per
+  iteration, and the ratios exact / subset;
 * coverage of the 95 % intervals: the share of iterations whose exact total (and each layer's exact LCA)
-  lies within the estimate ± 1.96 SE;
+  lies within the estimate ± t_{0.975, df} SE (``coverage_*``; df: :func:`lca_lab.estimate.draw_df`), and
+  within ± 1.96 SE (``coverage_*_z``) for comparison;
 * run totals: per layer and summed, the estimate's error against the exact total, its SE
-  (sqrt Σ_t SE_t², fresh draws being independent) and whether the error is within ± 1.96 SE;
+  (sqrt(Σ_t SE_t² + 2 Σ_t cov_t) for fresh draws, cov_t the covariance of adjacent rows of overlapping
+  halves; a fixed subset's from its per-unit run sums) and whether the error is
+  within its 95 % interval;
 * % helping (the paper's Table 1 measure, zeros ignored, mean over iterations) from the exact and the
   estimated per-parameter LCA: the bias in percentage points;
 * the quadrature's residual on the subset (|Σ Â − ΔL̂|, the stored ``lca/error``) next to the exact one's.
@@ -39,9 +42,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .estimate import SubsetEngine, subset_plan_for
+from .estimate import interval_q, subset_plan_for
 from .lca import FullBatchLoss, LayerSums, LCAEngine, StepLCA
 from .nets import entry_layer_index, fc, layer_groups
+from .subset_engine import SubsetEngine
 
 NETS = ("fc", "convbn")
 
@@ -84,11 +88,13 @@ def _pct_helping(st: StepLCA) -> float:
     return 100.0 * h / max(h + u, 1)
 
 
-def _run(engine: Any, traj: list[torch.Tensor]) -> dict[str, np.ndarray]:
+def _run(engine: Any, traj: list[torch.Tensor]) -> tuple[dict[str, np.ndarray], int]:
+    """Every step of ``traj`` → its rows, and the example-gradients of the priming pass (subset engines)."""
     rows: dict[str, list] = {
         k: [] for k in ("total", "layer", "error", "passes", "pct", "se", "layer_se", "s")
     }
     engine.prime(traj[0])  # the exact path (and a fixed subset) reuse this endpoint
+    primed = getattr(engine, "examples_evaluated", 0)
     for a, b in zip(traj[:-1], traj[1:]):
         t0 = time.perf_counter()
         st = engine.step(a, b)
@@ -101,7 +107,13 @@ def _run(engine: Any, traj: list[torch.Tensor]) -> dict[str, np.ndarray]:
         if st.total_se is not None:
             rows["se"].append(float(st.total_se))
             rows["layer_se"].append(st.layer_se.cpu().numpy())
-    return {k: np.asarray(v) for k, v in rows.items() if len(v)}
+    return {k: np.asarray(v) for k, v in rows.items() if len(v)}, primed
+
+
+def _coverage(est: dict, ex: dict, q: float) -> tuple[float, np.ndarray]:
+    """Share of rows whose exact total (and each layer's exact LCA) lies within the estimate ± q · SE."""
+    tot = float(np.mean(np.abs(est["total"] - ex["total"]) <= q * est["se"]))
+    return tot, np.mean(np.abs(est["layer"] - ex["layer"]) <= q * est["layer_se"], axis=0)
 
 
 def bench_net(
@@ -131,7 +143,7 @@ def bench_net(
     traj = train_trajectory(model, x, y, iters, lr, 100, seed)
     fbl = FullBatchLoss(model, x, y, chunk)
     _log(f"[{name}] exact LCA of {iters} steps")
-    ex = _run(LCAEngine(fbl, "rk4", tol, 32, layer_sums=ls), traj)
+    ex, _ = _run(LCAEngine(fbl, "rk4", tol, 32, layer_sums=ls), traj)
     N = len(y)
     exact_cost = {
         "points_per_iter": float(ex["passes"].mean()),
@@ -151,33 +163,35 @@ def bench_net(
         plan = subset_plan_for(fbl, s)
         eng = SubsetEngine(fbl, plan, ls, "rk4", tol, 32, base_seed=seed, fixed=draw == "fixed")
         _log(f"[{name}] subset {s} ({draw}): {plan.n_drawn} {plan.unit}s per draw")
-        est = _run(eng, traj)
-        eng.examples_evaluated -= len(eng._gather(0).draw.examples)  # the priming pass is not a step's
-        n_ex = eng.examples_evaluated / max(est["passes"].sum(), 1)  # examples per point
-        pts = float(est["passes"].mean())
-        # forward-mode products (examples × layer tangents): every point for example units, only the reused
-        # endpoint of a fixed subset for chunk units (their per-unit parts come from per-chunk gradients)
-        reused = 1.0 if draw == "fixed" else 0.0
-        jvps = ((pts + reused) if plan.unit == "example" else reused) * n_ex * len(names)
-        cov_total = float(np.mean(np.abs(est["total"] - ex["total"]) <= 1.96 * est["se"]))
-        cov_layer = np.mean(np.abs(est["layer"] - ex["layer"]) <= 1.96 * est["layer_se"], axis=0)
-        run_se, run_se_layer = eng.run_se()  # fresh: sqrt(Σ SE²); fixed: from the per-unit run sums
+        est, primed = _run(eng, traj)
+        eng.examples_evaluated -= primed  # the priming pass is not a step's
+        grads = eng.examples_evaluated / iters  # example-gradients per iteration, counted
+        n_ex = float(np.mean([len(eng._gather(t).draw.examples) for t in range(min(iters, 4))]))
+        pts = float(est["passes"].mean())  # gradient points over the whole subset (a reused start: 0)
+        jvps = eng.example_jvps / iters  # forward-mode products (examples × layer tangents), counted
+        q, q_run = interval_q(eng.df), eng.run_q(iters)
+
+        (cov_total, cov_layer), (cov_total_z, cov_layer_z) = _coverage(est, ex, q), _coverage(est, ex, 1.96)
+        run_se, run_se_layer = eng.run_se()  # fresh: sqrt(Σ SE² + 2 Σ cov); fixed: per-unit run sums
         run_err_layer = est["layer"].sum(0) - ex["layer"].sum(0)
         run_err = float(est["total"].sum() - ex["total"].sum())
         sub = {
             "subset": s, "draw": draw, "unit": plan.unit, "units_per_draw": plan.n_drawn,
             "examples_per_draw": n_ex,
-            "points_per_iter": pts, "example_grads_per_iter": pts * n_ex, "example_jvps_per_iter": jvps,
+            "points_per_iter": pts, "example_grads_per_iter": grads, "example_jvps_per_iter": jvps,
+            "overlapping_halves": eng.halves,
             "s_per_iter": float(np.median(est["s"])),
-            "grad_ratio": exact_cost["example_grads_per_iter"] / (pts * n_ex),
+            "grad_ratio": exact_cost["example_grads_per_iter"] / grads,
             "time_ratio": exact_cost["s_per_iter"] / float(np.median(est["s"])),
+            "df": eng.df, "interval_q": q, "run_interval_q": q_run,
             "coverage_total": cov_total, "coverage_layer": cov_layer.tolist(),
+            "coverage_total_z": cov_total_z, "coverage_layer_z": cov_layer_z.tolist(),
             "median_rel_se": float(np.median(est["se"] / np.maximum(np.abs(ex["total"]), 1e-12))),
             "run_total": float(est["total"].sum()), "run_total_err": run_err, "run_total_se": run_se,
-            "run_total_within_95": abs(run_err) <= 1.96 * run_se,
+            "run_total_within_95": abs(run_err) <= q_run * run_se,
             "run_layer": est["layer"].sum(0).tolist(), "run_layer_err": run_err_layer.tolist(),
             "run_layer_se": run_se_layer.tolist(),
-            "run_layer_within_95": (np.abs(run_err_layer) <= 1.96 * run_se_layer).tolist(),
+            "run_layer_within_95": (np.abs(run_err_layer) <= q_run * run_se_layer).tolist(),
             "pct_helping": float(est["pct"].mean()),
             "pct_helping_bias": float(est["pct"].mean() - ex["pct"].mean()),
             "mean_abs_quadrature_error": float(np.abs(est["error"]).mean()),
@@ -215,9 +229,9 @@ def format_table(res: dict) -> str:
         f"{pv['date']}",
         "",
         "| net | subset | draw | units/draw | points/it (exact → subset) | example-grads/it ratio | "
-        "jvps/it | time ratio | coverage total | coverage per layer | run-total err / SE (per layer) | "
-        "% helping exact → est (bias pp) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "jvps/it | time ratio | interval | coverage total | coverage per layer | "
+        "run-total err / SE (per layer) | % helping exact → est (bias pp) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res["nets"]:
         e = r["exact"]
@@ -226,7 +240,8 @@ def format_table(res: dict) -> str:
             lines.append(
                 f"| {r['net']} | {s['subset']} | {s['draw']} | {s['units_per_draw']} {s['unit']}s | "
                 f"{e['points_per_iter']:.2f} → {s['points_per_iter']:.2f} | {s['grad_ratio']:.1f}× | "
-                f"{s['example_jvps_per_iter']:.0f} | {s['time_ratio']:.2f}× | {s['coverage_total']:.3f} | "
+                f"{s['example_jvps_per_iter']:.0f} | {s['time_ratio']:.2f}× | "
+                f"± {s['interval_q']:.2f} SE (df {s['df']}) | {s['coverage_total']:.3f} | "
                 f"{', '.join(f'{c:.3f}' for c in s['coverage_layer'])} | {', '.join(z)} | "
                 f"{e['pct_helping']:.2f} → {s['pct_helping']:.2f} ({s['pct_helping_bias']:+.2f}) |"
             )

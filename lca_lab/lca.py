@@ -620,6 +620,8 @@ class StepLCA:
     layer_se: torch.Tensor | None = None
     subset_seed: int | None = None
     subset_examples: int | None = None
+    # overlapping halves (BN nets' fresh draws): covariance [n_layers + 1] with the previous row's estimate
+    cov_prev: torch.Tensor | None = None
 
 
 class _HostPair:

@@ -257,7 +257,7 @@ class StepRecorder:
         self.layer_names, self.divergence_hint = list(layer_names), divergence_hint
         self.layer_sums = reducer.layer_sums  # [..., K] → [..., n_layers] float64
         self.sums = RunningSums.zeros(reducer.n_layers, reducer.index.device)
-        # a subset estimate's engine (lca_lab.estimate.SubsetEngine): its run totals' standard errors go
+        # a subset estimate's engine (lca_lab.subset_engine.SubsetEngine): its run totals' standard errors go
         # into the summary; None on the exact path
         self.estimator: Any = None
 
@@ -324,6 +324,8 @@ class StepRecorder:
             w.append_dataset("lca/layer_se", st.layer_se, np.float64)
             w.append_dataset("estimate/seed", st.subset_seed, np.int64)
             w.append_dataset("estimate/passes", st.passes, np.int32)
+            if st.cov_prev is not None:  # overlapping halves: rows t − 1 and t share half their chunks
+                w.append_dataset("estimate/cov_prev", st.cov_prev, np.float64)
         w.append(
             step.t, loss1, st.total, err, st.splits, st.converged, st.layer,
             st.param if self.per_param else None,
@@ -364,6 +366,7 @@ class StepRecorder:
             out["lca_total"] = float(self.sums.layer_total.sum())
             out["lca_total_se"] = total_se  # of the run's summed LCA (nats)
             out["layer_lca_se"] = dict(zip(self.layer_names, layer_se.tolist()))
+            out["lca_interval_q"] = self.estimator.run_q(n_rows)  # 95 % interval: ± q · SE
         return out
 
     def state_dict(self) -> dict[str, Any]:

@@ -59,7 +59,7 @@ from . import __version__
 from .config import ConfigError, check_lca_overrides, run_cli, validate_recompute
 from .dist import SINGLE, NoWriter, Shard, rank_device, world_from_env
 from .dist import init as init_dist
-from .estimate import SubsetEngine, subset_attrs, subset_engine
+from .estimate import interval_q, run_df
 from .lca import (
     FullBatchLoss,
     LayerSums,
@@ -77,6 +77,7 @@ from .schema import RecomputeConfig
 from .speed import PassSettings, SpeedError, check_settings, pass_settings
 from .store import RunWriter, estimate_bytes, open_run, resolve_path
 from .store.sizing import resolve_per_param
+from .subset_engine import SubsetEngine, subset_attrs, subset_engine
 
 __all__ = [
     "RecomputeError",
@@ -110,6 +111,7 @@ ROW_SERIES = (
     "lca/layer_se",
     "estimate/seed",
     "estimate/passes",
+    "estimate/cov_prev",  # overlapping halves: covariance with the previous row (0 at a shard's first row)
 )
 READ_BLOCK = 64  # θ rows read from the run file at a time
 
@@ -140,7 +142,7 @@ def recompute_range(
         batch_points: path points evaluated together (``LCAEngine.steps``: vmap over the points of up
             to this many steps, refinements batched too); 1 is the online engine's step-by-step path.
         iterations: the training iteration of every trajectory row (``trajectory/iteration``): a
-            :class:`~lca_lab.estimate.SubsetEngine` draws the subset of row r's step by its iteration, as
+            :class:`~lca_lab.subset_engine.SubsetEngine` draws the subset of row r's step by its iteration, as
             the training run did (default: r).
 
     The first point is primed (one extra gradient pass); afterwards every endpoint gradient is reused,
@@ -772,7 +774,7 @@ def _merge(run: Path, out: Path, shards: list) -> Path:
         for name, arr in _merge_reducers(shards).items():
             writer.write_array(f"reduce/{name}", arr)
         _copy_from_source(writer, Path(a0["recompute/source"]))
-        for k, v in _summary(_merged_arrays(shards)).items():
+        for k, v in _summary(_merged_arrays(shards), a0.get("lca_subset_df")).items():
             writer.set_attr(f"summary/{k}", v)
     final = out / MERGED_NAME
     os.replace(partial, final)
@@ -821,17 +823,25 @@ def _merged_arrays(shards: list) -> dict[str, np.ndarray]:
             if "lca/total_se" in shards[0].h5 and not shards[0].attrs.get("lca_subset_fixed", False)
             else {}
         ),
+        **(
+            {"cov_prev": cat(lambda rf: rf.read("estimate/cov_prev")[: rf.n_rows, -1])}
+            if "estimate/cov_prev" in shards[0].h5
+            else {}
+        ),
     }
 
 
-def _summary(a: dict[str, np.ndarray]) -> dict[str, Any]:
+def _summary(a: dict[str, np.ndarray], df_draw: Any = None) -> dict[str, Any]:
     """The scalar ``summary/*`` attrs of a training run from the merged rows: the same definitions
-    (:func:`lca_lab.loop.lca_summary`)."""
+    (:func:`lca_lab.loop.lca_summary`); ``df_draw``: a subset draw's degrees of freedom (the interval's)."""
     n = len(a["total"])
     out = {"lca_rows": n, **lca_summary(RunningSums.from_rows(a), n)}
     if "total_se" in a:  # fresh subset draws: independent rows (a fixed subset's rows are not: no entry)
         out |= {"lca_estimate": "subset", "lca_total": float(a["total"].sum())}
-        out["lca_total_se"] = float(np.sqrt(np.sum(a["total_se"] ** 2)))
+        var = np.sum(a["total_se"] ** 2) + 2.0 * np.sum(a.get("cov_prev", 0.0))
+        out["lca_total_se"] = float(np.sqrt(max(var, 0.0)))
+        if df_draw is not None:
+            out["lca_interval_q"] = interval_q(run_df(int(df_draw), n, fixed=False))
     return out
 
 

@@ -42,7 +42,6 @@ from .checkpoint import (
 )
 from .config import ConfigError, validate
 from .dist import SINGLE, NoWriter, Shard, broadcast_object, broadcast_params_
-from .estimate import SubsetEngine, subset_attrs, subset_engine
 from .examples import CachedExamples, StreamedExamples, call, correct_targets, target_loss
 from .lca import FullBatchLoss, LayerSums, LCAEngine, auto_chunk_size, set_matmul_precision
 from .loop import LCADriver, StepRecorder
@@ -53,6 +52,7 @@ from .reducers import LCAReducer
 from .speed import check_settings, pass_settings
 from .store import RunWriter, estimate_bytes
 from .store.sizing import resolve_per_param
+from .subset_engine import SubsetEngine, subset_attrs, subset_engine
 from .tracking import start_tracker
 
 
@@ -816,11 +816,11 @@ def format_summary(s: dict[str, Any]) -> str:
             "LCA per layer (nats, negative = helped):",
         ]
         width = max(len(n) for n in s["layer_lca"])
-        if s.get("lca_estimate") == "subset":  # subset estimates: ± 1.96 standard errors of the sampling
-            se = s["layer_lca_se"]
-            lines[-1] = "LCA per layer (nats, negative = helped; subset estimates ± 1.96 SE):"
-            lines += [f"  {n:<{width}} {v:+.5f} ± {1.96 * se[n]:.5f}" for n, v in s["layer_lca"].items()]
-            lines.append(f"  {'total':<{width}} {s['lca_total']:+.5f} ± {1.96 * s['lca_total_se']:.5f}")
+        if s.get("lca_estimate") == "subset":  # subset estimates: their sampling's 95 % intervals
+            se, q = s["layer_lca_se"], s.get("lca_interval_q", 1.96)
+            lines[-1] = f"LCA per layer (nats, negative = helped; subset estimates ± {q:.3g} SE, 95 %):"
+            lines += [f"  {n:<{width}} {v:+.5f} ± {q * se[n]:.5f}" for n, v in s["layer_lca"].items()]
+            lines.append(f"  {'total':<{width}} {s['lca_total']:+.5f} ± {q * s['lca_total_se']:.5f}")
         else:
             lines += [f"  {n:<{width}} {v:+.5f}" for n, v in s["layer_lca"].items()]
         lines += [
