@@ -515,3 +515,21 @@ def test_batchnorm_run_stores_the_covariance_and_recompute_merges_it(tmp_path):
         assert m.attrs["summary/lca_total_se"] == pytest.approx(np.sqrt(se2), rel=1e-9)
     rep = analyze(tmp_path, out=tmp_path / "report", make_figures=False)
     assert "estimate" in rep["groups"][0]
+
+
+def test_fresh_example_draws_resume_with_the_same_bits():
+    """A resumed engine primes θ_t on the previous iteration's draw, as the online end point was."""
+    fbl, ls, _, _ = _problem()
+    steps = _three_steps(fbl, ls)
+    plan = subset_plan_for(fbl, 0.3)
+    a = SubsetEngine(fbl, plan, ls, base_seed=4)
+    ra = [a.step(x, y) for x, y in steps]
+    c = SubsetEngine(fbl, plan, ls, base_seed=4)
+    c.step(*steps[0])
+    d = SubsetEngine(fbl, plan, ls, base_seed=4)
+    d.load_state_dict(c.state_dict())
+    d.prime(steps[1][0])
+    for x, (t0, t1) in zip(ra[1:], steps[1:]):
+        y = d.step(t0, t1)
+        for name in ("total", "param", "total_se", "layer_se", "grad0"):
+            assert torch.equal(getattr(x, name), getattr(y, name)), name
