@@ -472,8 +472,9 @@ class SubsetEngine:
           anyway); the per-parameter ∇L̂(θ_t) is the previous draw's, which is unbiased too, moved within each
           layer l along Δ_l by c_l Δ_l, c_l = (Δ_l·∇_l L̂_now − Δ_l·∇_l L̂_prev) / |Δ_l|², so that every layer's
           per-parameter sum is this draw's (conservation holds as for a gradient on this draw; E[c_l] = 0).
-        * Fresh draws of chunks: None: a chunk's backward pass gives its per-layer parts faster than
-          forward-mode products per layer do (measured, docs/estimates.md).
+        * Fresh draws of chunks as overlapping halves: H_t's kept chunk gradients and a pass over H_{t+1}'s
+          (:meth:`_halves_start`). A chunk draw taken whole: None, because a chunk's backward pass gives its
+          per-layer parts faster than forward-mode products per layer do (measured, docs/estimates.md).
         """
         if self._cache is None or self.plan.chunk is not None and not (self.fixed or self.halves):
             return None
