@@ -367,6 +367,7 @@ class StepRecorder:
             out["lca_total_se"] = total_se  # of the run's summed LCA (nats)
             out["layer_lca_se"] = dict(zip(self.layer_names, layer_se.tolist()))
             out["lca_interval_q"] = self.estimator.run_q(n_rows)  # 95 % interval: ± q · SE
+            out["grad_passes_per_iter"] = self.estimator.points_per_step(n_rows)  # over the subset
         return out
 
     def state_dict(self) -> dict[str, Any]:

@@ -155,6 +155,7 @@ class SubsetEngine:
         self._cache: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None
         self.examples_evaluated = 0  # example-gradients so far (gradient points × examples of the subset)
         self.example_jvps = 0  # forward-mode products so far (examples × layer tangents)
+        self.priming_examples = 0  # example-gradients of priming passes (not a step's)
         n_l = layer_sums.n_layers
         dev = loss.device
         # run sums: Σ_t SE_t² (fresh draws); per-unit run sums of a_i (fixed subset)
@@ -360,9 +361,18 @@ class SubsetEngine:
         ``train/loss`` row), or on the fixed subset. A resumed run thus continues with the same bits."""
         own = self.fixed or self.next_t <= 0
         t = self.next_t if own else self.next_t - 1
+        before = self.examples_evaluated
         p = self._eval(theta, self._gather(t), None, keep=True, own=own)
+        self.priming_examples += self.examples_evaluated - before
         self._cache = (theta, p)
         return p["L"]
+
+    def points_per_step(self, n_rows: int) -> float:
+        """Gradient points per step over the subset, from the example-gradients of ``n_rows`` steps (a start
+        point reused whole counts 0, a half-evaluated one of overlapping halves ½; priming passes left out,
+        as for the exact path)."""
+        per_draw = float(np.mean([len(self._gather(t).draw.examples) for t in range(2)]))
+        return (self.examples_evaluated - self.priming_examples) / max(n_rows, 1) / per_draw
 
     @property
     def cached_point(self) -> dict[str, torch.Tensor]:
@@ -537,6 +547,7 @@ class SubsetEngine:
             "unit_run": None if self.unit_run is None else self.unit_run.cpu(),
             "examples_evaluated": self.examples_evaluated,
             "example_jvps": self.example_jvps,
+            "priming_examples": self.priming_examples,
             "pending": None if self._pending is None else (self._pending[0], self._pending[1].cpu()),
         }
 
@@ -548,6 +559,7 @@ class SubsetEngine:
         self.unit_run = None if ur is None else ur.to(self.loss.device)
         self.examples_evaluated = int(s.get("examples_evaluated", 0))
         self.example_jvps = int(s.get("example_jvps", 0))
+        self.priming_examples = int(s.get("priming_examples", 0))
         pend = s.get("pending")
         self._pending = None if pend is None else (int(pend[0]), pend[1].to(self.loss.device))
 

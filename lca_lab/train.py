@@ -829,7 +829,8 @@ def format_summary(s: dict[str, Any]) -> str:
             f"cumulative error              : {s['cumulative_error']:+.2e} nats = "
             f"{100 * s['cumulative_rel_error']:.3f}% of |L_T − L_0|",
             f"mean splits {s['mean_splits']:.2f}, "
-            f"gradient passes per iteration {s['grad_passes_per_iter']:.2f}",
+            f"gradient passes per iteration {s['grad_passes_per_iter']:.2f}"
+            + (" (over the subset)" if s.get("lca_estimate") == "subset" else ""),
         ]
     if s.get("lca_s_per_iter"):
         lines.append(

@@ -507,6 +507,9 @@ def test_batchnorm_run_stores_the_covariance_and_recompute_merges_it(tmp_path):
         assert cov.shape == (T, n_layers + 1) and np.all(cov[0] == 0) and np.any(cov[1:] != 0)
         se2 = (f["lca/total_se"][()] ** 2).sum() + 2 * cov[:, -1].sum()
         assert f["estimate/run_total_se"][0] == pytest.approx(np.sqrt(se2), rel=1e-9)
+        passes = f["estimate/passes"][()].mean()
+    # the start point: reused whole in row 0 (the priming pass), half of it evaluated after (halves of 3, 2)
+    assert s["grad_passes_per_iter"] == pytest.approx(passes + 0.5 * (T - 1) / T, abs=0.06)
     assert s["lca_total_se"] == pytest.approx(np.sqrt(se2), rel=1e-9)
     res = rc.recompute(tmp_path, progress=False, lca={"estimate": "subset", "subset": 0.25})
     with h5py.File(res["merged"]) as m, h5py.File(tmp_path / "lca.h5") as o:
