@@ -166,7 +166,7 @@ def bench_net(
         est, primed = _run(eng, traj)
         eng.examples_evaluated -= primed  # the priming pass is not a step's
         grads = eng.examples_evaluated / iters  # example-gradients per iteration, counted
-        n_ex = float(np.mean([len(eng._gather(t).draw.examples) for t in range(min(iters, 4))]))
+        n_ex = float(np.mean([len(eng._draw(t).examples) for t in range(min(iters, 4))]))
         pts = float(est["passes"].mean())  # gradient points over the whole subset (a reused start: 0)
         jvps = eng.example_jvps / iters  # forward-mode products (examples × layer tangents), counted
         q, q_run = interval_q(eng.df), eng.run_q(iters)

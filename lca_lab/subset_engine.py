@@ -71,7 +71,8 @@ class _Gathered:
             stratum.append(np.full(len(u), h))
             weights.append(np.full(len(u), w[h]))
         self.unit_stratum = np.concatenate(stratum)
-        self.unit_weight = torch.tensor(np.concatenate(weights), dtype=torch.float64, device=dev)
+        self.unit_weight_host = np.concatenate(weights)  # read per chunk without a device sync
+        self.unit_weight = torch.tensor(self.unit_weight_host, dtype=torch.float64, device=dev)
         units = np.concatenate(draw.units)
         self.sizes = [len(s) for s in plan.strata] if sizes is None else list(sizes)
         self.strata_rows = [
@@ -173,23 +174,27 @@ class SubsetEngine:
         n = self.plan.n_drawn
         return (n + 1) // 2 if k % 2 == 0 else n // 2
 
-    def _gather(self, t: int) -> _Gathered:
-        if self.fixed:
-            if self._fixed is None:
-                self._fixed = _Gathered(self.loss, self.plan, self.plan.draw(self.seed_of(t)))
-            return self._fixed
-        if self.halves:
-            return self._gather_halves(t)
-        return _Gathered(self.loss, self.plan, self.plan.draw(self.seed_of(t)))
-
-    def _gather_halves(self, t: int) -> _Gathered:
-        """S_t = H_t ∪ H_{t+1}: rows [0, first) are H_t, the rest H_{t+1}; weight N/n per unit."""
+    def _draw(self, t: int) -> Draw:
+        """Iteration t's subset, without its data: the plan's draw, or H_t ∪ H_{t+1} (overlapping halves)."""
+        if not self.halves:
+            return self.plan.draw(self.seed_of(t))
         p = self.plan
         halves = [p.half(self.seed_of(k), self.half_size(k)) for k in (t, t + 1)]
-        ex = np.sort(p.unit_examples(np.concatenate(halves)))
-        N, n = p.n_units, p.n_drawn
-        g = _Gathered(self.loss, p, Draw(self.seed_of(t), halves, ex), weights=[N / n] * 2, sizes=[N, N])
-        g.first, g.second_seed = len(halves[0]), self.seed_of(t + 1)
+        return Draw(self.seed_of(t), halves, np.sort(p.unit_examples(np.concatenate(halves))))
+
+    def _gather(self, t: int) -> _Gathered:
+        """Iteration t's subset with its data (a fixed subset's once). Overlapping halves: rows [0, first)
+        are H_t, the rest H_{t+1}, weight N/n per unit."""
+        if self.fixed:
+            if self._fixed is None:
+                self._fixed = _Gathered(self.loss, self.plan, self._draw(t))
+            return self._fixed
+        if not self.halves:
+            return _Gathered(self.loss, self.plan, self._draw(t))
+        d = self._draw(t)
+        N, n = self.plan.n_units, self.plan.n_drawn
+        g = _Gathered(self.loss, self.plan, d, weights=[N / n] * 2, sizes=[N, N])
+        g.first, g.second_seed = len(d.units[0]), self.seed_of(t + 1)
         return g
 
     # -- one point ----------------------------------------------------------------------------------------
@@ -254,8 +259,8 @@ class SubsetEngine:
                     xb, yb = g.parts[row]
                     loss_sum = fb._chunk_loss(params, xb, yb)
                     (gc,) = torch.autograd.grad(loss_sum, leaf)
-                    w = g.unit_weight[row]
-                    grad.add_(gc.double(), alpha=float(w))
+                    w = float(g.unit_weight_host[row])
+                    grad.add_(gc.double(), alpha=w)
                     total += w * loss_sum.detach().double()
                     if delta is not None:
                         U[row] = self.layer_sums(gc.double() * delta)
@@ -371,7 +376,7 @@ class SubsetEngine:
         """Gradient points per step over the subset, from the example-gradients of ``n_rows`` steps (a start
         point reused whole counts 0, a half-evaluated one of overlapping halves ½; priming passes left out,
         as for the exact path)."""
-        per_draw = float(np.mean([len(self._gather(t).draw.examples) for t in range(2)]))
+        per_draw = float(np.mean([len(self._draw(t).examples) for t in range(2)]))
         return (self.examples_evaluated - self.priming_examples) / max(n_rows, 1) / per_draw
 
     @property
@@ -495,7 +500,7 @@ class SubsetEngine:
             return self._halves_start(theta0, g, delta, cp)
         if self.fixed:
             if "G" in cp:
-                U = torch.stack([self.layer_sums(gr.double() * delta) for gr in cp["G"]])
+                U = self.layer_sums(cp["G"].double() * delta)  # [n_units, n_layers]
             else:
                 U = self._units_along(theta0, g, delta)[1]
             return {"L": cp["L"], "g": cp["g"], "U": U}
@@ -518,7 +523,7 @@ class SubsetEngine:
         new = self._eval(theta0, g, delta, rows=range(kept, g.n_units))  # H_{t+1}'s chunks (none: all kept)
         w = g.weights[0] / self.loss.n_counted
         U = new["U"]
-        U[:kept] = torch.stack([self.layer_sums(gr.double() * delta) for gr in G])
+        U[:kept] = self.layer_sums(G.double() * delta)
         grad = new["g"] + w * G.double().sum(0)
         return {"L": new["L"] + w * cp["l"].sum(), "g": grad, "U": U}
 
